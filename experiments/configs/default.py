@@ -1,0 +1,102 @@
+"""Default experiment: SASRec on the embedded synthetic data.
+
+Every other config starts from ``get_config()`` here and changes a few
+fields, so that each key is documented in exactly one place.
+
+Usage: ``--config=experiments/configs/default.py[:<dataset>]`` where
+``<dataset>`` is one of ``synthetic`` (default), ``ml-100k``, ``ml-1m``,
+``sasrec_text`` or ``csv``; see ``data_config``.
+"""
+
+import ml_collections
+
+# Raw-data defaults per dataset; ``path`` may be a folder or the GroupLens zip.
+DATASETS = {
+    "synthetic": dict(name="synthetic", path=""),
+    "ml-100k": dict(name="ml-100k", path="../shared/data/ml-100k"),
+    "ml-1m": dict(name="sasrec_text", path="../shared/data/ml-1m/ml-1m_sasrec_order.txt"),
+    "ml-1m-raw": dict(name="ml-1m", path="../shared/data/ml-1m"),
+    "sasrec_text": dict(name="sasrec_text", path=""),
+    "csv": dict(name="csv", path=""),
+}
+
+
+def data_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
+  """The ``config.data`` block for one dataset."""
+  if dataset not in DATASETS:
+    raise ValueError(f"unknown dataset {dataset!r} in --config=...:<dataset>; expected one of "
+                     f"{', '.join(DATASETS)}.")
+  data = ml_collections.ConfigDict()
+  data.name = DATASETS[dataset]["name"]  # synthetic | ml-100k | ml-1m | sasrec_text | csv
+  data.path = DATASETS[dataset]["path"]  # raw file, folder or zip ('' for synthetic)
+  data.data_dir = ""  # TFDS cache of prepared datasets; '' = ~/.cache/deeprec_jax/tfds
+  data.max_len = 50  # model input length: most recent items kept per example
+  data.rating_threshold = 0.0  # implicit feedback: keep ratings >= this (0 = keep all)
+  data.min_user_interactions = 5  # k-core: users need at least this many items
+  data.min_item_interactions = 0  # k-core: items need at least this many users
+  data.max_history = 0  # keep only each user's most recent N items (0 = all)
+  data.num_workers = 0  # Grain worker processes (0 = in the main process)
+  # Synthetic generator (only read when name == 'synthetic').
+  data.synthetic = ml_collections.ConfigDict()
+  data.synthetic.num_users = 2000  # users, each one Markov walk
+  data.synthetic.num_items = 500  # catalogue size
+  data.synthetic.num_clusters = 20  # latent item clusters the chain moves between
+  data.synthetic.mean_length = 30  # average interactions per user
+  data.synthetic.seed = 0  # generator seed (part of the cached dataset's identity)
+  # Generic CSV/TSV logs (only read when name == 'csv').
+  data.csv = ml_collections.ConfigDict()
+  data.csv.delimiter = ","  # field separator, e.g. ',' or '\t'
+  data.csv.user_column = "user_id"  # header name of the user column
+  data.csv.item_column = "item_id"  # header name of the item column
+  data.csv.time_column = "timestamp"  # header name of the timestamp column ('' = file order)
+  data.csv.rating_column = ""  # header name of the rating column ('' = none)
+  if dataset == "ml-1m":
+    data.max_len = 200  # SASRec paper setting for ML-1M
+    data.min_user_interactions = 0  # the SASRec file is already filtered
+  return data
+
+
+def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
+  """Returns the default config (SASRec) for ``dataset``."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # one seed for init, dropout, negatives and data order
+  config.data = data_config(dataset)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "sasrec"  # module in deeprec_jax/models/
+  config.model.dim = 50  # embedding and hidden width
+  config.model.num_blocks = 2  # self-attention blocks
+  config.model.num_heads = 1  # attention heads (dot_product only)
+  config.model.dropout_rate = 0.2  # dropout on embeddings, attention and FFN
+  config.model.attention = "dot_product"  # dot_product | additive
+  config.model.positional = True  # learned positional embedding on/off
+  config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 128  # global batch (split across devices)
+  config.train.num_epochs = 20  # epochs over the users (or windows)
+  config.train.num_steps = 0  # if > 0, overrides num_epochs
+  config.train.loss = "bce"  # bce | sampled_softmax | softmax
+  config.train.num_negatives = 1  # sampled negatives per target (bce, sampled_softmax)
+  config.train.optimizer = "adam"  # adam | adamw
+  config.train.learning_rate = 1e-3  # peak learning rate
+  config.train.schedule = "constant"  # constant | cosine (after warmup)
+  config.train.warmup_steps = 0  # linear warmup from 0
+  config.train.grad_clip_norm = 0.0  # global-norm clipping (0 = off)
+  config.train.weight_decay = 0.0  # decoupled (adamw) or L2 (adam) weight decay
+  config.train.decay_embeddings = False  # apply weight decay to embeddings too
+  config.train.log_every_steps = 50  # training loss to metrics.jsonl and TensorBoard
+  config.train.eval_every_epochs = 5  # validation metrics every N epochs
+  config.train.checkpoint_every_epochs = 5  # checkpoint cadence (also at each eval)
+  config.train.keep_checkpoints = 2  # latest checkpoints kept besides the best
+  config.train.best_metric = "ndcg@10"  # validation metric for best checkpoint / early stop
+  config.train.patience = 0  # stop after N evals without improvement (0 = never)
+  config.train.num_devices = 0  # devices in the data-parallel mesh (0 = all)
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 256  # users per evaluation batch
+  config.eval.ks = (1, 5, 10, 20)  # cut-offs for HR/NDCG/MRR@K
+  config.eval.exclude_history = True  # never rank items the user already has
+  config.eval.num_sampled_negatives = 100  # sampled metrics: negatives per user (0 = off)
+  config.eval.sampling = "uniform"  # uniform | popularity negatives for sampled metrics
+  return config

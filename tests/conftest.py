@@ -1,0 +1,13 @@
+"""Test-wide JAX set-up: 4 forced CPU devices for the data-parallel tests.
+
+This must run before anything imports jax, which is why it lives here.
+"""
+
+import os
+
+# Four host devices so that multi-device tests run on a 2-core machine.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# jax 0.10 on 2 cores with forced devices can deadlock in all-reduce unless
+# NPROC >= 2 * num_devices (measured, see ../shared/design.md).
+os.environ.setdefault("NPROC", "8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
