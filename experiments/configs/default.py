@@ -86,8 +86,7 @@ def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config.train.weight_decay = 0.0  # decoupled (adamw) or L2 (adam) weight decay
   config.train.decay_embeddings = False  # apply weight decay to embeddings too
   config.train.log_every_steps = 50  # training loss to metrics.jsonl and TensorBoard
-  config.train.eval_every_epochs = 5  # validation metrics every N epochs
-  config.train.checkpoint_every_epochs = 5  # checkpoint cadence (also at each eval)
+  config.train.eval_every_epochs = 5  # validate and checkpoint every N epochs (and at the end)
   config.train.keep_checkpoints = 2  # latest checkpoints kept besides the best
   config.train.best_metric = "ndcg@10"  # validation metric for best checkpoint / early stop
   config.train.patience = 0  # stop after N evals without improvement (0 = never)

@@ -1,0 +1,330 @@
+"""Training and evaluation: ``train_and_evaluate(config, workdir)``.
+
+The loop is deliberately flat: build data, model, optimizer and mesh; restore
+the latest checkpoint if the workdir has one; then alternate jitted train
+steps with evaluations, checkpointing after each evaluation. Everything random
+is a pure function of ``config.seed`` and the step, so a resumed run computes
+exactly what an uninterrupted one would.
+"""
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import linen as nn
+
+from deeprec_jax import checkpoints, evaluate, losses, models, parallel, writers
+from deeprec_jax.data import builders, pipeline
+from deeprec_jax.models import popularity
+
+State = dict[str, Any]  # {'params', 'opt_state', 'step', 'rng'}
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(train_config: ml_collections.ConfigDict,
+                           total_steps: int) -> optax.Schedule:
+  """Linear warmup to ``learning_rate``, then constant or cosine decay to 0."""
+  lr, warmup = train_config.learning_rate, train_config.warmup_steps
+  if train_config.schedule not in SCHEDULES:
+    raise ValueError(f"config key train.schedule={train_config.schedule!r}; expected one of "
+                     f"{', '.join(SCHEDULES)}.")
+  if train_config.schedule == "constant":
+    after = optax.constant_schedule(lr)
+  else:
+    after = optax.cosine_decay_schedule(lr, decay_steps=max(total_steps - warmup, 1))
+  if warmup <= 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def decay_mask(params: Any, decay_embeddings: bool) -> Any:
+  """True for the weights that get weight decay: matrices, and embeddings if asked.
+
+  Biases, layer-norm scales and peephole vectors (1-D) never decay.
+  """
+  def is_decayed(path, leaf) -> bool:
+    names = [getattr(k, "key", str(k)) for k in path]
+    if names and names[-1] == "embedding":
+      return decay_embeddings
+    return leaf.ndim >= 2
+
+  return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def create_optimizer(train_config: ml_collections.ConfigDict,
+                     total_steps: int) -> optax.GradientTransformation:
+  """Adam or AdamW with warmup, schedule, global-norm clipping and masked decay."""
+  if train_config.optimizer not in OPTIMIZERS:
+    raise ValueError(f"config key train.optimizer={train_config.optimizer!r}; expected one of "
+                     f"{', '.join(OPTIMIZERS)}.")
+  schedule = learning_rate_schedule(train_config, total_steps)
+  mask = lambda params: decay_mask(params, train_config.decay_embeddings)
+  chain = []
+  if train_config.grad_clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(train_config.grad_clip_norm))
+  if train_config.optimizer == "adamw":
+    chain.append(optax.adamw(schedule, weight_decay=train_config.weight_decay, mask=mask))
+  else:
+    if train_config.weight_decay > 0:  # Adam's coupled L2 penalty, added to the gradient.
+      chain.append(optax.add_decayed_weights(train_config.weight_decay, mask=mask))
+    chain.append(optax.adam(schedule))
+  return optax.chain(*chain)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
+                    num_items: int) -> Callable[[State, dict], tuple[State, dict]]:
+  """Returns ``train_step(state, batch) -> (state, {'loss': ...})``.
+
+  Dropout's RNG is ``fold_in(state['rng'], step)``, computed inside the step,
+  so it depends on the step alone, not on how the run was split or resumed.
+  """
+  loss_fn = losses.get(loss)
+
+  def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
+    dropout_rng = jax.random.fold_in(state["rng"], state["step"])
+
+    def objective(params):
+      hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
+                           train=True, rngs={"dropout": dropout_rng})
+      return loss_fn(hidden, models.item_table(params, num_items), batch["targets"],
+                     batch["negatives"])
+
+    value, grads = jax.value_and_grad(objective)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = dict(params=optax.apply_updates(state["params"], updates),
+                     opt_state=opt_state, step=state["step"] + 1, rng=state["rng"])
+    return new_state, {"loss": value}
+
+  return train_step
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves))
+
+
+class Trainer:
+  """The pieces of one run that both training and evaluation need."""
+
+  def __init__(self, config: ml_collections.ConfigDict, dataset: builders.Dataset):
+    self.config = config
+    self.dataset = dataset
+    self.task = models.task(config.model.name)
+    self.model = models.create_model(config.model, num_items=dataset.num_items,
+                                     num_users=dataset.num_users, max_len=config.data.max_len)
+    self.mesh = parallel.make_mesh(config.train.num_devices)
+    self.num_targets = config.model.get("num_targets", 1)
+    self.mask_prob = config.model.get("mask_prob", 0.2)
+    if self.is_trainable:
+      parallel.check_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
+      self.steps_per_epoch = pipeline.steps_per_epoch(
+          dataset, task=self.task, global_batch_size=config.train.batch_size,
+          max_len=config.data.max_len, num_targets=self.num_targets)
+      self.total_steps = config.train.num_steps or self.steps_per_epoch * config.train.num_epochs
+    else:
+      self.steps_per_epoch, self.total_steps = 1, 0
+    parallel.check_batch_size(config.eval.batch_size, self.mesh, "eval.batch_size")
+    self.tx = create_optimizer(config.train, max(self.total_steps, 1))
+    self._eval_step = jax.jit(
+        evaluate.make_eval_step(self.model, dataset.num_items, tuple(config.eval.ks),
+                                exclude_history=config.eval.exclude_history),
+        in_shardings=(parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)),
+        out_shardings=parallel.replicated(self.mesh))
+
+  @property
+  def is_trainable(self) -> bool:
+    return self.config.model.name != "popularity"
+
+  def init_state(self) -> State:
+    """Fresh parameters and optimizer state, replicated over the mesh."""
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))
+    if self.is_trainable:
+      max_len = self.config.data.max_len
+      item_seq = jnp.zeros((1, max_len), jnp.int32)
+      params = self.model.init(init_rng, item_seq, user=jnp.zeros((1,), jnp.int32),
+                               train=False)["params"]
+    else:
+      params = popularity.fit_params(pipeline.train_item_counts(self.dataset))
+    state = dict(params=params, opt_state=self.tx.init(params), step=jnp.int32(0),
+                 rng=train_rng)
+    return parallel.replicate(state, self.mesh)
+
+  def train_batches(self, epoch: int):
+    return pipeline.train_batches(
+        self.dataset, task=self.task, max_len=self.config.data.max_len,
+        global_batch_size=self.config.train.batch_size,
+        num_negatives=self.config.train.num_negatives,
+        seed=self.config.seed, epoch=epoch, num_targets=self.num_targets,
+        mask_prob=self.mask_prob, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+  def evaluate(self, params: Any, split: str) -> dict[str, float]:
+    """Full-ranking (and sampled) metrics of ``params`` on ``split`` (valid or test)."""
+    local_batch = self.config.eval.batch_size // jax.process_count()
+    batches = pipeline.eval_batches(
+        self.dataset, split=split, task=self.task, max_len=self.config.data.max_len,
+        batch_size=local_batch, num_sampled_negatives=self.config.eval.num_sampled_negatives,
+        sampling=self.config.eval.sampling, seed=self.config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    return evaluate.evaluate(self._eval_step, params,
+                             (parallel.to_global(b, self.mesh) for b in _pad_exclude(batches)))
+
+
+def _pad_exclude(batches: Iterable[dict]) -> Iterable[dict]:
+  """Rounds ``exclude`` widths up to a power of two so few shapes get compiled."""
+  for batch in batches:
+    width = batch["exclude"].shape[1]
+    padded = 1 << max(width - 1, 0).bit_length()
+    if padded != width:
+      batch = dict(batch)
+      batch["exclude"] = np.pad(batch["exclude"], ((0, 0), (0, padded - width)))
+    yield batch
+
+
+def _abstract(state: State) -> State:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      state)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
+
+  Args:
+    config: an experiment config (see experiments/configs/default.py).
+    workdir: where checkpoints, metrics.jsonl, TensorBoard events and
+      config.json go.
+
+  Returns:
+    The best checkpoint's metrics, ``valid/<name>`` and ``test/<name>``.
+  """
+  is_writer = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_writer:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  dataset = builders.load(config.data)
+  trainer = Trainer(config, dataset)
+  writer = writers.MetricWriter(workdir, enabled=is_writer)
+  manager = checkpoints.create_manager(workdir, keep=config.train.keep_checkpoints,
+                                       best_metric=config.train.best_metric)
+  state = trainer.init_state()
+  record = {"epoch": 0, "best": None, "evals_without_improvement": 0}
+  if manager.latest_step() is not None:
+    state, record = checkpoints.restore(manager, manager.latest_step(), _abstract(state))
+    logging.info("resumed from step %d in %s", int(state["step"]), workdir)
+
+  try:
+    if trainer.is_trainable:
+      _train_loop(trainer, state, record, manager, writer, is_writer)
+    elif manager.latest_step() is None:
+      valid = trainer.evaluate(state["params"], "valid")
+      writer.write(0, "valid", valid)
+      checkpoints.save(manager, 0, state, record, valid)
+    return _final_evaluation(trainer, manager, writer, workdir, is_writer)
+  finally:
+    writer.close()
+    manager.close()
+
+
+def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager, writer,
+                is_writer: bool) -> None:
+  """Runs from ``state['step']`` to the end (or early stop), checkpointing each eval."""
+  config = trainer.config.train
+  train_step = jax.jit(
+      make_train_step(trainer.model, trainer.tx, loss=config.loss,
+                      num_items=trainer.dataset.num_items),
+      in_shardings=(parallel.replicated(trainer.mesh), parallel.batch_sharding(trainer.mesh)),
+      out_shardings=parallel.replicated(trainer.mesh), donate_argnums=0)
+  all_finite = jax.jit(_all_finite)
+  step = int(state["step"])
+  spe = trainer.steps_per_epoch
+  progress = writers.ProgressBar(trainer.total_steps, config.batch_size, enabled=is_writer)
+  patience = config.patience
+  first_step = True
+  logging.info("training %s: %d steps (%d per epoch) on %d devices", trainer.config.model.name,
+               trainer.total_steps, spe, trainer.mesh.devices.size)
+  while step < trainer.total_steps:
+    if patience and record["evals_without_improvement"] >= patience:
+      logging.info("early stop at step %d: %d evaluations without improvement of %s", step,
+                   patience, config.best_metric)
+      break
+    epoch, offset = divmod(step, spe)
+    batches = trainer.train_batches(epoch)
+    end = min(spe, offset + trainer.total_steps - step)
+    for index in range(offset, end):
+      batch = parallel.to_global(batches[index], trainer.mesh)
+      if first_step:
+        first_step = False
+        start = time.perf_counter()
+        state, metrics = train_step(state, batch)
+        jax.block_until_ready(metrics)
+        compile_seconds = time.perf_counter() - start
+        logging.info("first train step (compile + run): %.2f s", compile_seconds)
+        writer.write(step, "train", {"compile_seconds": compile_seconds})
+      else:
+        state, metrics = train_step(state, batch)
+      step += 1
+      if step % config.log_every_steps == 0 or step == trainer.total_steps:
+        loss = float(metrics["loss"])
+        _check_finite(loss, step, manager)
+        rates = progress.update(step, loss)
+        writer.write(step, "train", {"loss": loss, "epoch": epoch, **rates})
+    epoch_done = end == spe
+    finished = step >= trainer.total_steps
+    if (epoch_done and (epoch + 1) % config.eval_every_epochs == 0) or finished:
+      if not bool(all_finite(state["params"])):
+        _check_finite(float("nan"), step, manager)
+      valid = trainer.evaluate(state["params"], "valid")
+      writer.write(step, "valid", valid)
+      logging.info("step %d valid %s", step, _format(valid))
+      value = valid[config.best_metric]
+      if record["best"] is None or value > record["best"]:
+        record.update(best=value, best_step=step, evals_without_improvement=0)
+      else:
+        record["evals_without_improvement"] += 1
+      record["epoch"] = epoch + 1 if epoch_done else epoch
+      checkpoints.save(manager, step, state, record, valid)
+
+
+def _check_finite(loss: float, step: int, manager) -> None:
+  if not np.isfinite(loss):
+    raise FloatingPointError(
+        f"non-finite loss ({loss}) at step {step}: stopping. The last good checkpoint "
+        f"(step {manager.latest_step()}) is kept in {manager.directory}; lower "
+        "train.learning_rate or set train.grad_clip_norm.")
+
+
+def _final_evaluation(trainer: Trainer, manager, writer, workdir: str,
+                      is_writer: bool) -> dict[str, float]:
+  """Evaluates the best checkpoint on valid and test; writes final_metrics.json."""
+  best = manager.best_step()
+  if best is None:
+    best = manager.latest_step()
+  state, _ = checkpoints.restore(manager, best, _abstract(trainer.init_state()))
+  results = {}
+  for split in ("valid", "test"):
+    split_metrics = trainer.evaluate(state["params"], split)
+    writer.write(best, f"final_{split}", split_metrics)
+    results.update({f"{split}/{k}": v for k, v in split_metrics.items()})
+  results["best_step"] = best
+  if is_writer:
+    with open(os.path.join(workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+  logging.info("best checkpoint (step %d): test %s", best,
+               _format({k[5:]: v for k, v in results.items() if k.startswith("test/")}))
+  return results
+
+
+def _format(metrics: dict[str, float]) -> str:
+  keys = [k for k in metrics if k.endswith("@10")] or list(metrics)
+  return " ".join(f"{k}={metrics[k]:.4f}" for k in sorted(keys))

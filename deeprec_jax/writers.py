@@ -1,0 +1,91 @@
+"""Where numbers go: metrics.jsonl, TensorBoard event files and the console.
+
+Only process 0 writes; the others get a writer that drops everything, so the
+training loop never has to ask which process it is on.
+"""
+
+import json
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+
+
+def _to_python(value: Any) -> Any:
+  if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+    return np.asarray(value).item()
+  return value
+
+
+class MetricWriter:
+  """Appends one JSON object per line to ``workdir/metrics.jsonl`` and logs to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self._enabled = enabled
+    self._jsonl = None
+    self._tensorboard = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    try:
+      import tensorboardX  # Optional at import time: plain jsonl still works without it.
+      self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:
+      self._tensorboard = None
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+    """Records ``metrics`` of ``split`` (train, valid, test) at ``step``."""
+    if not self._enabled:
+      return
+    record = {"step": int(step), "split": split}
+    record.update({k: _to_python(v) for k, v in metrics.items()})
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tensorboard is not None:
+      for name, value in record.items():
+        if name not in ("step", "split") and isinstance(value, (int, float)):
+          self._tensorboard.add_scalar(f"{split}/{name}", value, int(step))
+      self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+class ProgressBar:
+  """A one-line console progress bar: step, loss, steps/s and sequences/s."""
+
+  def __init__(self, total_steps: int, sequences_per_step: int, enabled: bool = True,
+               stream: TextIO = sys.stderr, width: int = 24):
+    self._total = max(total_steps, 1)
+    self._sequences_per_step = sequences_per_step
+    self._enabled = enabled
+    self._stream = stream
+    self._width = width
+    self._last_time = time.perf_counter()
+    self._last_step = None
+
+  def update(self, step: int, loss: float) -> dict[str, float]:
+    """Redraws the bar at ``step``; returns the throughput since the last update."""
+    now = time.perf_counter()
+    rates = {}
+    if self._last_step is not None and step > self._last_step:
+      steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
+      rates = {"steps_per_sec": steps_per_sec,
+               "sequences_per_sec": steps_per_sec * self._sequences_per_step}
+    self._last_time, self._last_step = now, step
+    if self._enabled:
+      filled = int(self._width * min(step, self._total) / self._total)
+      bar = "#" * filled + "." * (self._width - filled)
+      rate_text = (f" | {rates['steps_per_sec']:.1f} steps/s "
+                   f"{rates['sequences_per_sec']:.0f} seq/s" if rates else "")
+      end = "\n" if step >= self._total or not self._stream.isatty() else ""
+      self._stream.write(f"\r[{bar}] step {step}/{self._total} loss {loss:.4f}{rate_text}{end}")
+      self._stream.flush()
+    return rates
