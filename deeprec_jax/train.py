@@ -87,7 +87,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss:
   Dropout's RNG is ``fold_in(state['rng'], step)``, computed inside the step,
   so it depends on the step alone, not on how the run was split or resumed.
   """
-  loss_fn = losses.get(loss)
+  loss_fn = losses.loss_fn(loss)
 
   def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
     dropout_rng = jax.random.fold_in(state["rng"], state["step"])
@@ -328,3 +328,35 @@ def _final_evaluation(trainer: Trainer, manager, writer, workdir: str,
 def _format(metrics: dict[str, float]) -> str:
   keys = [k for k in metrics if k.endswith("@10")] or list(metrics)
   return " ".join(f"{k}={metrics[k]:.4f}" for k in sorted(keys))
+
+
+def load_trained(workdir: str, config: ml_collections.ConfigDict | None = None
+                 ) -> tuple[Trainer, Any, int]:
+  """Rebuilds the run in ``workdir`` and restores its best checkpoint.
+
+  Args:
+    workdir: a directory written by ``train_and_evaluate``.
+    config: the run's config; by default read back from ``workdir/config.json``.
+
+  Returns:
+    ``(trainer, params, step)`` of the best checkpoint (the latest if no
+    checkpoint recorded metrics).
+  """
+  if config is None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by "
+                              "experiments.train.")
+    with open(path, encoding="utf-8") as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  manager = checkpoints.create_manager(workdir, keep=config.train.keep_checkpoints,
+                                       best_metric=config.train.best_metric)
+  step = manager.best_step()
+  if step is None:
+    step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first.")
+  trainer = Trainer(config, builders.load(config.data))
+  state, _ = checkpoints.restore(manager, step, _abstract(trainer.init_state()))
+  manager.close()
+  return trainer, state["params"], step

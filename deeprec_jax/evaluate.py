@@ -1,0 +1,126 @@
+"""Jitted, batched full-ranking evaluation.
+
+``make_eval_step`` builds a pure function ``eval_step(params, batch)`` that
+scores every item for each user of an evaluation batch (README, "Batches":
+``item_seq``, ``target``, ``exclude``, ``sampled_negatives``, ``user``,
+``weight``) and returns weighted metric *sums* plus ``'count'``, so that
+batches, devices and hosts combine by addition. ``evaluate`` adds those sums
+up on device over an iterable of batches and divides once at the end.
+
+The caller decides how ``eval_step`` is compiled: plain ``jax.jit`` on one
+device, or ``jax.jit`` with ``in_shardings``/``out_shardings`` for data
+parallelism (params replicated, batch split on its first axis; the sums then
+become all-reduces inside the compiled step).
+"""
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deeprec_jax import metrics, models
+
+Array = jax.Array
+Batch = Mapping[str, Any]
+EvalStep = Callable[[Any, Batch], dict[str, Array]]
+
+
+def make_eval_step(model: nn.Module, num_items: int, ks: Sequence[int],
+                   exclude_history: bool = True, *, ties: str = "pessimistic") -> EvalStep:
+  """Builds ``eval_step(params, batch) -> {metric: weighted sum, 'count': sum of weights}``.
+
+  For each row: ``hidden = model.apply(...)``, the last position
+  ``hidden[:, -1]`` (``[B, L, D]`` outputs; ``[B, D]`` outputs are used as
+  they are), ``scores = h @ item_table.T`` in float32 over items ``0..N``,
+  the full rank of ``batch['target']`` (``metrics.full_ranks``) and, when the
+  batch has ``sampled_negatives`` with ``S > 0``, the sampled rank too.
+
+  Args:
+    model: a linen module following the model contract (README).
+    num_items: ``N``; the item table is ``models.item_table(params, N)``.
+    ks: cut-offs for HR/NDCG/MRR, e.g. ``config.eval.ks``.
+    exclude_history: rank without the items in ``batch['exclude']`` (the
+      target is never excluded). Padding (item 0) is always excluded.
+    ties: tie rule for ranks, see ``metrics`` (default pessimistic).
+
+  Returns:
+    A pure function of ``(params, batch)`` (no Python-side state, no host
+    transfers) returning float32 scalars: ``'hr@K'``, ``'ndcg@K'``,
+    ``'mrr@K'`` for each K, the same with prefix ``'sampled_'`` when sampled
+    negatives are present, each the sum over rows of ``weight * value``, and
+    ``'count'``, the sum of ``weight``.
+  """
+  # Fail here, not at the first trace inside a training run.
+  if not ks or any(int(k) != k or k < 1 for k in ks):
+    raise ValueError(f"config key eval.ks: expected positive integer cut-offs, got {ks!r}.")
+  ks = tuple(int(k) for k in ks)
+  metrics.check_ties(ties)
+
+  def eval_step(params: Any, batch: Batch) -> dict[str, Array]:
+    item_seq = batch["item_seq"]
+    hidden = model.apply({"params": params}, item_seq, user=batch.get("user"), train=False)
+    if hidden.ndim == 3:  # [B, L, D]: the state after the whole history.
+      hidden = hidden[:, -1]
+    table = models.item_table(params, num_items)
+    scores = jnp.einsum("bd,nd->bn", hidden.astype(jnp.float32), table.astype(jnp.float32))
+
+    target = batch["target"]
+    exclude = batch["exclude"] if exclude_history else None
+    per_row = metrics.rank_metrics(metrics.full_ranks(scores, target, exclude, ties=ties), ks)
+    negatives = batch.get("sampled_negatives")
+    if negatives is not None and negatives.shape[-1] > 0:  # Static: shapes are known at trace.
+      sampled = metrics.sampled_ranks(scores, target, negatives, ties=ties)
+      per_row.update(metrics.rank_metrics(sampled, ks, prefix="sampled_"))
+
+    weight = batch.get("weight")
+    weight = (jnp.ones(target.shape, jnp.float32) if weight is None
+              else jnp.asarray(weight, jnp.float32))
+    # `where`, not only a multiply: a padding row (weight 0) may hold any
+    # target, and must not bring a nan into the sums.
+    sums = {name: jnp.sum(jnp.where(weight > 0, weight * value, 0.0))
+            for name, value in per_row.items()}
+    sums["count"] = jnp.sum(weight)
+    return sums
+
+  return eval_step
+
+
+def evaluate(eval_step: EvalStep, params: Any, batches: Iterable[Batch]) -> dict[str, float]:
+  """Runs ``eval_step`` over ``batches`` and returns weighted means.
+
+  The per-batch sums stay on device and are added there; the only host
+  transfer is one ``jax.device_get`` at the end, so batches are dispatched
+  asynchronously.
+
+  Args:
+    eval_step: from ``make_eval_step``, normally already ``jax.jit``-ed by the
+      caller (with shardings for data parallelism). A function that is not
+      jitted yet is wrapped in ``jax.jit`` here.
+    params: model parameters, as ``eval_step`` expects them.
+    batches: evaluation batches (numpy or ``jax.Array``), e.g. one pass of the
+      validation or test pipeline.
+
+  Returns:
+    ``{metric: sum(weight * value) / sum(weight)}`` plus ``'count'``, the
+    total weight (the number of real users evaluated).
+
+  Raises:
+    ValueError: if there are no batches or the total weight is 0.
+  """
+  if not hasattr(eval_step, "lower"):  # Not a jax.jit-wrapped function yet.
+    eval_step = jax.jit(eval_step)
+  totals = None
+  for batch in batches:
+    sums = eval_step(params, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError("evaluate() got no batches.")
+  totals = jax.device_get(totals)
+  count = float(totals.pop("count"))
+  if count <= 0:
+    raise ValueError("evaluate() got only padding rows (total weight 0).")
+  results = {name: float(value) / count for name, value in totals.items()}
+  results["count"] = count
+  return results

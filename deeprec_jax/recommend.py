@@ -1,0 +1,68 @@
+"""Top-K recommendations for given histories, in the dataset's original ids."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deeprec_jax import evaluate, metrics
+from deeprec_jax.data import pipeline
+
+
+def encode_history(history: Sequence[int], item_ids: np.ndarray, where: str = "history"
+                   ) -> np.ndarray:
+  """Maps original item ids to the model's ids ``1..N``.
+
+  Args:
+    history: original item ids, oldest first.
+    item_ids: ``int64[N + 1]``, original id of each model id (``Dataset.item_ids``).
+    where: how to name the input in an error message (flag, file and line).
+
+  Returns:
+    ``int64[len(history)]`` model ids.
+
+  Raises:
+    ValueError: naming every id the dataset does not know.
+  """
+  lookup = {int(original): index for index, original in enumerate(item_ids) if index > 0}
+  unknown = [item for item in history if int(item) not in lookup]
+  if unknown:
+    raise ValueError(f"{where}: item ids not in the dataset: {unknown[:10]}"
+                     f"{' ...' if len(unknown) > 10 else ''}")
+  return np.asarray([lookup[int(item)] for item in history], np.int64)
+
+
+def recommend(trainer: Any, params: Any, histories: Sequence[np.ndarray], *, top_k: int = 10,
+              exclude_seen: bool = True) -> list[list[tuple[int, float]]]:
+  """The ``top_k`` items for each history, as ``(original item id, score)``.
+
+  Args:
+    trainer: a ``train.Trainer`` (model, dataset, config).
+    params: its parameters.
+    histories: model ids (``encode_history``), oldest first, one per user.
+    top_k: how many items to return per history.
+    exclude_seen: leave items of the history out of the ranking.
+
+  Returns:
+    One list of ``top_k`` pairs per history, best first.
+  """
+  dataset, config = trainer.dataset, trainer.config
+  item_seq = np.stack([
+      pipeline.eval_input(history, task=trainer.task, max_len=config.data.max_len,
+                          num_items=dataset.num_items) for history in histories]).astype(np.int32)
+  width = max([len(h) for h in histories] + [1])
+  exclude = np.zeros((len(histories), width), np.int32)
+  if exclude_seen:
+    for row, history in enumerate(histories):
+      exclude[row, :len(history)] = history
+
+  @jax.jit
+  def top_items(params, item_seq, exclude):
+    scores = evaluate.score_items(trainer.model, params, dataset.num_items, item_seq)
+    return metrics.top_k_items(scores, exclude, top_k)
+
+  items, scores = jax.device_get(top_items(params, jnp.asarray(item_seq), jnp.asarray(exclude)))
+  return [[(int(dataset.item_ids[i]), float(s)) for i, s in zip(row_items, row_scores, strict=True)
+           if np.isfinite(s)] for row_items, row_scores in zip(items, scores, strict=True)]

@@ -1,0 +1,66 @@
+r"""Top-K recommendations from a trained model, in the dataset's original ids.
+
+  python -m experiments.recommend --workdir=/tmp/sasrec_ml1m --history=1193,661,914
+  python -m experiments.recommend --workdir=/tmp/sasrec_ml1m --histories_file=users.txt
+
+``--histories_file`` holds one history per line (item ids separated by commas
+or spaces, oldest first); the output is one JSON object per line.
+"""
+
+import json
+import re
+
+from absl import app, flags
+
+from deeprec_jax import recommend, train
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory written by experiments.train.",
+                               required=True)
+_HISTORY = flags.DEFINE_list("history", [], "Item ids the user interacted with, oldest first.")
+_HISTORIES_FILE = flags.DEFINE_string("histories_file", "",
+                                      "File with one history per line (batch mode).")
+_TOP_K = flags.DEFINE_integer("top_k", 10, "How many items to recommend.")
+_INCLUDE_SEEN = flags.DEFINE_bool("include_seen", False,
+                                  "Allow items of the history among the recommendations.")
+
+
+def read_histories(path: str) -> list[tuple[str, list[int]]]:
+  """``(where, original ids)`` per non-empty line of ``path``."""
+  histories = []
+  with open(path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, start=1):
+      fields = [field for field in re.split(r"[,\s]+", line.strip()) if field]
+      if not fields:
+        continue
+      where = f"{path}, line {line_number}"
+      try:
+        histories.append((where, [int(field) for field in fields]))
+      except ValueError as e:
+        raise ValueError(f"{where}: expected integer item ids, got {line.strip()!r}") from e
+  return histories
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if bool(_HISTORY.value) == bool(_HISTORIES_FILE.value):
+    raise app.UsageError("give exactly one of --history and --histories_file.")
+  if _HISTORY.value:
+    try:
+      raw = [("--history", [int(item) for item in _HISTORY.value])]
+    except ValueError as e:
+      raise app.UsageError(f"--history: expected integer item ids, got {_HISTORY.value}") from e
+  else:
+    raw = read_histories(_HISTORIES_FILE.value)
+  trainer, params, _ = train.load_trained(_WORKDIR.value)
+  histories = [recommend.encode_history(items, trainer.dataset.item_ids, where)
+               for where, items in raw]
+  results = recommend.recommend(trainer, params, histories, top_k=_TOP_K.value,
+                                exclude_seen=not _INCLUDE_SEEN.value)
+  for (_, items), top in zip(raw, results, strict=True):
+    print(json.dumps({"history": items,
+                      "recommendations": [{"item": i, "score": round(s, 6)} for i, s in top]}))
+
+
+if __name__ == "__main__":
+  app.run(main)
