@@ -27,15 +27,41 @@ Batch = Mapping[str, Any]
 EvalStep = Callable[[Any, Batch], dict[str, Array]]
 
 
+def score_items(model: nn.Module, params: Any, num_items: int, item_seq: Array, *,
+                user: Array | None = None) -> Array:
+  """Scores of every item after each history: ``float32[B, N + 1]``.
+
+  ``hidden = model.apply(...)`` in inference mode; ``[B, L, D]`` outputs are
+  read at the last position (the state after the whole history, or BERT4Rec's
+  mask slot), ``[B, D]`` outputs are used as they are; then
+  ``scores = h @ item_table.T`` in float32. Column 0 is padding: rank or
+  recommend through ``metrics``, which masks it.
+
+  Args:
+    model: a linen module following the model contract (README).
+    params: its parameters.
+    num_items: ``N``; the item table is ``models.item_table(params, N)``.
+    item_seq: ``int[B, L]`` left-padded histories, as in an eval batch.
+    user: ``int[B]`` user ids, or ``None``.
+
+  Returns:
+    ``float32[B, N + 1]``.
+  """
+  hidden = model.apply({"params": params}, item_seq, user=user, train=False)
+  if hidden.ndim == 3:
+    hidden = hidden[:, -1]
+  table = models.item_table(params, num_items)
+  return jnp.einsum("bd,nd->bn", hidden.astype(jnp.float32), table.astype(jnp.float32))
+
+
 def make_eval_step(model: nn.Module, num_items: int, ks: Sequence[int],
                    exclude_history: bool = True, *, ties: str = "pessimistic") -> EvalStep:
   """Builds ``eval_step(params, batch) -> {metric: weighted sum, 'count': sum of weights}``.
 
-  For each row: ``hidden = model.apply(...)``, the last position
-  ``hidden[:, -1]`` (``[B, L, D]`` outputs; ``[B, D]`` outputs are used as
-  they are), ``scores = h @ item_table.T`` in float32 over items ``0..N``,
-  the full rank of ``batch['target']`` (``metrics.full_ranks``) and, when the
-  batch has ``sampled_negatives`` with ``S > 0``, the sampled rank too.
+  For each row: the scores of all items (``score_items``: the last hidden
+  state against the item table, in float32), the full rank of
+  ``batch['target']`` (``metrics.full_ranks``) and, when the batch has
+  ``sampled_negatives`` with ``S > 0``, the sampled rank too.
 
   Args:
     model: a linen module following the model contract (README).
@@ -59,13 +85,7 @@ def make_eval_step(model: nn.Module, num_items: int, ks: Sequence[int],
   metrics.check_ties(ties)
 
   def eval_step(params: Any, batch: Batch) -> dict[str, Array]:
-    item_seq = batch["item_seq"]
-    hidden = model.apply({"params": params}, item_seq, user=batch.get("user"), train=False)
-    if hidden.ndim == 3:  # [B, L, D]: the state after the whole history.
-      hidden = hidden[:, -1]
-    table = models.item_table(params, num_items)
-    scores = jnp.einsum("bd,nd->bn", hidden.astype(jnp.float32), table.astype(jnp.float32))
-
+    scores = score_items(model, params, num_items, batch["item_seq"], user=batch.get("user"))
     target = batch["target"]
     exclude = batch["exclude"] if exclude_history else None
     per_row = metrics.rank_metrics(metrics.full_ranks(scores, target, exclude, ties=ties), ks)

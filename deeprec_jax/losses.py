@@ -23,6 +23,7 @@ sigmoid tails lose too much in 8 mantissa bits.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -201,6 +202,6 @@ def loss_fn(name: str) -> LossFn:
 
 
 def compute(name: str, hidden: Array, item_table: Array, targets: Array,
-            negatives: Array | None = None, **kwargs) -> Array | tuple[Array, Array]:
+            negatives: Array | None = None, **kwargs: Any) -> Array | tuple[Array, Array]:
   """``loss_fn(name)(hidden, item_table, targets, negatives, **kwargs)``."""
   return loss_fn(name)(hidden, item_table, targets, negatives, **kwargs)

@@ -48,7 +48,9 @@ class MetricWriter:
     if self._tensorboard is not None:
       for name, value in record.items():
         if name not in ("step", "split") and isinstance(value, (int, float)):
-          self._tensorboard.add_scalar(f"{split}/{name}", value, int(step))
+          # TensorBoard tags may not contain "@": hr@10 becomes hr_at_10.
+          tag = f"{split}/{name}".replace("@", "_at_")
+          self._tensorboard.add_scalar(tag, value, int(step))
       self._tensorboard.flush()
 
   def close(self) -> None:

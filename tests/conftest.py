@@ -11,3 +11,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 # NPROC >= 2 * num_devices (measured, see ../shared/design.md).
 os.environ.setdefault("NPROC", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402  (after the environment set-up above, on purpose)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tfds_cache(tmp_path_factory):
+  """Prepared datasets go to a per-session folder, never to ~/.cache."""
+  os.environ["DEEPREC_DATA_DIR"] = str(tmp_path_factory.mktemp("tfds"))
+  yield

@@ -1,0 +1,411 @@
+"""Grain pipeline: per-user sequences -> deterministic numpy batches.
+
+Training batches come from a ``grain.MapDataset`` with random access:
+``train_batches(...)[step]`` is a pure function of ``(seed, epoch, step)`` and
+of the process's place in the run, so resuming means indexing by step. The
+epoch's order is one global shuffle of all training examples, and every
+per-example random draw (negatives, BERT4Rec masks) is seeded by
+``(seed, epoch, example index)``. Neither depends on the number of processes:
+P processes together see exactly the rows one process would.
+
+Leave-one-out: ``seq[-1]`` is the test target, ``seq[-2]`` the validation
+target; training examples only ever see ``preprocess.split_train(seq)``.
+Batch layouts are documented in README.md ("Contracts between the pieces").
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from deeprec_jax.data import builders, preprocess
+
+TASKS = ("autoregressive", "window", "masked")
+SPLITS = ("valid", "test")
+SAMPLINGS = ("uniform", "popularity")
+# Salts that keep the random streams of different purposes apart.
+_SHUFFLE_SALT, _TRAIN_SALT, _EVAL_SALT = 0, 1, 2
+# Eval `exclude` widths are rounded up to this multiple so few shapes compile.
+_EXCLUDE_MULTIPLE = 8
+# Below this fraction of allowed items (or allowed popularity mass), sample
+# from the explicit complement instead of rejecting draws.
+_REJECTION_MIN_ACCEPTANCE = 0.25
+
+
+def steps_per_epoch(dataset: builders.Dataset, *, task: str, global_batch_size: int,
+                    max_len: int, num_targets: int = 1) -> int:
+  """Number of full global batches in one epoch of ``task`` (the remainder is dropped).
+
+  Args:
+    dataset: the per-user sequences.
+    task: 'autoregressive', 'window' or 'masked'.
+    global_batch_size: examples per step over all processes.
+    max_len: model input length (unused: examples do not depend on it, kept
+      so that every task shares one signature).
+    num_targets: T, next items per window example ('window' only).
+
+  Returns:
+    ``num_examples // global_batch_size``, at least 1.
+  """
+  del max_len  # Long histories are truncated, not split into more examples.
+  users, _ = _examples(dataset, task, num_targets)
+  steps = len(users) // global_batch_size
+  if steps == 0:
+    raise ValueError(f"config key train.batch_size={global_batch_size} exceeds the "
+                     f"{len(users)} {task!r} training examples of {dataset.name}.")
+  return steps
+
+
+def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
+                  global_batch_size: int, num_negatives: int, seed: int, epoch: int,
+                  num_targets: int = 1, mask_prob: float = 0.2, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+  """The training batches of one epoch, for this process.
+
+  Examples per task (t = ``split_train(seq)``, left-padded with 0):
+    * 'autoregressive': one per user with ``len(t) >= 2``; the last
+      ``max_len + 1`` items give ``item_seq = t[:-1]``, ``targets = t[1:]``.
+    * 'window': one per (user, position s >= 1) with T items after s:
+      ``item_seq = t[s - L:s]`` (L = ``max_len``), ``targets = t[s:s + T]``.
+    * 'masked': one per user with ``len(t) >= 1``; ``t[-max_len:]`` with each
+      item masked (replaced by ``num_items + 1``) with probability
+      ``mask_prob``; targets are the original items at masked positions, else 0.
+      If no item was drawn, the last one is masked: every sequence teaches
+      something, and the last position is the one evaluation asks about.
+  ``negatives[..., k]`` are drawn uniformly from the items the user never
+  interacted with (the whole sequence, valid and test items included, as
+  SASRec does), 0 where the target is 0.
+
+  Args:
+    dataset: the per-user sequences.
+    task: 'autoregressive', 'window' or 'masked'.
+    max_len: L, model input length.
+    global_batch_size: examples per step over all processes.
+    num_negatives: k, negatives per target.
+    seed: the run's seed.
+    epoch: the epoch (0-based); each epoch has its own order and draws.
+    num_targets: T, next items per window example ('window' only).
+    mask_prob: masking probability ('masked' only).
+    process_index: this process, in ``[0, process_count)``.
+    process_count: processes sharing each global batch.
+
+  Returns:
+    A MapDataset with ``len == steps_per_epoch(...)``; element ``step`` is
+    rows ``[p * B, (p + 1) * B)`` (B = global_batch_size / process_count) of
+    global batch ``step``: ``item_seq int32[B, L]``, ``targets int32[B, L]``
+    (``[B, T]`` for 'window'), ``negatives int32[B, L or T, k]``,
+    ``user int32[B]``.
+  """
+  _check_choice("task", task, TASKS)
+  local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+  users, starts = _examples(dataset, task, num_targets)
+  steps_per_epoch(dataset, task=task, global_batch_size=global_batch_size, max_len=max_len,
+                  num_targets=num_targets)
+  make_batch = functools.partial(
+      _train_batch, rows=slice(process_index * local_batch, (process_index + 1) * local_batch),
+      dataset=dataset, users=users, starts=starts, task=task, max_len=max_len,
+      num_targets=num_targets, num_negatives=num_negatives, mask_prob=mask_prob,
+      seed=seed, epoch=epoch)
+  shuffle_seed = int(np.random.SeedSequence(_entropy(seed, epoch, _SHUFFLE_SALT))
+                     .generate_state(1)[0])
+  return (grain.MapDataset.range(len(users))
+          .shuffle(seed=shuffle_seed)
+          .batch(global_batch_size, drop_remainder=True)
+          .map(make_batch))
+
+
+def eval_batches(dataset: builders.Dataset, *, split: str, task: str, max_len: int,
+                 batch_size: int, num_sampled_negatives: int = 100, sampling: str = "uniform",
+                 seed: int = 0, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Evaluation batches over every user once, in user order.
+
+  Global batch ``b`` holds users ``[b * G, (b + 1) * G)`` with
+  ``G = batch_size * process_count``; this process yields its rows
+  ``[p * batch_size, (p + 1) * batch_size)``. The last batch is padded to
+  full size with ``weight = 0`` rows. Users with fewer than 3 items (which
+  ``preprocess`` never outputs) have no leave-one-out split: their rows keep
+  ``weight = 0``, as SASRec skips them. Every process yields the same number
+  of batches with the same shapes.
+
+  Args:
+    dataset: the per-user sequences.
+    split: 'valid' (target ``seq[-2]``) or 'test' (target ``seq[-1]``).
+    task: the model's training task; 'masked' puts the mask token
+      ``num_items + 1`` in the last input slot.
+    max_len: L, model input length.
+    batch_size: rows per process.
+    num_sampled_negatives: S, negatives per user for sampled metrics, drawn
+      with replacement (as SASRec does) from the items outside the user's
+      whole sequence.
+    sampling: 'uniform', or 'popularity' (proportional to
+      ``train_item_counts``).
+    seed: negatives are a function of ``(seed, user)``.
+    process_index: this process, in ``[0, process_count)``.
+    process_count: processes sharing each global batch.
+
+  Yields:
+    ``item_seq int32[B, L]``, ``target int32[B]``, ``exclude int32[B, H]``
+    (the history's distinct items other than the target, 0-padded; H is
+    the global batch's longest history rounded up to a multiple of 8),
+    ``sampled_negatives int32[B, S]``, ``user int32[B]``, ``weight
+    float32[B]``.
+  """
+  _check_choice("split", split, SPLITS)
+  _check_choice("task", task, TASKS)
+  _check_choice("sampling", sampling, SAMPLINGS)
+  _local_batch_size(batch_size * process_count, process_index, process_count)
+  lengths = _lengths(dataset)
+  num_users = dataset.num_users
+  # Leave-one-out needs a training part besides the two held-out items.
+  min_length = preprocess.MIN_SEQUENCE_LENGTH
+  history_lengths = np.maximum(lengths - (2 if split == "valid" else 1), 0)
+  popularity_cdf = None
+  if sampling == "popularity":
+    popularity_cdf = np.cumsum(train_item_counts(dataset)).astype(np.float64)
+  global_batch = batch_size * process_count
+  for start in range(0, num_users, global_batch):
+    global_users = np.arange(start, min(start + global_batch, num_users))
+    width = max(int(history_lengths[global_users].max()), 1)
+    width = -(-width // _EXCLUDE_MULTIPLE) * _EXCLUDE_MULTIPLE
+    batch = {
+        "item_seq": np.zeros((batch_size, max_len), np.int32),
+        "target": np.zeros((batch_size,), np.int32),
+        "exclude": np.zeros((batch_size, width), np.int32),
+        "sampled_negatives": np.zeros((batch_size, num_sampled_negatives), np.int32),
+        "user": np.zeros((batch_size,), np.int32),
+        "weight": np.zeros((batch_size,), np.float32),
+    }
+    first = start + process_index * batch_size
+    local_users = np.arange(first, min(first + batch_size, num_users))
+    batch["user"][:len(local_users)] = local_users
+    for row, (user, record) in enumerate(zip(local_users, _read(dataset.source, local_users),
+                                             strict=True)):
+      if lengths[user] < min_length:
+        continue
+      seq = np.asarray(record["item_seq"])
+      history, target = preprocess.split_eval(seq, split)
+      batch["item_seq"][row] = eval_input(history, task=task, max_len=max_len,
+                                          num_items=dataset.num_items)
+      batch["target"][row] = target
+      exclude = np.unique(history)
+      exclude = exclude[exclude != target]
+      batch["exclude"][row, :len(exclude)] = exclude
+      rng = np.random.default_rng(_entropy(seed, user, _EVAL_SALT))
+      seen = np.unique(seq)
+      if popularity_cdf is None:
+        negatives = _sample_uniform(rng, dataset.num_items, seen, (num_sampled_negatives,))
+      else:
+        negatives = _sample_popular(rng, popularity_cdf, seen, (num_sampled_negatives,))
+      batch["sampled_negatives"][row] = negatives
+      batch["weight"][row] = 1.0
+    yield batch
+
+
+def eval_input(history: np.ndarray, *, task: str, max_len: int, num_items: int) -> np.ndarray:
+  """The model input that asks for the item after ``history``.
+
+  Args:
+    history: model item ids, oldest first.
+    task: the model's training task; 'masked' models get the mask token
+      ``num_items + 1`` in the last slot, after the most recent
+      ``max_len - 1`` items.
+    max_len: L, model input length.
+    num_items: N.
+
+  Returns:
+    ``int32[max_len]``, left-padded with 0.
+  """
+  history = np.asarray(history)
+  if task == "masked":
+    inputs = np.append(history[max(len(history) - (max_len - 1), 0):], num_items + 1)
+  else:
+    inputs = history[max(len(history) - max_len, 0):]
+  item_seq = np.zeros((max_len,), np.int32)
+  item_seq[max_len - len(inputs):] = inputs
+  return item_seq
+
+
+def train_item_counts(dataset: builders.Dataset) -> np.ndarray:
+  """How often each item occurs in the training parts (``seq[:-2]``).
+
+  Args:
+    dataset: the per-user sequences.
+
+  Returns:
+    int64 ``[num_items + 1]``; entry 0 (padding) is 0.
+  """
+  counts = np.zeros(dataset.num_items + 1, np.int64)
+  for record in _read(dataset.source, np.arange(dataset.num_users)):
+    train = preprocess.split_train(np.asarray(record["item_seq"]))
+    counts += np.bincount(train, minlength=dataset.num_items + 1)
+  counts[0] = 0
+  return counts
+
+
+def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
+                 users: np.ndarray, starts: np.ndarray, task: str, max_len: int,
+                 num_targets: int, num_negatives: int, mask_prob: float, seed: int,
+                 epoch: int) -> dict[str, np.ndarray]:
+  """This process's rows of one global batch of example ``indices``."""
+  indices = np.asarray(indices)[rows]
+  size = len(indices)
+  width = num_targets if task == "window" else max_len
+  batch = {
+      "item_seq": np.zeros((size, max_len), np.int32),
+      "targets": np.zeros((size, width), np.int32),
+      "negatives": np.zeros((size, width, num_negatives), np.int32),
+      "user": np.zeros((size,), np.int32),
+  }
+  records = _read(dataset.source, users[indices])
+  for row, (index, record) in enumerate(zip(indices, records, strict=True)):
+    user = int(users[index])
+    seq = np.asarray(record["item_seq"])
+    train = preprocess.split_train(seq)
+    rng = np.random.default_rng(_entropy(seed, epoch, int(index), _TRAIN_SALT))
+    if task == "autoregressive":
+      window = train[-(max_len + 1):]
+      inputs, targets = window[:-1], window[1:]
+    elif task == "window":
+      start = int(starts[index])
+      inputs = train[max(start - max_len, 0):start]
+      targets = train[start:start + num_targets]
+    else:
+      inputs, targets = _mask(rng, train[-max_len:], mask_prob, dataset.num_items + 1)
+    batch["user"][row] = user
+    batch["item_seq"][row, max_len - len(inputs):] = inputs
+    batch["targets"][row, width - len(targets):] = targets
+    has_target = batch["targets"][row] != 0
+    batch["negatives"][row, has_target] = _sample_uniform(
+        rng, dataset.num_items, np.unique(seq), (int(has_target.sum()), num_negatives))
+  return batch
+
+
+def _mask(rng: np.random.Generator, items: np.ndarray, mask_prob: float,
+          mask_token: int) -> tuple[np.ndarray, np.ndarray]:
+  """BERT4Rec cloze: (inputs with masks, targets at masked positions else 0)."""
+  masked = rng.random(len(items)) < mask_prob
+  if not masked.any():
+    masked[-1] = True  # Evaluation asks about the last slot; train it too.
+  return np.where(masked, mask_token, items), np.where(masked, items, 0)
+
+
+def _examples(dataset: builders.Dataset, task: str,
+              num_targets: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(user, start)`` of every training example, in a fixed order.
+
+  ``start`` is the position of the first target inside the training part for
+  'window' examples and 0 otherwise; the example index into these arrays
+  seeds the example's random draws.
+  """
+  _check_choice("task", task, TASKS)
+  train_lengths = np.maximum(_lengths(dataset) - 2, 0)
+  if task == "autoregressive":
+    users = np.flatnonzero(train_lengths >= 2)
+    return users, np.zeros_like(users)
+  if task == "masked":
+    users = np.flatnonzero(train_lengths >= 1)
+    return users, np.zeros_like(users)
+  if num_targets < 1:
+    raise ValueError(f"num_targets must be >= 1, got {num_targets}.")
+  # Windows need >= 1 input item and all T targets: starts 1..len - T.
+  counts = np.maximum(train_lengths - num_targets, 0)
+  users = np.repeat(np.arange(len(counts)), counts)
+  offsets = np.arange(len(users)) - np.repeat(np.cumsum(counts) - counts, counts)
+  return users, 1 + offsets
+
+
+def _read(source: Sequence[Mapping[str, Any]], users: np.ndarray) -> list[Mapping[str, Any]]:
+  """``[source[u] for u in users]``, in one call where the source supports it."""
+  users = [int(u) for u in users]
+  getitems = getattr(source, "__getitems__", None)
+  if getitems is None:
+    return [source[u] for u in users]
+  return list(getitems(users))
+
+
+def _lengths(dataset: builders.Dataset) -> np.ndarray:
+  """int64 ``[num_users]`` sequence lengths (read from the records if not stored)."""
+  if dataset.lengths is not None:
+    return np.asarray(dataset.lengths, np.int64)
+  return np.array([len(dataset.source[i]["item_seq"]) for i in range(dataset.num_users)],
+                  np.int64)
+
+
+def _contains(sorted_items: np.ndarray, items: np.ndarray) -> np.ndarray:
+  """Elementwise ``items in sorted_items`` for a sorted 1-D array."""
+  if not len(sorted_items):
+    return np.zeros(items.shape, bool)
+  pos = np.minimum(np.searchsorted(sorted_items, items), len(sorted_items) - 1)
+  return sorted_items[pos] == items
+
+
+def _sample_uniform(rng: np.random.Generator, num_items: int, seen: np.ndarray,
+                    shape: tuple[int, ...]) -> np.ndarray:
+  """Items drawn uniformly from ``1..num_items`` minus sorted ``seen`` (0 if none)."""
+  seen = seen[seen > 0]
+  num_allowed = num_items - len(seen)
+  if num_allowed <= 0:
+    return np.zeros(shape, np.int64)
+  if num_allowed < _REJECTION_MIN_ACCEPTANCE * num_items:
+    allowed = np.setdiff1d(np.arange(1, num_items + 1), seen, assume_unique=True)
+    return allowed[rng.integers(0, len(allowed), size=shape)]
+  draws = rng.integers(1, num_items + 1, size=shape)
+  rejected = _contains(seen, draws)
+  while rejected.any():
+    draws[rejected] = rng.integers(1, num_items + 1, size=int(rejected.sum()))
+    rejected = _contains(seen, draws)
+  return draws
+
+
+def _sample_popular(rng: np.random.Generator, cdf: np.ndarray, seen: np.ndarray,
+                    shape: tuple[int, ...]) -> np.ndarray:
+  """Items drawn proportionally to ``diff(cdf)`` outside sorted ``seen``.
+
+  ``cdf`` is the cumulative training count over ids ``0..num_items`` (item 0
+  has count 0, so it is never drawn). Falls back to uniform sampling when the
+  allowed items were never trained on.
+  """
+  counts = np.diff(cdf, prepend=0.0)
+  seen = seen[seen > 0]
+  total = cdf[-1]
+  allowed_mass = total - counts[seen].sum()
+  if allowed_mass <= 0:
+    return _sample_uniform(rng, len(cdf) - 1, seen, shape)
+  if allowed_mass < _REJECTION_MIN_ACCEPTANCE * total:
+    probs = counts.copy()
+    probs[seen] = 0.0
+    return rng.choice(len(probs), size=shape, p=probs / probs.sum())
+
+  def draw(size):
+    return np.searchsorted(cdf, rng.random(size) * total, side="right")
+
+  draws = draw(shape)
+  rejected = _contains(seen, draws)
+  while rejected.any():
+    draws[rejected] = draw(int(rejected.sum()))
+    rejected = _contains(seen, draws)
+  return draws
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must lie in [0, {process_count}).")
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"batch size {global_batch_size} must be a positive multiple of the "
+                     f"{process_count} processes.")
+  return global_batch_size // process_count
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name}={value!r}; expected one of {', '.join(choices)}.")
+
+
+def _entropy(*values: int) -> list[int]:
+  """Non-negative seed words for ``np.random.SeedSequence`` (negative seeds wrap)."""
+  return [int(v) % 2**64 for v in values]

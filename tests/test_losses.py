@@ -1,0 +1,176 @@
+"""Tests for deeprec_jax.losses against float64 NumPy references."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deeprec_jax import losses
+
+B, L, T, D, N, K = 3, 6, 4, 8, 12, 3
+NAMES = ("bce", "sampled_softmax", "softmax")
+
+# One compiled program per case is much faster than op-by-op dispatch here.
+_compute = jax.jit(losses.compute, static_argnums=0, static_argnames="return_count")
+
+
+def _inputs(seed: int, window: bool = False):
+  """Random inputs with padded targets and colliding / padding negatives."""
+  rng = np.random.default_rng(seed)
+  positions = T if window else L
+  hidden = rng.normal(size=(B, D) if window else (B, L, D)).astype(np.float32)
+  table = rng.normal(size=(N + 1, D)).astype(np.float32)
+  targets = rng.integers(1, N + 1, size=(B, positions)).astype(np.int32)
+  targets[rng.random(targets.shape) < 0.3] = 0
+  targets[0, 0], targets[0, -1] = 0, 5  # At least one of each.
+  negatives = rng.integers(0, N + 1, size=(B, positions, K)).astype(np.int32)
+  collide = rng.random((B, positions)) < 0.3
+  negatives[..., 0] = np.where(collide, targets, negatives[..., 0])
+  return hidden, table, targets, negatives
+
+
+def _np_lse(x):
+  x = np.asarray(x, np.float64)
+  m = x.max()
+  return m + np.log(np.sum(np.exp(x - m)))
+
+
+def _np_softplus(x):
+  return np.logaddexp(0.0, x)
+
+
+def _np_loss(name, hidden, table, targets, negatives, log_q=None):
+  """Loops over targets in float64, the definitions written out."""
+  hidden, table = np.float64(hidden), np.float64(table)
+  if hidden.ndim == 2:  # Window models: the same state for every target.
+    hidden = np.repeat(hidden[:, None], targets.shape[1], axis=1)
+  total, count = 0.0, 0
+  for b, i in np.ndindex(targets.shape):
+    t = targets[b, i]
+    if t == 0:
+      continue
+    count += 1
+    h = hidden[b, i]
+    pos = h @ table[t]
+    negs = [n for n in negatives[b, i] if n != 0 and n != t]
+    if name == "bce":
+      total += _np_softplus(-pos) + sum(_np_softplus(h @ table[n]) for n in negs)
+    elif name == "sampled_softmax":
+      items = [t] + negs
+      logits = np.array([h @ table[i] for i in items])
+      if log_q is not None:
+        logits = logits - np.float64(log_q)[items]
+      total += _np_lse(logits) - logits[0]
+    else:
+      total += _np_lse(table[1:] @ h) - pos
+  return total / max(count, 1)
+
+
+@pytest.mark.parametrize("window", [False, True])
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_numpy_reference(name, window):
+  for seed in range(3):
+    hidden, table, targets, negatives = _inputs(seed, window)
+    got = _compute(name, hidden, table, targets, negatives)
+    want = _np_loss(name, hidden, table, targets, negatives)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_sampled_softmax_log_q():
+  hidden, table, targets, negatives = _inputs(7)
+  log_q = np.log(np.random.default_rng(7).dirichlet(np.ones(N + 1))).astype(np.float32)
+  got = losses.sampled_softmax(hidden, table, targets, negatives, log_q=log_q)
+  want = _np_loss("sampled_softmax", hidden, table, targets, negatives, log_q=log_q)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # A constant log_q (uniform sampler) changes nothing.
+  uniform = np.full(N + 1, -math.log(N), np.float32)
+  np.testing.assert_allclose(
+      losses.sampled_softmax(hidden, table, targets, negatives, log_q=uniform),
+      losses.sampled_softmax(hidden, table, targets, negatives), rtol=1e-6)
+
+
+def test_hand_checked_zero_hidden():
+  # All logits 0: BCE = (1 + k) log 2, sampled softmax = log(1 + k), softmax = log N.
+  table = np.random.default_rng(0).normal(size=(N + 1, D)).astype(np.float32)
+  hidden = np.zeros((1, 2, D), np.float32)
+  targets = np.array([[3, 0]], np.int32)
+  negatives = np.array([[[1, 2, 4], [1, 2, 4]]], np.int32)
+  np.testing.assert_allclose(losses.bce_sampled(hidden, table, targets, negatives),
+                             4 * math.log(2), rtol=1e-6)
+  np.testing.assert_allclose(losses.sampled_softmax(hidden, table, targets, negatives),
+                             math.log(4), rtol=1e-6)
+  np.testing.assert_allclose(losses.softmax_ce(hidden, table, targets), math.log(N), rtol=1e-6)
+  # A negative equal to the target or to padding is dropped: k = 1 remains.
+  negatives = np.array([[[3, 0, 4], [1, 2, 4]]], np.int32)
+  np.testing.assert_allclose(losses.bce_sampled(hidden, table, targets, negatives),
+                             2 * math.log(2), rtol=1e-6)
+  np.testing.assert_allclose(losses.sampled_softmax(hidden, table, targets, negatives),
+                             math.log(2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("window", [False, True])
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_finite_and_padding_inert(name, window):
+  hidden, table, targets, negatives = _inputs(1, window)
+  fn = jax.jit(lambda h, e, t: losses.compute(name, h, e, t, negatives))
+  grads = jax.grad(fn, argnums=(0, 1))(hidden, table, targets)
+  for g in grads:
+    assert np.all(np.isfinite(g))
+  # The padding row of the table is never scored (only as a masked target).
+  np.testing.assert_array_equal(grads[1][0], 0.0)
+  if not window:
+    # Nothing flows to, or depends on, hidden states at padded targets.
+    pad = targets == 0
+    np.testing.assert_array_equal(grads[0][pad], 0.0)
+    changed = np.where(pad[..., None], 1e3, hidden).astype(np.float32)
+    np.testing.assert_array_equal(fn(changed, table, targets), fn(hidden, table, targets))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_all_padding_gives_zero_loss_and_grad(name):
+  hidden, table, targets, negatives = _inputs(2)
+  targets = np.zeros_like(targets)
+  loss, count = _compute(name, hidden, table, targets, negatives, return_count=True)
+  assert float(loss) == 0.0 and float(count) == 0.0
+  grads = jax.jit(jax.grad(lambda h: losses.compute(name, h, table, targets, negatives)))(hidden)
+  np.testing.assert_array_equal(grads, 0.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_window_broadcast_equals_tiled_hidden(name):
+  hidden, table, targets, negatives = _inputs(3, window=True)
+  tiled = np.repeat(hidden[:, None], T, axis=1)
+  np.testing.assert_allclose(_compute(name, hidden, table, targets, negatives),
+                             _compute(name, tiled, table, targets, negatives), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_hidden_gives_float32_loss(name):
+  hidden, table, targets, negatives = _inputs(4)
+  low = jnp.asarray(hidden, jnp.bfloat16)
+  got = _compute(name, low, table, targets, negatives)
+  assert got.dtype == jnp.float32
+  want = _compute(name, low.astype(jnp.float32), table, targets, negatives)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_return_count():
+  hidden, table, targets, negatives = _inputs(5)
+  _, count = losses.bce_sampled(hidden, table, targets, negatives, return_count=True)
+  assert float(count) == np.sum(targets > 0)
+
+
+def test_loss_fn_dispatch_and_errors():
+  assert losses.loss_fn("bce") is losses.bce_sampled
+  assert losses.loss_fn("sampled_softmax") is losses.sampled_softmax
+  assert losses.loss_fn("softmax") is losses.softmax_ce
+  with pytest.raises(ValueError, match=r"train\.loss.*bce, sampled_softmax, softmax"):
+    losses.loss_fn("hinge")
+  hidden, table, targets, _ = _inputs(6)
+  with pytest.raises(ValueError, match="negatives"):
+    losses.compute("bce", hidden, table, targets, None)
+  with pytest.raises(ValueError, match="does not match"):
+    losses.softmax_ce(hidden[..., None], table, targets)

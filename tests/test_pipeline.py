@@ -1,0 +1,340 @@
+"""Grain pipeline: batch layouts, leave-one-out hygiene, determinism, sharding."""
+
+import time
+
+import hypothesis
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deeprec_jax.data import builders, pipeline, preprocess
+from experiments.configs import default
+
+NUM_ITEMS = 40
+TASKS = pipeline.TASKS
+
+
+def _dataset(sequences, num_items=NUM_ITEMS):
+  sequences = [np.asarray(s, np.int64) for s in sequences]
+  seq_data = preprocess.SequenceData(
+      sequences=sequences,
+      user_ids=np.arange(100, 100 + len(sequences), dtype=np.int64),
+      item_ids=np.concatenate([[-1], np.arange(1, num_items + 1)]).astype(np.int64),
+      num_items=num_items)
+  return builders.from_sequences(seq_data)
+
+
+def _random_dataset(num_users=24, num_items=NUM_ITEMS, seed=0, max_length=30):
+  """Users with distinct items each (as in MovieLens), 3..max_length of them."""
+  rng = np.random.default_rng(seed)
+  sequences = [rng.permutation(np.arange(1, num_items + 1))[:rng.integers(3, max_length + 1)]
+               for _ in range(num_users)]
+  return _dataset(sequences, num_items)
+
+
+def _train(dataset, task, epoch=0, **kwargs):
+  args = dict(task=task, max_len=6, global_batch_size=4, num_negatives=3, seed=0, epoch=epoch,
+              num_targets=2)
+  args.update(kwargs)
+  return pipeline.train_batches(dataset, **args)
+
+
+def _eval(dataset, **kwargs):
+  args = dict(split="valid", task="autoregressive", max_len=6, batch_size=5,
+              num_sampled_negatives=7)
+  args.update(kwargs)
+  return list(pipeline.eval_batches(dataset, **args))
+
+
+def _nonzero(row):
+  return row[row != 0]
+
+
+def _assert_batches_equal(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_train_layout(task):
+  dataset = _random_dataset()
+  ds = _train(dataset, task)
+  assert len(ds) == pipeline.steps_per_epoch(dataset, task=task, global_batch_size=4,
+                                             max_len=6, num_targets=2)
+  batch = ds[0]
+  width = 2 if task == "window" else 6
+  assert batch["item_seq"].shape == (4, 6)
+  assert batch["targets"].shape == (4, width)
+  assert batch["negatives"].shape == (4, width, 3)
+  assert batch["user"].shape == (4,)
+  for value in batch.values():
+    assert value.dtype == np.int32
+  # Left padding: once an input starts, it never goes back to 0.
+  for row in batch["item_seq"]:
+    first = np.argmax(row != 0)
+    assert np.all(row[first:] != 0)
+
+
+def test_autoregressive_targets_are_next_items():
+  dataset = _random_dataset(max_length=12)
+  ds = _train(dataset, "autoregressive")
+  for step in range(len(ds)):
+    batch = ds[step]
+    for item_seq, targets, user in zip(batch["item_seq"], batch["targets"], batch["user"],
+                                       strict=True):
+      train = preprocess.split_train(dataset.source[user]["item_seq"])
+      inputs = _nonzero(item_seq)
+      assert np.array_equal(item_seq != 0, targets != 0)
+      # inputs followed by the last target is the tail of the training part.
+      np.testing.assert_array_equal(np.append(inputs, _nonzero(targets)[-1]),
+                                    train[-(len(inputs) + 1):])
+      assert len(inputs) == min(len(train) - 1, 6)
+
+
+def test_window_examples_cover_every_window_once():
+  dataset = _random_dataset(num_users=6, max_length=12)
+  max_len, num_targets = 3, 2
+  ds = _train(dataset, "window", global_batch_size=1, max_len=max_len, num_targets=num_targets)
+  expected = []
+  for user in range(dataset.num_users):
+    train = preprocess.split_train(dataset.source[user]["item_seq"])
+    for start in range(1, len(train) - num_targets + 1):
+      window = train[max(start - max_len, 0):start]
+      expected.append((user, tuple(window), tuple(train[start:start + num_targets])))
+  seen = []
+  for step in range(len(ds)):
+    batch = ds[step]
+    seen.append((int(batch["user"][0]), tuple(_nonzero(batch["item_seq"][0])),
+                 tuple(batch["targets"][0])))
+  assert len(ds) == len(expected)
+  assert sorted(seen) == sorted(expected)
+
+
+def test_masked_examples():
+  dataset = _random_dataset(max_length=12)
+  mask_token = NUM_ITEMS + 1
+  ds = _train(dataset, "masked", mask_prob=0.3)
+  num_masked = num_items = 0
+  for step in range(len(ds)):
+    batch = ds[step]
+    for item_seq, targets, user in zip(batch["item_seq"], batch["targets"], batch["user"],
+                                       strict=True):
+      tail = preprocess.split_train(dataset.source[user]["item_seq"])[-6:]
+      real = item_seq != 0
+      masked = item_seq == mask_token
+      assert masked.any()
+      np.testing.assert_array_equal(targets != 0, masked)
+      np.testing.assert_array_equal(np.where(masked, targets, item_seq)[real], tail)
+      num_masked += masked.sum()
+      num_items += real.sum()
+  assert 0.15 < num_masked / num_items < 0.5
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_negatives_outside_the_users_sequence(task):
+  dataset = _random_dataset(num_items=25, max_length=20)
+  ds = _train(dataset, task)
+  for step in range(len(ds)):
+    batch = ds[step]
+    for targets, negatives, user in zip(batch["targets"], batch["negatives"], batch["user"],
+                                        strict=True):
+      seq = dataset.source[user]["item_seq"]
+      assert np.all((negatives == 0) == (targets == 0)[:, None])
+      assert not np.isin(negatives[negatives != 0], seq).any()
+      assert np.all(negatives <= dataset.num_items)
+
+
+def test_negatives_when_the_user_has_every_item():
+  dataset = _dataset([np.arange(1, 6), np.arange(5, 0, -1)], num_items=5)
+  batch = _train(dataset, "autoregressive", global_batch_size=2)[0]
+  assert np.all(batch["negatives"] == 0)
+  evaluation = _eval(dataset, batch_size=2)[0]
+  assert np.all(evaluation["sampled_negatives"] == 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_held_out_items_never_reach_training(data):
+  num_items = data.draw(st.integers(5, 30))
+  lengths = data.draw(st.lists(st.integers(3, num_items), min_size=4, max_size=10))
+  sequences = [data.draw(st.permutations(range(1, num_items + 1)))[:n] for n in lengths]
+  dataset = _dataset(sequences, num_items)
+  task = data.draw(st.sampled_from(TASKS))
+  max_len = data.draw(st.integers(1, 8))
+  num_targets = data.draw(st.integers(1, 3))
+  train_lengths = np.array(lengths) - 2
+  num_examples = {"autoregressive": np.sum(train_lengths >= 2),
+                  "masked": np.sum(train_lengths >= 1),
+                  "window": np.maximum(train_lengths - num_targets, 0).sum()}[task]
+  hypothesis.assume(num_examples >= 2)  # one batch of 2
+  ds = _train(dataset, task, max_len=max_len, global_batch_size=2, num_targets=num_targets,
+              num_negatives=1, seed=data.draw(st.integers(0, 5)))
+  for step in range(len(ds)):
+    batch = ds[step]
+    for item_seq, targets, user in zip(batch["item_seq"], batch["targets"], batch["user"],
+                                       strict=True):
+      seq = dataset.source[user]["item_seq"]
+      held_out = seq[-2:]  # validation and test items
+      assert not np.isin(held_out, item_seq).any()
+      assert not np.isin(held_out, targets).any()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_deterministic_and_resumable(task):
+  dataset = _random_dataset()
+  uninterrupted = []
+  for epoch in range(2):
+    ds = _train(dataset, task, epoch=epoch)
+    uninterrupted.append([ds[step] for step in range(len(ds))])
+  # A fresh pipeline for (epoch 1, step 2), as a resumed run builds it.
+  _assert_batches_equal(_train(dataset, task, epoch=1)[2], uninterrupted[1][2])
+  # Epochs differ in order (and draws).
+  first = np.concatenate([b["user"] for b in uninterrupted[0]])
+  second = np.concatenate([b["user"] for b in uninterrupted[1]])
+  assert not np.array_equal(first, second)
+  assert not np.array_equal(_train(dataset, task, seed=1)[0]["user"], uninterrupted[0][0]["user"])
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_process_slices_concatenate_to_the_global_batch(task, process_count):
+  dataset = _random_dataset()
+  single = _train(dataset, task, global_batch_size=8)
+  shards = [_train(dataset, task, global_batch_size=8, process_index=p,
+                   process_count=process_count) for p in range(process_count)]
+  assert all(len(shard) == len(single) for shard in shards)
+  for step in range(len(single)):
+    parts = [shard[step] for shard in shards]
+    assert parts[0]["item_seq"].shape[0] == 8 // process_count
+    joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    _assert_batches_equal(joined, single[step])
+
+
+def test_epoch_visits_each_user_once():
+  dataset = _random_dataset(num_users=20)
+  ds = _train(dataset, "autoregressive", global_batch_size=6)
+  users = np.concatenate([ds[step]["user"] for step in range(len(ds))])
+  assert len(ds) == 3 and len(np.unique(users)) == 18  # 20 // 6 batches, remainder dropped
+
+
+def test_bad_arguments():
+  dataset = _random_dataset(num_users=5)
+  with pytest.raises(ValueError, match="batch_size"):
+    pipeline.steps_per_epoch(dataset, task="autoregressive", global_batch_size=64, max_len=5)
+  with pytest.raises(ValueError, match="task"):
+    _train(dataset, "nope")
+  with pytest.raises(ValueError, match="multiple"):
+    _train(dataset, "autoregressive", global_batch_size=3, process_count=2)
+  with pytest.raises(ValueError, match="split"):
+    _eval(dataset, split="train")
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+@pytest.mark.parametrize("task", TASKS)
+def test_eval_layout_and_targets(split, task):
+  dataset = _random_dataset(num_users=13)
+  batches = _eval(dataset, split=split, task=task, batch_size=5)
+  assert len(batches) == 3
+  users = np.concatenate([b["user"][b["weight"] > 0] for b in batches])
+  np.testing.assert_array_equal(users, np.arange(13))  # every user once, in order
+  assert batches[-1]["weight"].tolist() == [1, 1, 1, 0, 0]
+  mask_token = NUM_ITEMS + 1
+  for batch in batches:
+    width = batch["exclude"].shape[1]
+    assert width % 8 == 0
+    assert batch["item_seq"].shape == (5, 6) and batch["sampled_negatives"].shape == (5, 7)
+    assert batch["weight"].dtype == np.float32
+    for key in ("item_seq", "target", "exclude", "sampled_negatives", "user"):
+      assert batch[key].dtype == np.int32
+    for row in np.flatnonzero(batch["weight"]):
+      seq = dataset.source[batch["user"][row]]["item_seq"]
+      history, target = preprocess.split_eval(seq, split)
+      assert batch["target"][row] == target
+      item_seq = batch["item_seq"][row]
+      if task == "masked":
+        assert item_seq[-1] == mask_token
+        np.testing.assert_array_equal(_nonzero(item_seq[:-1]), history[-5:])
+      else:
+        np.testing.assert_array_equal(_nonzero(item_seq), history[-6:])
+      exclude = _nonzero(batch["exclude"][row])
+      assert target not in exclude
+      assert set(exclude) == set(history) - {target}
+      negatives = batch["sampled_negatives"][row]
+      assert np.all(negatives > 0) and not np.isin(negatives, seq).any()
+    for row in np.flatnonzero(batch["weight"] == 0):
+      assert batch["target"][row] == 0 and np.all(batch["item_seq"][row] == 0)
+
+
+def test_eval_exclude_keeps_a_repeated_target():
+  # The validation item 3 also occurs in the history: it must stay rankable.
+  dataset = _dataset([[1, 3, 2, 3, 4]], num_items=5)
+  batch = _eval(dataset, batch_size=1)[0]
+  assert batch["target"][0] == 3
+  assert sorted(_nonzero(batch["exclude"][0])) == [1, 2]
+
+
+@pytest.mark.parametrize("sampling", pipeline.SAMPLINGS)
+def test_eval_negatives_deterministic_and_sharded(sampling):
+  dataset = _random_dataset(num_users=13)
+  single = _eval(dataset, batch_size=6, sampling=sampling, seed=3)
+  again = _eval(dataset, batch_size=6, sampling=sampling, seed=3)
+  shards = [_eval(dataset, batch_size=3, sampling=sampling, seed=3, process_index=p,
+                  process_count=2) for p in range(2)]
+  assert len(single) == len(shards[0]) == len(shards[1]) == 3
+  for step, batch in enumerate(single):
+    _assert_batches_equal(batch, again[step])
+    joined = {key: np.concatenate([s[step][key] for s in shards]) for key in batch}
+    # A process pads exclude to the global batch's width, so shapes agree too.
+    _assert_batches_equal(joined, batch)
+  other_seed = _eval(dataset, batch_size=6, sampling=sampling, seed=4)
+  assert not np.array_equal(other_seed[0]["sampled_negatives"], single[0]["sampled_negatives"])
+
+
+def test_popularity_negatives_follow_training_counts():
+  # Items 1..3 are popular in training parts, 4..20 never trained on.
+  sequences = [[1, 2, 3, 10 + u, 5 + u] for u in range(6)] + [[1, 2, 19, 20, 4]]
+  dataset = _dataset(sequences, num_items=20)
+  batches = _eval(dataset, batch_size=7, sampling="popularity", num_sampled_negatives=50)
+  negatives = batches[0]["sampled_negatives"]
+  counts = pipeline.train_item_counts(dataset)
+  assert np.all(counts[negatives[:6]] > 0)  # users 0..5 can get only 19 or 20, never 4..18
+  assert set(np.unique(negatives[:6])) <= {19, 20}
+  # The last user has every trained item: it falls back to uniform sampling.
+  assert np.all(negatives[6] > 0) and not np.isin(negatives[6], sequences[6]).any()
+
+
+def test_train_item_counts():
+  dataset = _random_dataset()
+  expected = np.zeros(NUM_ITEMS + 1, np.int64)
+  for user in range(dataset.num_users):
+    for item in preprocess.split_train(dataset.source[user]["item_seq"]):
+      expected[item] += 1
+  counts = pipeline.train_item_counts(dataset)
+  assert counts.dtype == np.int64 and counts[0] == 0
+  np.testing.assert_array_equal(counts, expected)
+
+
+def test_tfds_backed_dataset_matches_in_memory(tmp_path):
+  config = default.data_config("synthetic")
+  config.data_dir = str(tmp_path)
+  config.synthetic.num_users, config.synthetic.num_items = 30, 25
+  config.synthetic.num_clusters, config.synthetic.mean_length = 3, 8
+  loaded = builders.load(config)
+  sequences = [loaded.source[i]["item_seq"] for i in range(loaded.num_users)]
+  in_memory = _dataset(sequences, loaded.num_items)
+  for task in TASKS:
+    _assert_batches_equal(_train(loaded, task)[1], _train(in_memory, task)[1])
+  _assert_batches_equal(_eval(loaded, sampling="popularity")[0],
+                        _eval(in_memory, sampling="popularity")[0])
+
+
+def test_speed_long_sequences():
+  # ML-1M-like rows: 200-item inputs from ~165-item average histories.
+  dataset = _random_dataset(num_users=300, num_items=3000, max_length=400)
+  ds = _train(dataset, "autoregressive", max_len=200, global_batch_size=128, num_negatives=1)
+  start = time.perf_counter()
+  for step in range(len(ds)):
+    ds[step]
+  assert (time.perf_counter() - start) / len(ds) < 0.5

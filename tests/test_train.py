@@ -1,0 +1,183 @@
+"""The training loop: outputs, data parallelism, resume, failure handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from deeprec_jax import checkpoints, parallel, train
+from experiments.configs import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _records(workdir, split=None):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  return [r for r in records if split is None or r["split"] == split]
+
+
+def test_tiny_sasrec_writes_every_output(tmp_path):
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(tiny.get_config("sasrec"), workdir)
+
+  for name in ("config.json", "metrics.jsonl", "final_metrics.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  events = os.listdir(os.path.join(workdir, "tensorboard"))
+  assert any(name.startswith("events.out.tfevents") for name in events)
+  train_records = [r for r in _records(workdir, "train") if "loss" in r]
+  assert train_records and all(np.isfinite(r["loss"]) for r in train_records)
+  assert any("compile_seconds" in r for r in _records(workdir, "train"))
+  valid = _records(workdir, "valid")
+  assert len(valid) == 2  # one per epoch in the tiny config
+  for name in ("hr@10", "ndcg@10", "mrr@10", "hr@1", "ndcg@20", "sampled_hr@10"):
+    assert 0.0 <= valid[-1][name] <= 1.0, name
+  assert 0.0 <= results["test/ndcg@10"] <= results["test/hr@10"] <= 1.0
+  assert results["valid/count"] == 64  # every synthetic user evaluated once
+
+
+def test_one_step_is_the_same_on_one_and_four_devices():
+  config = tiny.get_config("sasrec")
+  outputs = []
+  for num_devices in (1, 4):
+    config.train.num_devices = num_devices
+    trainer = train.Trainer(config, train.builders.load(config.data))
+    step = jax.jit(train.make_train_step(trainer.model, trainer.tx, loss=config.train.loss,
+                                         num_items=trainer.dataset.num_items))
+    batch = parallel.to_global(trainer.train_batches(epoch=0)[0], trainer.mesh)
+    state, metrics = step(trainer.init_state(), batch)
+    outputs.append(jax.device_get((state["params"], metrics["loss"])))
+  (params_1, loss_1), (params_4, loss_4) = outputs
+  # Float tolerance: the 4-device all-reduce sums partial gradients in another order.
+  np.testing.assert_allclose(loss_1, loss_4, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params_1, params_4)
+
+
+def _train_command(workdir, *overrides):
+  return [sys.executable, "-m", "experiments.train",
+          "--config=experiments/configs/tiny.py:sasrec", f"--workdir={workdir}",
+          "--config.train.num_epochs=4", *overrides]
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_metrics(tmp_path):
+  config = tiny.get_config("sasrec")
+  config.train.num_epochs = 4
+  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+  workdir = tmp_path / "killed"
+  process = subprocess.Popen(_train_command(workdir), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 180
+  ckpt_dir = workdir / "checkpoints"
+  while time.time() < deadline and process.poll() is None:
+    if ckpt_dir.exists() and any(p.name.isdigit() and int(p.name) > 0 for p in ckpt_dir.iterdir()):
+      break
+    time.sleep(0.05)
+  assert process.poll() is None, "the run ended before it could be killed"
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+
+  resumed = train.train_and_evaluate(config, str(workdir))
+  assert resumed.keys() == uninterrupted.keys()
+  for name, value in uninterrupted.items():
+    np.testing.assert_allclose(resumed[name], value, rtol=1e-6, err_msg=name)
+
+
+def test_unfinished_save_does_not_hide_the_last_good_checkpoint(tmp_path):
+  config = tiny.get_config("sasrec")
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  manager = checkpoints.create_manager(workdir, keep=2, best_metric="ndcg@10")
+  latest = manager.latest_step()
+  manager.close()
+  # What a process killed in the middle of writing step latest+1 leaves behind.
+  partial = os.path.join(workdir, "checkpoints", f"{latest + 1}.orbax-checkpoint-tmp-123")
+  os.makedirs(os.path.join(partial, "state"))
+  with open(os.path.join(partial, "state", "half_written"), "wb") as f:
+    f.write(b"\0" * 100)
+  trainer, params, step = train.load_trained(workdir)
+  assert step <= latest
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path):
+  config = tiny.get_config("sasrec")
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  good = train.load_trained(workdir)[1]
+  config.train.num_epochs = 4
+  config.train.learning_rate = 1e30  # diverges at once on resume
+  with pytest.raises(FloatingPointError, match="non-finite"):
+    train.train_and_evaluate(config, workdir)
+  _, params, _ = train.load_trained(workdir)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(good), jax.device_get(params))
+
+
+def test_early_stopping_stops_after_patience(tmp_path):
+  config = tiny.get_config("sasrec")
+  config.train.num_epochs = 30
+  config.train.learning_rate = 0.0  # nothing ever improves
+  config.train.patience = 2
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  assert len(_records(workdir, "valid")) == 3  # the first, then 2 without improvement
+
+
+def test_weight_decay_skips_biases_norms_and_embeddings():
+  params = {"item_embed": {"embedding": np.ones((5, 3))},
+            "dense": {"kernel": np.ones((3, 3)), "bias": np.ones(3)},
+            "norm": {"scale": np.ones(3)}}
+  mask = train.decay_mask(params, decay_embeddings=False)
+  assert mask == {"item_embed": {"embedding": False},
+                  "dense": {"kernel": True, "bias": False}, "norm": {"scale": False}}
+  assert train.decay_mask(params, decay_embeddings=True)["item_embed"]["embedding"]
+
+
+def test_warmup_then_cosine_schedule():
+  config = tiny.get_config("sasrec").train
+  config.warmup_steps, config.schedule, config.learning_rate = 10, "cosine", 1.0
+  schedule = train.learning_rate_schedule(config, total_steps=110)
+  np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(60), schedule(110)],
+                             [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
+
+
+def test_adamw_decays_only_masked_weights():
+  config = tiny.get_config("sasrec").train
+  config.optimizer, config.weight_decay, config.learning_rate = "adamw", 0.5, 0.1
+  tx = train.create_optimizer(config, total_steps=10)
+  params = {"dense": {"kernel": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)}}
+  zero_grads = jax.tree.map(np.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["dense"]["kernel"], 1 - 0.1 * 0.5, rtol=1e-6)
+  np.testing.assert_allclose(new["dense"]["bias"], 1.0)
+
+
+def test_mistyped_override_names_the_key(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}",
+       "--config=experiments/configs/tiny.py:sasrec", "--config.train.bach_size=3"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "bach_size" in result.stderr
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.loss", "hinge", "train.loss"),
+    ("train.optimizer", "sgd", "train.optimizer"),
+    ("model.attention", "linear", "attention"),
+])
+def test_bad_config_values_name_the_key(tmp_path, key, value, message):
+  config = tiny.get_config("sasrec")
+  section, field = key.split(".")
+  config[section][field] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
