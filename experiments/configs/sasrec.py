@@ -15,7 +15,7 @@ def model_config() -> ml_collections.ConfigDict:
   model.name = "sasrec"  # module in deeprec_jax/models/
   model.dim = 50  # embedding and hidden width
   model.num_blocks = 2  # causal self-attention blocks
-  model.num_heads = 1  # attention heads (dot_product only)
+  model.num_heads = 1  # attention heads (each additive head has its own b, v)
   model.dropout_rate = 0.2  # dropout on embeddings, attention and FFN
   model.attention = "dot_product"  # dot_product | additive
   model.positional = True  # learned positional embedding on/off

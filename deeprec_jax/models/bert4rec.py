@@ -1,0 +1,129 @@
+"""BERT4Rec: bidirectional self-attention with a cloze objective (Sun et al., CIKM 2019).
+
+Some items of the sequence are replaced by the mask token ``num_items + 1``
+(by the data pipeline, with probability ``mask_prob``) and the model predicts
+them from both sides. At evaluation the last slot holds the mask token.
+
+    x = Dropout(LN(E[item_seq] + P)) * valid        # E: N + 2 rows
+    x = SelfAttentionBlock(causal=False, GELU)(x) x num_blocks
+    hidden = LN_h(GELU(W_h LN(x) + b_h)) * valid    # BERT4Rec's output transform
+
+The scores are ``hidden @ E[0..N].T`` (``models.item_table``), i.e. the
+paper's ``GELU(h W^P + b^P) E^T`` (Eq. 7) with the LayerNorm of the public code;
+its per-item output bias ``b^O`` is left out because the model contract
+scores with the item table alone.
+
+Differences from the original (kept so that SASRec and BERT4Rec differ only in
+what the paper is about, direction and objective): the blocks are the SASRec
+pre-LN blocks of ``layers.SelfAttentionBlock`` with a final LayerNorm, rather
+than BERT's post-LN blocks, and layer norms use epsilon 1e-8. As in BERT the
+embeddings are not scaled, are layer-normed, and all weights start from a
+truncated normal with stddev 0.02.
+
+Parameters (dot-product attention, N items, d = dim, L = max_len, B blocks):
+
+    (N + 2) d + L d + 2d + B [2 * 2d + 4 (d^2 + d) + 2 (d^2 + d)] + 2d + (d^2 + d) + 2d
+
+(additive attention: ``3 (d^2 + d)`` instead of ``4 (d^2 + d)`` per block).
+"""
+
+import numbers
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deeprec_jax.models import layers
+
+TASK = "masked"
+
+
+class Model(nn.Module):
+  """BERT4Rec.
+
+  Attributes:
+    num_items: catalogue size N; item ids 1..N, 0 = padding, N + 1 = [mask].
+    num_users: unused.
+    max_len: longest input sequence (number of learned positions).
+    dim: embedding and hidden width.
+    num_blocks: self-attention blocks.
+    num_heads: attention heads.
+    dropout_rate: dropout on embeddings, attention weights and FFN.
+    attention: 'dot_product' or 'additive'.
+    positional: add the learned positional embedding.
+    dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
+    mask_prob: cloze masking probability; read by the data pipeline only.
+  """
+
+  num_items: int
+  num_users: int
+  max_len: int
+  dim: int = 50
+  num_blocks: int = 2
+  num_heads: int = 1
+  dropout_rate: float = 0.2
+  attention: str = "dot_product"
+  positional: bool = True
+  dtype: str = "float32"
+  mask_prob: float = 0.2
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    layers.validate_encoder_fields(self)
+    if not (isinstance(self.mask_prob, numbers.Real) and not isinstance(self.mask_prob, bool)
+            and 0.0 < self.mask_prob < 1.0):
+      raise ValueError(f"config key model.mask_prob: expected a float in (0, 1); "
+                       f"got {self.mask_prob!r}.")
+
+  @property
+  def mask_token(self) -> int:
+    """The id of the [mask] token, ``num_items + 1``."""
+    return self.num_items + 1
+
+  @nn.compact
+  def __call__(self, item_seq: jax.Array, *, user: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    """Encodes left-padded item sequences that may contain the mask token.
+
+    Args:
+      item_seq: ``int32[batch, seq_len]``: ids 1..num_items, 0 = padding,
+        ``num_items + 1`` = [mask]; ``seq_len <= max_len``.
+      user: ``int32[batch]``, ignored.
+      train: enables dropout (needs the ``'dropout'`` RNG).
+
+    Returns:
+      ``float32[batch, seq_len, dim]``; zero at padding positions. Real
+      positions see every real position (bidirectional), never padding.
+    """
+    del user  # BERT4Rec does not use user ids.
+    if item_seq.ndim != 2 or item_seq.shape[1] > self.max_len:
+      raise ValueError(f"item_seq must be [batch, seq_len] with seq_len <= max_len="
+                       f"{self.max_len}; got shape {item_seq.shape}.")
+    dtype = layers.compute_dtype(self.dtype)
+    init = nn.initializers.truncated_normal(stddev=0.02)  # BERT's initializer_range
+    layer_norm = lambda name: nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=dtype,
+                                           use_fast_variance=False, name=name)
+    valid = item_seq != 0  # [batch, seq_len]; the mask token counts as real
+    valid_f = valid[..., None].astype(dtype)
+
+    # Row num_items + 1 is the [mask] token; models.item_table drops it.
+    x = nn.Embed(self.num_items + 2, self.dim, embedding_init=init, name="item_embed")(item_seq)
+    if self.positional:
+      x = x + layers.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
+                                         name="pos_embed")(item_seq.shape[1])
+    x = layer_norm("embed_ln")(x.astype(dtype))
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train) * valid_f
+
+    block_kwargs: dict[str, Any] = dict(
+        attention=self.attention, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+        dtype=dtype, causal=False, activation=nn.gelu, kernel_init=init)
+    for i in range(self.num_blocks):
+      x = layers.SelfAttentionBlock(**block_kwargs, name=f"block_{i}")(
+          x, valid, deterministic=not train)
+    x = layer_norm("final_ln")(x)
+
+    # Output transform of the masked-LM head: hidden is what meets the table.
+    x = nn.Dense(self.dim, dtype=dtype, kernel_init=init, name="head")(x)
+    x = layer_norm("head_ln")(nn.gelu(x))
+    return (x * valid_f).astype(jnp.float32)

@@ -1,0 +1,448 @@
+"""Shared building blocks of the self-attention recommenders (SASRec, BERT4Rec).
+
+Conventions used throughout:
+
+* Sequences are left-padded with item id 0. ``valid`` (the "timeline mask" of
+  the SASRec code) is ``bool[batch, seq_len]``, True at real items.
+* Attention masks are ``bool[batch, 1 or num_heads, q_len, k_len]``, True where
+  query ``i`` may attend to key ``j``. Padding is masked out as *keys* only;
+  padding *queries* are zeroed after each block by the timeline mask.
+* Parameters are stored in ``param_dtype`` (float32); matmuls run in ``dtype``
+  (float32 or bfloat16). Softmax and layer-norm statistics always run in
+  float32, because bfloat16 has only 8 mantissa bits and both reduce over a
+  whole row.
+"""
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+ATTENTION_KINDS = ("dot_product", "additive")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# SASRec's public code (TF `normalize` and the PyTorch port) uses 1e-8.
+LAYER_NORM_EPSILON = 1e-8
+
+
+# ----------------------------------------------------------------------------
+# Config validation shared by the attention models.
+# ----------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+  # numbers.Integral also admits numpy ints (dataset sizes often are np.int64).
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check(ok: bool, field: str, expected: str, value: Any) -> None:
+  if not ok:
+    raise ValueError(f"config key model.{field}: expected {expected}; got {value!r}.")
+
+
+def compute_dtype(name: str) -> Dtype:
+  """Maps ``config.model.dtype`` ('float32' | 'bfloat16') to a jnp dtype."""
+  _check(name in COMPUTE_DTYPES, "dtype", f"one of {', '.join(COMPUTE_DTYPES)}", name)
+  return COMPUTE_DTYPES[name]
+
+
+def validate_encoder_fields(model: Any) -> None:
+  """Raises ValueError naming ``model.<field>`` for bad attention-model fields.
+
+  Args:
+    model: any object with the fields num_items, max_len, dim, num_blocks,
+      num_heads, dropout_rate, attention, positional and dtype (the SASRec and
+      BERT4Rec ``Model`` dataclasses).
+  """
+  # num_items and max_len come from the data, not from config.model.
+  if not (_is_int(model.num_items) and model.num_items >= 1):
+    raise ValueError(f"num_items must be a positive int (from the dataset); "
+                     f"got {model.num_items!r}.")
+  if not (_is_int(model.max_len) and model.max_len >= 1):
+    raise ValueError(f"max_len (config key data.max_len) must be a positive int; "
+                     f"got {model.max_len!r}.")
+  _check(_is_int(model.dim) and model.dim >= 1, "dim", "a positive int", model.dim)
+  _check(_is_int(model.num_blocks) and model.num_blocks >= 0, "num_blocks",
+         "an int >= 0", model.num_blocks)
+  _check(_is_int(model.num_heads) and model.num_heads >= 1
+         and model.dim % model.num_heads == 0, "num_heads",
+         f"a positive int dividing model.dim={model.dim}", model.num_heads)
+  _check(_is_real(model.dropout_rate) and 0.0 <= model.dropout_rate < 1.0, "dropout_rate",
+         "a float in [0, 1)", model.dropout_rate)
+  _check(model.attention in ATTENTION_KINDS, "attention",
+         f"one of {', '.join(ATTENTION_KINDS)}", model.attention)
+  _check(isinstance(model.positional, (bool, np.bool_)), "positional", "True or False",
+         model.positional)
+  compute_dtype(model.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Masks.
+# ----------------------------------------------------------------------------
+
+
+def causal_mask(seq_len: int) -> Array:
+  """``bool[1, 1, seq_len, seq_len]``: query i may attend to keys j <= i."""
+  return jnp.tril(jnp.ones((seq_len, seq_len), dtype=jnp.bool_))[None, None]
+
+
+def key_padding_mask(valid: Array) -> Array:
+  """``bool[batch, 1, 1, k_len]`` from ``valid bool[batch, k_len]``: never attend to padding."""
+  return valid[:, None, None, :]
+
+
+def attention_mask(valid: Array, *, causal: bool) -> Array:
+  """Self-attention mask ``bool[batch, 1, seq_len, seq_len]``.
+
+  Args:
+    valid: ``bool[batch, seq_len]``, True at real (non-padding) positions.
+    causal: also forbid attending to later positions (SASRec).
+
+  Returns:
+    True where query i may attend to key j: j is real (and j <= i if causal).
+  """
+  batch, seq_len = valid.shape
+  mask = jnp.broadcast_to(key_padding_mask(valid), (batch, 1, seq_len, seq_len))
+  if causal:
+    mask = mask & causal_mask(seq_len)
+  return mask
+
+
+def masked_softmax(logits: Array, mask: Array | None) -> Array:
+  """Softmax over the last axis restricted to ``mask``, in float32.
+
+  Rows where ``mask`` allows no key (e.g. a left-padding query under a causal
+  mask) return all zeros rather than NaN, so their output is 0 and their
+  gradients are finite.
+
+  Args:
+    logits: ``[..., q_len, k_len]`` of any float dtype.
+    mask: bool, broadcastable to ``logits``; None = no masking.
+
+  Returns:
+    float32 weights of the shape of ``logits``.
+  """
+  logits = logits.astype(jnp.float32)
+  if mask is None:
+    return jax.nn.softmax(logits, axis=-1)
+  # A finite fill (not -inf) keeps fully masked rows NaN-free: they become a
+  # uniform softmax that the final `where` zeroes.
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  return jnp.where(mask, weights, 0.0)
+
+
+# ----------------------------------------------------------------------------
+# Attention.
+# ----------------------------------------------------------------------------
+
+
+class DotProductAttention(nn.Module):
+  """Multi-head scaled dot-product attention with q/k/v/out projections.
+
+  ``softmax(Q K^T / sqrt(head_dim)) V`` per head, where Q, K, V are dense
+  projections (with bias) of the inputs, followed by a dense output projection
+  (with bias): ``4 * (dim * dim + dim)`` parameters, as PyTorch's
+  ``nn.MultiheadAttention`` used by the public SASRec port.
+
+  Attributes:
+    num_heads: number of heads; must divide the feature size.
+    dropout_rate: dropout on the attention weights (as in SASRec).
+    dtype: compute dtype of the projections.
+    param_dtype: parameter dtype.
+    kernel_init: initializer of the projection kernels.
+  """
+
+  num_heads: int = 1
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None, *,
+               deterministic: bool = True) -> Array:
+    """Attends from ``inputs_q`` to ``inputs_kv``.
+
+    Args:
+      inputs_q: queries ``[batch, q_len, dim]``.
+      inputs_kv: keys and values ``[batch, k_len, dim]``.
+      mask: ``bool[batch, 1 or num_heads, q_len, k_len]``, True = may attend.
+      deterministic: disables attention dropout.
+
+    Returns:
+      ``[batch, q_len, dim]`` in ``dtype``.
+    """
+    features = inputs_q.shape[-1]
+    if features % self.num_heads:
+      raise ValueError(f"num_heads={self.num_heads} must divide the feature size {features}.")
+    head_dim = features // self.num_heads
+    dense = lambda name, use_bias=True: nn.Dense(
+        features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init, name=name)
+    split = lambda x: x.reshape(x.shape[:-1] + (self.num_heads, head_dim))
+    query = split(dense("query")(inputs_q))  # [batch, q_len, heads, head_dim]
+    # No key bias: it adds q_i . b_k to every logit of row i, which the softmax
+    # cancels, so its gradient is exactly 0 and Adam would only amplify
+    # rounding noise in it (making runs differ across device counts).
+    key = split(dense("key", use_bias=False)(inputs_kv))  # [batch, k_len, heads, head_dim]
+    value = split(dense("value")(inputs_kv))  # [batch, k_len, heads, head_dim]
+
+    query = query * head_dim**-0.5  # a Python float keeps query's dtype
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)  # [batch, heads, q_len, k_len]
+    weights = masked_softmax(logits, mask)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
+    out = out.reshape(out.shape[:-2] + (features,))
+    return dense("out")(out)
+
+
+class AdditiveAttention(nn.Module):
+  """Additive (Bahdanau-style) attention.
+
+  For each head h, with Q = ``inputs_q`` and K = ``inputs_kv``:
+
+      a_ij = tanh(W_q Q_i + W_k K_j + b) . v          (scores)
+      e_ij = softmax_j(a_ij) over the allowed j        (masked softmax)
+      out_i = sum_j e_ij V_j,  V = W_v K + b_v         (value projection)
+
+  Projections: ``W_q``, ``W_k``: ``dim -> hidden_dim`` without bias (the one
+  shared bias ``b`` is enough, two would be redundant); ``b``, ``v``:
+  ``[hidden_dim]``; ``W_v``: ``dim -> dim`` with bias. No output projection:
+  the output is linear in V, so one would compose with ``W_v`` into a single
+  linear map. Parameters: ``2 * dim * hidden_dim + 2 * hidden_dim + dim * dim
+  + dim`` (``3 * (dim * dim + dim)`` with the default ``hidden_dim = dim``).
+
+  With ``num_heads > 1`` the attention-hidden and value features are split into
+  heads, each with its own slice of ``b`` and ``v``; ``num_heads=1`` is exactly
+  the equations above.
+
+  Memory: the ``tanh`` argument is ``[batch, q_len, k_len, hidden_dim]`` (plus
+  the same again saved for the backward pass). At SASRec's ML-1M setting
+  (dim 50, seq_len 200) that is 2M floats = 8 MB per sequence per block in
+  float32, so about 1 GB per block for a batch of 128.
+
+  Attributes:
+    num_heads: number of heads; must divide ``hidden_dim`` and the feature size.
+    hidden_dim: attention-hidden size d_att; None = the input feature size.
+    dropout_rate: dropout on the attention weights.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    kernel_init: initializer of ``W_q``, ``W_k``, ``W_v``.
+  """
+
+  num_heads: int = 1
+  hidden_dim: int | None = None
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None, *,
+               deterministic: bool = True) -> Array:
+    """Attends from ``inputs_q`` to ``inputs_kv``.
+
+    Args:
+      inputs_q: queries ``[batch, q_len, dim]``.
+      inputs_kv: keys and values ``[batch, k_len, dim]``.
+      mask: ``bool[batch, 1 or num_heads, q_len, k_len]``, True = may attend.
+      deterministic: disables attention dropout.
+
+    Returns:
+      ``[batch, q_len, dim]`` in ``dtype``.
+    """
+    features = inputs_q.shape[-1]
+    hidden_dim = self.hidden_dim or features
+    if features % self.num_heads or hidden_dim % self.num_heads:
+      raise ValueError(f"num_heads={self.num_heads} must divide the feature size {features} "
+                       f"and the attention-hidden size {hidden_dim}.")
+    head_hidden = hidden_dim // self.num_heads
+    head_dim = features // self.num_heads
+
+    def project(name: str, x: Array, size: int, use_bias: bool, head_size: int) -> Array:
+      y = nn.Dense(size, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=self.kernel_init, name=name)(x)
+      return y.reshape(y.shape[:-1] + (self.num_heads, head_size))
+
+    query = project("query", inputs_q, hidden_dim, False, head_hidden)  # [b, q, h, d_att/h]
+    key = project("key", inputs_kv, hidden_dim, False, head_hidden)  # [b, k, h, d_att/h]
+    value = project("value", inputs_kv, features, True, head_dim)  # [b, k, h, dim/h]
+    bias = self.param("bias", nn.initializers.zeros_init(), (hidden_dim,), self.param_dtype)
+    # v ~ N(0, 1/d_att_per_head) keeps the initial scores O(1), as lecun_normal would.
+    v = self.param("v", nn.initializers.normal(stddev=head_hidden**-0.5), (hidden_dim,),
+                   self.param_dtype)
+    bias = bias.astype(self.dtype).reshape(self.num_heads, head_hidden)
+    v = v.astype(self.dtype).reshape(self.num_heads, head_hidden)
+
+    # The [batch, q_len, k_len, heads, d_att/h] intermediate: see the class docstring.
+    hidden = jnp.tanh(query[:, :, None] + key[:, None, :] + bias)
+    logits = jnp.einsum("bqkhd,hd->bhqk", hidden, v)  # [batch, heads, q_len, k_len]
+    weights = masked_softmax(logits, mask)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
+    return out.reshape(out.shape[:-2] + (features,))
+
+
+# ----------------------------------------------------------------------------
+# Feed-forward, positions, block.
+# ----------------------------------------------------------------------------
+
+
+class PointwiseFeedForward(nn.Module):
+  """Position-wise FFN: Dense -> activation -> dropout -> Dense -> dropout.
+
+  SASRec's two kernel-size-1 convolutions (``2 * (dim * dim + dim)``
+  parameters with the default ``hidden_dim = dim``). The residual connection
+  is added by the caller (``SelfAttentionBlock``).
+
+  Attributes:
+    hidden_dim: inner width; None = the input feature size (as in SASRec).
+    activation: ``nn.relu`` (SASRec) or ``nn.gelu`` (BERT4Rec).
+    dropout_rate: dropout after each dense layer's activation / output.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    kernel_init: kernel initializer.
+  """
+
+  hidden_dim: int | None = None
+  activation: Callable[[Array], Array] = nn.relu
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+    """``[batch, seq_len, dim]`` -> ``[batch, seq_len, dim]``."""
+    features = x.shape[-1]
+    dense = lambda size, name: nn.Dense(size, dtype=self.dtype, param_dtype=self.param_dtype,
+                                        kernel_init=self.kernel_init, name=name)
+    y = self.activation(dense(self.hidden_dim or features, "dense_in")(x))
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = dense(features, "dense_out")(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class PositionalEmbedding(nn.Module):
+  """Learned positional embedding of ``max_len`` positions, aligned to the right.
+
+  A sequence of length ``seq_len <= max_len`` gets rows
+  ``max_len - seq_len .. max_len - 1``: the last (most recent) position always
+  uses row ``max_len - 1``. Since sequences are left-padded, this makes a
+  sequence's real items get the same embeddings whether it is padded to
+  ``seq_len`` or to ``max_len``, which is what makes padding invariance hold.
+
+  Attributes:
+    max_len: number of positions (rows).
+    features: embedding size.
+    param_dtype: parameter dtype.
+    embedding_init: initializer of the ``embedding`` table ``[max_len, features]``.
+  """
+
+  max_len: int
+  features: int
+  param_dtype: Dtype = jnp.float32
+  embedding_init: Initializer = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, seq_len: int) -> Array:
+    """Returns ``[1, seq_len, features]`` in ``param_dtype``."""
+    if seq_len > self.max_len:
+      raise ValueError(f"sequence length {seq_len} exceeds max_len={self.max_len} "
+                       "(config key data.max_len).")
+    table = self.param("embedding", self.embedding_init, (self.max_len, self.features),
+                       self.param_dtype)
+    return table[self.max_len - seq_len:][None]
+
+
+class SelfAttentionBlock(nn.Module):
+  """A SASRec self-attention block, as in the public SASRec code.
+
+  With ``x`` the block input ``[batch, seq_len, dim]``:
+
+      q = LN_1(x)
+      h = q + Attention(query=q, key=value=x, mask)   # residual adds LN_1(x)
+      f = LN_2(h)
+      y = (f + FFN(f)) * valid                        # residual adds LN_2(h)
+
+  This is SASRec's arrangement (``kang205/SASRec`` ``model.py`` and
+  ``pmixer/SASRec.pytorch``): the query is layer-normed but the keys/values
+  are the raw input, and the residuals add the *normalized* tensors (not x, as
+  a textbook pre-LN transformer would). Multiplying by the timeline mask
+  zeroes padding positions so that they carry nothing into the next block.
+  The model applies a final LayerNorm after the last block.
+
+  Attributes:
+    attention: 'dot_product' or 'additive'.
+    num_heads: attention heads.
+    dropout_rate: dropout on attention weights and inside the FFN.
+    dtype: compute dtype (layer-norm statistics and softmax stay float32).
+    param_dtype: parameter dtype.
+    causal: forbid attending to later positions (SASRec: True; BERT4Rec: False).
+    activation: FFN activation (``nn.relu`` for SASRec, ``nn.gelu`` for BERT4Rec).
+    ffn_dim: FFN inner width; None = dim.
+    attention_dim: additive attention-hidden size; None = dim.
+    epsilon: layer-norm epsilon.
+    kernel_init: initializer of all dense kernels.
+  """
+
+  attention: str = "dot_product"
+  num_heads: int = 1
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  causal: bool = True
+  activation: Callable[[Array], Array] = nn.relu
+  ffn_dim: int | None = None
+  attention_dim: int | None = None
+  epsilon: float = LAYER_NORM_EPSILON
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x: Array, valid: Array, *, deterministic: bool = True) -> Array:
+    """Applies the block.
+
+    Args:
+      x: ``[batch, seq_len, dim]``, zero at padding positions.
+      valid: ``bool[batch, seq_len]``, True at real items.
+      deterministic: disables dropout.
+
+    Returns:
+      ``[batch, seq_len, dim]`` in ``dtype``, zero at padding positions.
+    """
+    if self.attention not in ATTENTION_KINDS:
+      raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}; "
+                       f"got {self.attention!r}.")
+    layer_norm = lambda name: nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype,
+                                           param_dtype=self.param_dtype,
+                                           use_fast_variance=False, name=name)
+    common = dict(num_heads=self.num_heads, dropout_rate=self.dropout_rate, dtype=self.dtype,
+                  param_dtype=self.param_dtype, kernel_init=self.kernel_init, name="attention")
+    if self.attention == "dot_product":
+      attend = DotProductAttention(**common)
+    else:
+      attend = AdditiveAttention(hidden_dim=self.attention_dim, **common)
+
+    x = x.astype(self.dtype)
+    mask = attention_mask(valid, causal=self.causal)
+    q = layer_norm("ln_attention")(x)
+    h = q + attend(q, x, mask, deterministic=deterministic)
+    f = layer_norm("ln_ffn")(h)
+    y = f + PointwiseFeedForward(hidden_dim=self.ffn_dim, activation=self.activation,
+                                 dropout_rate=self.dropout_rate, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                                 name="ffn")(f, deterministic=deterministic)
+    return y * valid[..., None].astype(y.dtype)

@@ -1,0 +1,107 @@
+"""SASRec: self-attentive sequential recommendation (Kang & McAuley, ICDM 2018).
+
+A causal stack of self-attention blocks over the left-padded item sequence;
+the hidden state at position t predicts the item at t + 1 by a dot product with
+the shared item embedding. Follows the public code (``kang205/SASRec``,
+``pmixer/SASRec.pytorch``):
+
+    x = Dropout(E[item_seq] * sqrt(dim) + P) * valid     # E row 0 = padding
+    x = SelfAttentionBlock(causal=True)(x) x num_blocks  # see layers.py
+    hidden = LayerNorm(x) * valid
+
+with learned positions ``P`` aligned to the right end of the sequence (see
+``layers.PositionalEmbedding``) and Xavier-uniform initialization throughout,
+as in the public code. Parameters (dot-product attention, N items, d = dim,
+L = max_len, B = num_blocks):
+
+    (N + 1) d + L d + B [2 * 2d + 4 (d^2 + d) + 2 (d^2 + d)] + 2d
+
+(additive attention: ``3 (d^2 + d)`` instead of ``4 (d^2 + d)`` per block).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deeprec_jax.models import layers
+
+TASK = "autoregressive"
+
+
+class Model(nn.Module):
+  """SASRec.
+
+  Attributes:
+    num_items: catalogue size N; item ids are 1..N, 0 = padding.
+    num_users: unused (SASRec is not personalized beyond the sequence).
+    max_len: longest input sequence (number of learned positions).
+    dim: embedding and hidden width.
+    num_blocks: self-attention blocks.
+    num_heads: attention heads.
+    dropout_rate: dropout on embeddings, attention weights and FFN.
+    attention: 'dot_product' or 'additive'.
+    positional: add the learned positional embedding.
+    dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
+  """
+
+  num_items: int
+  num_users: int
+  max_len: int
+  dim: int = 50
+  num_blocks: int = 2
+  num_heads: int = 1
+  dropout_rate: float = 0.2
+  attention: str = "dot_product"
+  positional: bool = True
+  dtype: str = "float32"
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    # Fail at construction (create_model), not at the first trace.
+    layers.validate_encoder_fields(self)
+
+  @nn.compact
+  def __call__(self, item_seq: jax.Array, *, user: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    """Encodes left-padded item sequences.
+
+    Args:
+      item_seq: ``int32[batch, seq_len]`` item ids, 0 = padding, with
+        ``seq_len <= max_len``.
+      user: ``int32[batch]``, ignored.
+      train: enables dropout (needs the ``'dropout'`` RNG).
+
+    Returns:
+      ``float32[batch, seq_len, dim]``; zero at padding positions. Position t
+      depends only on items at positions <= t.
+    """
+    del user  # SASRec does not use user ids.
+    if item_seq.ndim != 2 or item_seq.shape[1] > self.max_len:
+      raise ValueError(f"item_seq must be [batch, seq_len] with seq_len <= max_len="
+                       f"{self.max_len}; got shape {item_seq.shape}.")
+    dtype = layers.compute_dtype(self.dtype)
+    init = nn.initializers.xavier_uniform()
+    valid = item_seq != 0  # [batch, seq_len]: SASRec's "timeline mask"
+
+    # Embeddings are summed in float32 (param dtype), then cast for compute.
+    x = nn.Embed(self.num_items + 1, self.dim, embedding_init=init, name="item_embed")(item_seq)
+    x = x * (self.dim**0.5)  # scaled as in the SASRec code
+    if self.positional:
+      x = x + layers.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
+                                         name="pos_embed")(item_seq.shape[1])
+    x = nn.Dropout(self.dropout_rate)(x.astype(dtype), deterministic=not train)
+    x = x * valid[..., None].astype(dtype)
+
+    block_kwargs: dict[str, Any] = dict(
+        attention=self.attention, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+        dtype=dtype, causal=True, activation=nn.relu, kernel_init=init)
+    for i in range(self.num_blocks):
+      x = layers.SelfAttentionBlock(**block_kwargs, name=f"block_{i}")(
+          x, valid, deterministic=not train)
+
+    x = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=dtype, use_fast_variance=False,
+                     name="final_ln")(x)
+    # Zero padding positions so nothing downstream can read a spurious state.
+    return (x * valid[..., None].astype(x.dtype)).astype(jnp.float32)
