@@ -70,8 +70,9 @@ def _validate(model: Any) -> None:
         "must be an int >= 0")
   check(is_int(model.num_vertical) and model.num_vertical >= 0, "num_vertical",
         "must be an int >= 0")
-  check(model.num_horizontal > 0 or model.num_vertical > 0, "num_horizontal",
-        f"and model.num_vertical (={model.num_vertical!r}) cannot both be 0")
+  if model.num_horizontal == 0 and model.num_vertical == 0:
+    raise ValueError("model.num_horizontal and model.num_vertical cannot both be 0: "
+                     "Caser needs at least one kind of convolution.")
   check(isinstance(model.dropout_rate, (int, float)) and 0.0 <= model.dropout_rate < 1.0,
         "dropout_rate", "must be a float in [0, 1)")
   check(model.activation_conv in ACTIVATIONS, "activation_conv",
