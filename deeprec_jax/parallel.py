@@ -1,9 +1,32 @@
 """Device mesh, shardings and host<->global arrays: the one place for them.
 
-Data parallelism is expressed with ``jax.jit`` over a ``('data',)`` mesh:
-parameters and optimizer state are replicated, batches are split on their
-first axis. XLA inserts the gradient all-reduce itself, so the train step is
-written as if for one device.
+The mesh has two axes, ``('data', 'model')``:
+
+* batches are split over ``'data'`` on their first (example) axis;
+* the item embedding table ``params['item_embed']['embedding']`` and its
+  optimizer moments are split by rows over ``'model'``, so a catalogue of
+  ``N`` items costs ``N * d / model_size`` floats per device instead of
+  ``N * d``;
+* every other parameter is replicated.
+
+Everything is expressed with ``jax.jit`` and ``NamedSharding``; XLA inserts
+the collectives (the gradient all-reduce over ``'data'``, the log-sum-exp and
+rank counts over ``'model'``), so the train and eval steps are written as if
+for one device. With the default model axis of size 1 this is plain data
+parallelism with replicated parameters.
+
+A jitted function can only take or return arrays whose sharded axes divide
+evenly, and catalogue sizes are whatever the data says: so with a model axis
+of size ``m > 1`` the training state stores the item table padded with zero
+rows to a multiple of ``m`` (``pad_item_table``), and the steps slice the
+model's own rows back out (``unpad_item_table``) inside the compiled
+function, where XLA keeps the slice sharded. The padding rows get zero
+gradients, so they stay zero and never reach a score.
+
+Multi-process runs (``initialize_distributed``): each process feeds only its
+slice of every global batch (``to_global``); the mesh spans the devices of
+all processes, ``'model'`` innermost so that its collectives stay within a
+host when ``model_parallel`` is at most the devices per host.
 """
 
 import os
@@ -11,11 +34,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
+# Path of the item embedding table inside params (and inside optimizer states
+# that mirror params, such as Adam's moments).
+ITEM_TABLE = ("item_embed", "embedding")
 
 
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
@@ -51,34 +79,133 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
                jax.process_count(), jax.process_index(), jax.local_device_count())
 
 
-def make_mesh(num_devices: int = 0) -> Mesh:
-  """A 1-D ``('data',)`` mesh over the first ``num_devices`` devices (0 = all)."""
+def make_mesh(num_devices: int = 0, model_parallel: int = 1) -> Mesh:
+  """A ``('data', 'model')`` mesh over the first ``num_devices`` devices (0 = all).
+
+  Args:
+    num_devices: ``config.train.num_devices``; 0 = every visible device.
+    model_parallel: ``config.train.model_parallel``, the size of the
+      ``'model'`` axis; the ``'data'`` axis gets the rest.
+
+  Returns:
+    A mesh of shape ``(devices // model_parallel, model_parallel)``. Its axes
+    are ``Auto``: XLA propagates shardings from the jit boundaries inward.
+  """
   devices = jax.devices()
   if num_devices:
     if num_devices > len(devices):
       raise ValueError(f"config key train.num_devices={num_devices} but only "
                        f"{len(devices)} devices are visible.")
     devices = devices[:num_devices]
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  if model_parallel < 1 or len(devices) % model_parallel:
+    raise ValueError(f"config key train.model_parallel={model_parallel} must be a positive "
+                     f"divisor of the {len(devices)} devices in the mesh "
+                     f"(train.num_devices={num_devices}, 0 = all).")
+  shape = (len(devices) // model_parallel, model_parallel)
+  if shape[0] % jax.process_count():
+    # Each process feeds its own rows of the batch (to_global), so every
+    # process must own whole rows of the mesh.
+    raise ValueError(f"config key train.model_parallel={model_parallel} must divide the "
+                     f"{jax.local_device_count()} devices of each process.")
+  # jax.make_mesh orders devices for the physical topology (TPU rings, GPUs by
+  # id); process-major on CPU and GPU, so 'model' stays within a process.
+  return jax.make_mesh(shape, (DATA_AXIS, MODEL_AXIS), axis_types=(AxisType.Auto,) * 2,
+                       devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-  """Sharding of parameters and optimizer state: a full copy on every device."""
+  """A full copy on every device: scalars, metrics, every parameter but the item table."""
   return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of a batch: split along its first (example) axis."""
+  """Sharding of a batch: split along its first (example) axis over ``'data'``."""
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def item_table_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of the item table ``[rows, d]``: rows split over ``'model'``."""
+  return NamedSharding(mesh, PartitionSpec(MODEL_AXIS, None))
+
+
+def _is_item_table(path: tuple[Any, ...], leaf: Any) -> bool:
+  names = tuple(getattr(key, "key", None) for key in path[-len(ITEM_TABLE):])
+  return names == ITEM_TABLE and len(np.shape(leaf)) == 2
+
+
+def param_shardings(tree: Any, mesh: Mesh) -> Any:
+  """The sharding of every leaf of params, optimizer state or a whole train state.
+
+  The rule: a 2-D leaf at ``...['item_embed']['embedding']`` (the table itself
+  and the moments an optimizer keeps per parameter, whose trees mirror
+  params) is split by rows over ``'model'``; everything else is replicated.
+
+  Args:
+    tree: a pytree of arrays or ``jax.ShapeDtypeStruct``s.
+    mesh: from ``make_mesh``.
+
+  Returns:
+    A pytree of ``NamedSharding`` with the structure of ``tree``.
+  """
+  def rule(path, leaf):
+    return item_table_sharding(mesh) if _is_item_table(path, leaf) else replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(rule, tree)
+
+
+def shard(tree: Any, mesh: Mesh) -> Any:
+  """Places params, optimizer or train state on the mesh by ``param_shardings``.
+
+  Every process must pass the same values (true of a seeded init).
+  """
+  return jax.device_put(tree, param_shardings(tree, mesh))
+
+
+def _with_item_table(params: Any, table: Any) -> Any:
+  item_embed = dict(params[ITEM_TABLE[0]])
+  item_embed[ITEM_TABLE[1]] = table
+  return {**params, ITEM_TABLE[0]: item_embed}
+
+
+def pad_item_table(params: Any, mesh: Mesh) -> Any:
+  """Appends zero rows to the item table until ``'model'`` splits it evenly.
+
+  A no-op when the model axis has size 1 or the rows already divide.
+
+  Args:
+    params: model parameters with ``['item_embed']['embedding']``.
+    mesh: from ``make_mesh``.
+
+  Returns:
+    ``params`` with a table of ``ceil(rows / m) * m`` rows (m = model axis size).
+  """
+  table = params[ITEM_TABLE[0]][ITEM_TABLE[1]]
+  padding = -table.shape[0] % mesh.shape[MODEL_AXIS]
+  if not padding:
+    return params
+  return _with_item_table(params, jnp.pad(table, ((0, padding), (0, 0))))
+
+
+def unpad_item_table(params: Any, rows: int) -> Any:
+  """The model's own view of ``params``: the first ``rows`` rows of the item table.
+
+  Call it inside the jitted step (XLA keeps the slice sharded; outside jit
+  the result would be gathered onto every device). A no-op when the table
+  already has ``rows`` rows.
+  """
+  table = params[ITEM_TABLE[0]][ITEM_TABLE[1]]
+  if table.shape[0] == rows:
+    return params
+  return _with_item_table(params, table[:rows])
+
+
 def check_batch_size(global_batch_size: int, mesh: Mesh, key: str) -> None:
-  """Raises a clear error unless the batch splits evenly over the mesh."""
-  num_devices = mesh.devices.size
-  if global_batch_size % num_devices or global_batch_size % jax.process_count():
+  """Raises a clear error unless the batch splits evenly over ``'data'`` and processes."""
+  data_size = mesh.shape[DATA_AXIS]
+  if global_batch_size % data_size or global_batch_size % jax.process_count():
     raise ValueError(f"config key {key}={global_batch_size} must be divisible by the "
-                     f"number of devices ({num_devices}) and processes "
-                     f"({jax.process_count()}).")
+                     f"size of the 'data' mesh axis ({data_size}) and the number of "
+                     f"processes ({jax.process_count()}).")
 
 
 def to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
