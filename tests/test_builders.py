@@ -123,7 +123,6 @@ def test_batch_settings_reuse_the_cache(tmp_path, monkeypatch):
   first = builders.load(config)
   _forbid_parsing(monkeypatch)
   config.max_len = 7
-  config.num_workers = 3
   config.synthetic.seed = 5  # Only the synthetic source reads this block.
   config.csv.delimiter = "\t"  # Only the csv source reads this block.
   assert builders.load(config).name == first.name

@@ -11,7 +11,7 @@ setting that changes the prepared sequences (source, absolute raw path, the raw
 files' size and mtime, rating threshold, k-core minima, history cap, generator
 or CSV options). Changing any of them selects a different directory, so a stale
 dataset is never read; settings that only shape batches (``max_len``,
-``num_workers``, ``data_dir``) are left out, so changing them reuses the cache.
+``data_dir``) are left out, so changing them reuses the cache.
 
 Atomicity: TFDS writes into ``<config>/incomplete.<random>_<version>/`` and
 renames it to ``<config>/<version>/`` only after every record and the metadata
@@ -39,7 +39,7 @@ from deeprec_jax.data import preprocess, sources
 DEFAULT_DATA_DIR = "~/.cache/deeprec_jax/tfds"
 DATA_DIR_ENV = "DEEPREC_DATA_DIR"
 # config.data keys that only shape batches, never the prepared sequences.
-NOT_PREPROCESSING = ("max_len", "num_workers", "data_dir")
+NOT_PREPROCESSING = ("max_len", "data_dir")
 # Option blocks of config.data that only one source reads.
 SOURCE_OPTIONS = {"synthetic": "synthetic", "csv": "csv"}
 

@@ -35,7 +35,6 @@ def data_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   data.min_user_interactions = 5  # k-core: users need at least this many items
   data.min_item_interactions = 0  # k-core: items need at least this many users
   data.max_history = 0  # keep only each user's most recent N items (0 = all)
-  data.num_workers = 0  # Grain worker processes (0 = in the main process)
   # Synthetic generator (only read when name == 'synthetic').
   data.synthetic = ml_collections.ConfigDict()
   data.synthetic.num_users = 2000  # users, each one Markov walk
@@ -91,6 +90,7 @@ def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config.train.best_metric = "ndcg@10"  # validation metric for best checkpoint / early stop
   config.train.patience = 0  # stop after N evals without improvement (0 = never)
   config.train.num_devices = 0  # devices in the data-parallel mesh (0 = all)
+  config.train.model_parallel = 1  # devices on the 'model' mesh axis (item-table rows split)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 256  # users per evaluation batch
