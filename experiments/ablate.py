@@ -1,0 +1,47 @@
+r"""Runs a paper-style ablation: points x seeds, then tables and plots.
+
+  python -m experiments.ablate \
+      --config=experiments/configs/ablations/attention.py:ml-100k \
+      --workdir=/tmp/ablate_attention --parallel=2
+
+Writes results.csv, table.md, table.tex and plots/*.png to --workdir and
+prints the markdown table; exits with status 1 if any run failed (its row and
+runs/<run>/error.txt say why). Rerunning with the same --workdir trains only
+the runs that have not finished. --dry_run lists the runs without training.
+--config.overrides.train.num_epochs=1 (any key under overrides) applies to
+every point; --config.seeds='(0,)' narrows the seeds.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from deeprec_jax import ablation
+
+config_flags.DEFINE_config_file("config", None, "Ablation config file[:dataset].",
+                                lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: runs/, results, tables, plots.",
+                               required=True)
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs trained at once in subprocesses "
+                                 "(1 = one after another in this process).", lower_bound=1)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and their workdirs; train nothing.")
+_CACHE = flags.DEFINE_bool("compilation_cache", True, "Persistent JAX compilation cache in "
+                           "<workdir>/jax_cache, so the seeds of a point compile once.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  outcome = ablation.run_ablation(flags.FLAGS.config, _WORKDIR.value, parallel=_PARALLEL.value,
+                                  dry_run=_DRY_RUN.value, compilation_cache=_CACHE.value)
+  print(outcome.text)
+  failed = [row for row in outcome.rows if row["status"] != "ok"]
+  if failed:
+    sys.exit(f"{len(failed)} of {len(outcome.rows)} runs failed, e.g. {failed[0]['label']!r}: "
+             f"{failed[0]['error']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,439 @@
+"""The ablation runner: expansion, resume, failures, tables and plots.
+
+Most tests use ``fake_train`` (deterministic metrics, no JAX); the ``tiny_sweep``
+fixture trains the real 2 x 2 x 2-seed tiny grid once, through the binary,
+with a persistent compilation cache that the failing-point test reuses.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from deeprec_jax import ablation
+from experiments.configs.ablations import tiny_grid
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ABLATIONS = os.path.join("experiments", "configs", "ablations")
+METRICS = ("hr@10", "ndcg@10", "mrr@10")
+
+
+def fake_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Stands in for train.train_and_evaluate: metrics from the config, no JAX."""
+  if config.model.attention not in ("dot_product", "additive"):
+    raise ValueError(f"config key model.attention={config.model.attention!r}; expected "
+                     "dot_product or additive.")
+  value = (0.1 * config.model.num_blocks + 0.05 * (config.model.attention == "additive")
+           + 0.01 * config.seed)
+  results = {f"{split}/{name}": value + (0.5 if split == "valid" else 0.0)
+             for split in ("valid", "test") for name in (*METRICS, "hr@20")}
+  results["best_step"] = 4
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f)
+  return results
+
+
+def _counting(calls: list) -> ablation.TrainFn:
+  def train_fn(config, workdir):
+    calls.append(workdir)
+    return fake_train(config, workdir)
+  return train_fn
+
+
+def _tiny(epochs: int = 1) -> ml_collections.ConfigDict:
+  config = tiny_grid.get_config()
+  config.overrides.train.num_epochs = epochs
+  return config
+
+
+def _points_config(*points, seeds=(0,)) -> ml_collections.ConfigDict:
+  config = _tiny()
+  config.axes = ()
+  config.points = tuple(points)
+  config.seeds = seeds
+  return config
+
+
+def _cli_env(cache_dir: str) -> dict[str, str]:
+  env = dict(os.environ)
+  # One CPU device: the tiny runs need no data parallelism, and the all-reduce
+  # over forced host devices only costs time here.
+  env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                            env.get("XLA_FLAGS", ""))
+  env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+  return env
+
+
+def _ablate(*args: str, cache_dir: str, timeout: int = 600) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "experiments.ablate", *args], cwd=REPO,
+                        env=_cli_env(cache_dir), capture_output=True, text=True, timeout=timeout)
+
+
+def _parse_markdown(path: str) -> list[list[str]]:
+  """Body rows of the markdown table, cells stripped of bold markers."""
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f.read().splitlines() if line.startswith("|")]
+  return [[cell.strip().strip("*") for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+# ----------------------------------------------------------------------------
+# Expansion and configs (no training).
+
+
+def test_grid_expands_in_axis_order_with_seeds_inner():
+  points = ablation.expand_points(_tiny())
+  assert len(points) == 8
+  assert [(p.label, p.seed) for p in points[:3]] == [
+      ("attention=dot_product, num_blocks=1", 0), ("attention=dot_product, num_blocks=1", 1),
+      ("attention=dot_product, num_blocks=2", 0)]
+  assert points[-1].values == {"model.attention": "additive", "model.num_blocks": 2}
+  assert points[-1].overrides == {"model.attention": "additive", "model.num_blocks": 2,
+                                  "train.num_epochs": 1}
+  assert {p.base for p in points} == {"experiments/configs/tiny.py:sasrec"}
+  config = ablation.build_config(points[-1])
+  assert (config.model.attention, config.model.num_blocks, config.seed) == ("additive", 2, 1)
+  assert config.train.num_epochs == 1
+
+
+def test_explicit_points_switch_base_and_overrides_win():
+  families = ablation.load_config(f"{ABLATIONS}/families.py")
+  points = ablation.expand_points(families)
+  models = [ablation.build_config(p).model.name for p in points]
+  assert models == ["popularity", "caser", "rnn", "sasrec", "sasrec", "bert4rec"]
+  # The placeholder override is unset: each family keeps its own budget...
+  assert ablation.build_config(points[1]).train.num_epochs == 10
+  assert ablation.build_config(points[3]).train.num_epochs == 200
+  assert ablation.build_config(points[3]).data.max_len == 200  # ML-1M setting
+  # ...until the command line sets it for every point.
+  families.overrides.train.num_epochs = 1
+  assert {ablation.build_config(p).train.num_epochs
+          for p in ablation.expand_points(families)} == {1}
+
+
+@pytest.mark.parametrize("name,count", [("families", 6), ("attention", 36), ("rnn_cell", 18),
+                                        ("caser", 9), ("loss", 9), ("tiny_grid", 8)])
+def test_every_shipped_ablation_builds_every_run(tmp_path, name, count):
+  runs = ablation.plan_runs(ablation.load_config(f"{ABLATIONS}/{name}.py"), str(tmp_path))
+  assert len(runs) == count
+  assert len({run.workdir for run in runs}) == count
+  for run in runs:
+    for key, value in run.point.values.items():
+      if key != "base":
+        assert ablation.get_value(run.config, key) == value, (run.point.label, key)
+
+
+def test_loss_points_pair_negatives_with_loss(tmp_path):
+  runs = ablation.plan_runs(ablation.load_config(f"{ABLATIONS}/loss.py"), str(tmp_path))
+  pairs = {(r.config.train.loss, r.config.train.num_negatives) for r in runs}
+  assert pairs == {("bce", 1), ("sampled_softmax", 100), ("softmax", 1)}
+
+
+def test_apply_overrides_sets_keys_and_names_unknown_ones():
+  base = ablation.load_config("experiments/configs/tiny.py:sasrec")
+  config = ablation.apply_overrides(base, {"model.num_blocks": 3, "eval.ks": [1, 10]})
+  assert config.model.num_blocks == 3 and config.eval.ks == (1, 10)
+  assert base.model.num_blocks == 1  # the base is not modified
+  with pytest.raises(ValueError, match=r"'model\.atention'.*Did you mean model\.attention"):
+    ablation.apply_overrides(base, {"model.atention": "additive"})
+  with pytest.raises(ValueError, match=r"'modle\.attention'.*'modle' is not a section"):
+    ablation.apply_overrides(base, {"modle.attention": "additive"})
+  with pytest.raises(ValueError, match=r"'model\.num_blocks' cannot be set to 'two'"):
+    ablation.apply_overrides(base, {"model.num_blocks": "two"})
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: setattr(c, "points", ({"label": "a"},)), "exactly one of"),
+    (lambda c: setattr(c, "axes", (("model.num_blocks", (1, 2)), ("model.num_blocks", (3,)))),
+     "more than once"),
+    (lambda c: setattr(c, "seeds", ()), "seeds"),
+    (lambda c: setattr(c, "metrics", ("ndcg@50",)), "eval.ks"),
+    (lambda c: setattr(c, "split", "train"), "split"),
+])
+def test_bad_ablation_configs_fail_at_planning(tmp_path, change, message):
+  config = _tiny()
+  change(config)
+  with pytest.raises(ValueError, match=message):
+    ablation.plan_runs(config, str(tmp_path))
+
+
+def test_axis_fixed_in_overrides_is_refused(tmp_path):
+  config = _tiny()
+  config.overrides.model = ml_collections.ConfigDict({"num_blocks": 2})
+  with pytest.raises(ValueError, match="'model.num_blocks' is both an axis and fixed"):
+    ablation.plan_runs(config, str(tmp_path))
+
+
+def test_duplicate_point_labels_are_refused(tmp_path):
+  config = _points_config({"label": "x", "model.num_blocks": 1},
+                          {"label": "x", "model.num_blocks": 2})
+  with pytest.raises(ValueError, match="duplicate labels"):
+    ablation.plan_runs(config, str(tmp_path))
+
+
+def test_unknown_axis_key_fails_before_training(tmp_path):
+  config = _tiny()
+  config.axes = (("model.atention", ("dot_product", "additive")),)
+  calls = []
+  with pytest.raises(ValueError, match="model.atention"):
+    ablation.run_ablation(config, str(tmp_path / "sweep"), train_fn=_counting(calls))
+  assert not calls and not os.path.exists(tmp_path / "sweep")
+
+  result = _ablate(f"--config={ABLATIONS}/tiny_grid.py", f"--workdir={tmp_path / 'cli'}",
+                   "--config.axes=(('model.atention', ('additive',)),)",
+                   cache_dir=str(tmp_path / "cache"), timeout=120)
+  assert result.returncode != 0
+  assert "model.atention" in result.stderr
+  assert not os.path.exists(tmp_path / "cli" / "runs")
+
+
+def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path):
+  calls = []
+  outcome = ablation.run_ablation(_tiny(), str(tmp_path / "sweep"), dry_run=True,
+                                  train_fn=_counting(calls))
+  assert not calls and outcome.rows == [] and not os.path.exists(tmp_path / "sweep")
+  assert outcome.text.count("_seed") == 8
+
+  result = _ablate(f"--config={ABLATIONS}/tiny_grid.py", f"--workdir={tmp_path / 'cli'}",
+                   "--dry_run", cache_dir=str(tmp_path / "cache"), timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  listed = [line for line in result.stdout.splitlines() if "_seed" in line]
+  assert len(listed) == 8
+  assert all(line.split()[0] == "todo" for line in listed)
+  assert str(tmp_path / "cli" / "runs" / "attention=additive_num_blocks=2_seed1") in result.stdout
+  assert not os.path.exists(tmp_path / "cli")
+
+
+# ----------------------------------------------------------------------------
+# Running with a fake train function.
+
+
+def test_failed_point_is_recorded_and_retried_on_rerun(tmp_path):
+  config = _points_config({"label": "good", "model.num_blocks": 2},
+                          {"label": "broken", "model.attention": "linear"},
+                          {"label": "additive", "model.attention": "additive"}, seeds=(0, 1))
+  calls = []
+  outcome = ablation.run_ablation(config, str(tmp_path), train_fn=_counting(calls))
+  assert len(calls) == 6
+  status = {(row["label"], row["seed"]): row["status"] for row in outcome.rows}
+  assert status == {("good", 0): "ok", ("good", 1): "ok", ("broken", 0): "failed",
+                    ("broken", 1): "failed", ("additive", 0): "ok", ("additive", 1): "ok"}
+  broken = [row for row in outcome.rows if row["label"] == "broken"]
+  assert all("model.attention='linear'" in row["error"] for row in broken)
+  assert all(os.path.exists(os.path.join(row["workdir"], "error.txt")) for row in broken)
+  assert "failed" in outcome.text  # the table cell of the point that never finished
+
+  rerun_calls = []
+  ablation.run_ablation(config, str(tmp_path), train_fn=_counting(rerun_calls))
+  assert sorted(rerun_calls) == sorted(row["workdir"] for row in broken)
+
+
+def test_parallel_runs_match_sequential_ones(tmp_path):
+  config = _tiny()
+  sequential = ablation.run_ablation(config, str(tmp_path / "seq"), train_fn=fake_train).rows
+  parallel = ablation.run_ablation(config, str(tmp_path / "par"), parallel=2,
+                                   train_fn=fake_train).rows
+  assert [r["label"] for r in parallel] == [r["label"] for r in sequential]
+  for name in METRICS:
+    np.testing.assert_allclose([r[name] for r in parallel], [r[name] for r in sequential])
+  assert all(r["status"] == "ok" for r in parallel)
+
+
+def test_changed_config_in_the_same_workdir_is_refused(tmp_path):
+  ablation.run_ablation(_tiny(), str(tmp_path), train_fn=fake_train)
+  with pytest.raises(ValueError, match=r"train\.num_epochs: 1 -> 3"):
+    ablation.run_ablation(_tiny(epochs=3), str(tmp_path), train_fn=fake_train)
+
+
+# ----------------------------------------------------------------------------
+# Summaries, tables and plots on synthetic rows.
+
+
+def _rows():
+  rows = []
+  for label, blocks, values in [("a", 1, [0.2, 0.4, 0.3]), ("b", 2, [0.5, 0.5, 0.5]),
+                                ("c", 3, [0.1])]:
+    for seed, value in enumerate(values):
+      rows.append({"label": label, "model.num_blocks": blocks, "seed": seed, "status": "ok",
+                   "hr@10": value, "ndcg@10": value / 2})
+  rows.append({"label": "c", "model.num_blocks": 3, "seed": 1, "status": "failed",
+               "error": "ValueError: boom"})
+  rows.append({"label": "d", "model.num_blocks": 4, "seed": 0, "status": "failed"})
+  return rows
+
+
+def test_summarize_takes_mean_and_sample_std_of_finished_seeds():
+  summaries = ablation.summarize(_rows(), ["hr@10", "ndcg@10"], ["model.num_blocks"])
+  assert [s.label for s in summaries] == ["a", "b", "c", "d"]
+  a, b, c, d = summaries
+  assert a.mean["hr@10"] == pytest.approx(0.3)
+  assert a.std["hr@10"] == pytest.approx(np.std([0.2, 0.4, 0.3], ddof=1))
+  assert b.std["hr@10"] == pytest.approx(0.0)
+  assert (c.num_runs, c.num_ok, c.count["hr@10"]) == (2, 1, 1) and math.isnan(c.std["hr@10"])
+  assert d.num_ok == 0 and math.isnan(d.mean["hr@10"])
+  assert c.values == {"model.num_blocks": 3}
+
+
+def test_markdown_bolds_the_best_and_marks_missing_seeds():
+  summaries = ablation.summarize(_rows(), ["hr@10", "ndcg@10"], ["model.num_blocks"])
+  text = ablation.render_markdown(summaries, ["hr@10", "ndcg@10"], "Caption.",
+                                  ["model.num_blocks"])
+  lines = text.splitlines()
+  assert lines[0] == "| num_blocks | HR@10 | NDCG@10 |"
+  assert lines[2] == "| 1 | 0.3000 ± 0.1000 | 0.1500 ± 0.0500 |"
+  assert lines[3] == "| 2 | **0.5000 ± 0.0000** | **0.2500 ± 0.0000** |"
+  assert lines[4] == "| 3 | 0.1000 † | 0.0500 † |"  # one of two seeds: no std
+  assert lines[5] == "| 4 | failed | failed |"
+  assert lines[-1] == "Caption."
+
+
+def test_latex_escapes_labels_and_bolds_ties():
+  rows = [{"label": "x_1 & y", "seed": 0, "status": "ok", "hr@10": 0.5},
+          {"label": "z%", "seed": 0, "status": "ok", "hr@10": 0.5},
+          {"label": "w", "seed": 0, "status": "ok", "hr@10": 0.25}]
+  summaries = ablation.summarize(rows, ["hr@10"])
+  tex = ablation.render_latex(summaries, ["hr@10"], "One seed (0): no std.")
+  assert r"\begin{tabular}{lc}" in tex and r"\end{tabular}" in tex
+  assert tex.count(r"\begin{") == tex.count(r"\end{") == 2
+  assert r"x\_1 \& y & $\mathbf{0.5000}$ \\" in tex
+  assert r"z\% & $\mathbf{0.5000}$ \\" in tex
+  assert r"w & $0.2500$ \\" in tex
+
+
+def test_caption_states_dataset_split_protocol_and_seeds():
+  config = _tiny()
+  summaries = ablation.summarize(_rows(), ["hr@10"])
+  text = ablation.caption_text(config, summaries)
+  for part in ("tiny synthetic", "test split", "full ranking", "leave-one-out",
+               "over 2 seeds (0, 1)", "ddof=1", "bold", "†", "no seed finished"):
+    assert part in text, part
+  config.seeds = (3,)
+  assert "One seed (3): no std" in ablation.caption_text(config, summaries)
+
+
+def test_plots_lines_for_numeric_axes_and_bars_otherwise(tmp_path):
+  rows = []
+  for attention in ("dot_product", "additive"):
+    for blocks in (1, 2, 3):
+      for seed in (0, 1):
+        rows.append({"label": f"{attention}{blocks}", "model.attention": attention,
+                     "model.num_blocks": blocks, "seed": seed, "status": "ok",
+                     "hr@10": 0.1 * blocks + 0.01 * seed})
+  keys = ["model.attention", "model.num_blocks"]
+  lines = ablation.plot(ablation.summarize(rows, ["hr@10"], keys), ["hr@10"],
+                        str(tmp_path / "lines"), keys)
+  bars = ablation.plot(ablation.summarize(_rows(), ["hr@10", "ndcg@10"]), ["hr@10", "ndcg@10"],
+                       str(tmp_path / "bars"))
+  assert [os.path.basename(p) for p in lines] == ["hr_at_10.png"]
+  assert len(bars) == 2
+  for path in lines + bars:
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------
+# The real tiny grid, trained once through the binary.
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+  root = tmp_path_factory.mktemp("ablate")
+  workdir, cache = str(root / "sweep"), str(root / "jax_cache")
+  result = _ablate(f"--config={ABLATIONS}/tiny_grid.py", f"--workdir={workdir}",
+                   "--config.overrides.train.num_epochs=1", cache_dir=cache)
+  assert result.returncode == 0, result.stderr[-5000:]
+  return {"workdir": workdir, "cache": cache, "stdout": result.stdout}
+
+
+def test_tiny_grid_writes_a_row_per_run(tiny_sweep):
+  workdir = tiny_sweep["workdir"]
+  rows = ablation.read_csv(os.path.join(workdir, "results.csv"))
+  assert len(rows) == 8
+  assert all(row["status"] == "ok" for row in rows), [row["error"] for row in rows]
+  columns = list(rows[0])
+  assert columns[:6] == ["label", "model.attention", "model.num_blocks", "seed", "status",
+                         "split"]
+  assert columns[6:9] == list(METRICS)
+  for name in ("hr@20", "sampled_ndcg@10", "train_seconds", "workdir"):
+    assert name in columns
+  for row in rows:
+    assert os.path.exists(os.path.join(row["workdir"], "final_metrics.json"))
+    assert os.path.basename(row["workdir"]).endswith(f"_seed{row['seed']}")
+    assert 0.0 <= float(row["ndcg@10"]) <= float(row["hr@10"]) <= 1.0
+  assert sorted(os.listdir(os.path.join(workdir, "plots"))) == [
+      "hr_at_10.png", "mrr_at_10.png", "ndcg_at_10.png"]
+  assert "| attention | num_blocks | HR@10 | NDCG@10 | MRR@10 |" in tiny_sweep["stdout"]
+
+
+def test_table_mean_and_std_match_numpy_over_results_csv(tiny_sweep):
+  workdir = tiny_sweep["workdir"]
+  rows = ablation.read_csv(os.path.join(workdir, "results.csv"))
+  table = _parse_markdown(os.path.join(workdir, "table.md"))
+  assert len(table) == 4
+  for cells in table:
+    attention, blocks = cells[:2]
+    group = [r for r in rows
+             if r["model.attention"] == attention and r["model.num_blocks"] == blocks]
+    assert len(group) == 2
+    for name, cell in zip(METRICS, cells[2:], strict=True):
+      values = np.array([float(r[name]) for r in group])
+      mean, std = (float(x) for x in cell.split(" ± "))
+      assert mean == pytest.approx(values.mean(), abs=5e-5), (attention, blocks, name)
+      assert std == pytest.approx(values.std(ddof=1), abs=5e-5), (attention, blocks, name)
+
+
+def test_latex_table_is_structurally_sound(tiny_sweep):
+  with open(os.path.join(tiny_sweep["workdir"], "table.tex"), encoding="utf-8") as f:
+    tex = f.read()
+  assert r"\begin{tabular}{llccc}" in tex
+  for env in ("table", "tabular"):
+    assert tex.count(rf"\begin{{{env}}}") == tex.count(rf"\end{{{env}}}") == 1
+  body = tex[tex.index(r"\midrule"):tex.index(r"\bottomrule")].splitlines()[1:]
+  assert len(body) == 4 and all(line.count("&") == 4 for line in body)
+  assert tex.count(r"\mathbf{") == 3  # one best per metric column
+  assert r"\caption{" in tex and "2 seeds" in tex and "test split" in tex
+
+
+def test_rerun_skips_finished_runs(tiny_sweep):
+  workdir = tiny_sweep["workdir"]
+  finals = [os.path.join(workdir, "runs", name, "final_metrics.json")
+            for name in sorted(os.listdir(os.path.join(workdir, "runs")))]
+  before = [os.stat(path).st_mtime_ns for path in finals]
+  calls = []
+  outcome = ablation.run_ablation(_tiny(), workdir, train_fn=_counting(calls))
+  assert not calls
+  assert len(outcome.rows) == 8 and all(row["status"] == "ok" for row in outcome.rows)
+  assert [os.stat(path).st_mtime_ns for path in finals] == before
+
+
+def test_failing_point_is_recorded_and_the_others_finish(tiny_sweep, tmp_path):
+  config_file = tmp_path / "broken.py"
+  config_file.write_text(
+      "from experiments.configs.ablations import tiny_grid\n\n\n"
+      "def get_config():\n"
+      "  config = tiny_grid.get_config()\n"
+      "  config.axes = ()\n"
+      "  config.points = ({'label': 'good', 'model.attention': 'dot_product',\n"
+      "                    'model.num_blocks': 1},\n"
+      "                   {'label': 'broken', 'model.attention': 'linear'})\n"
+      "  config.seeds = (0,)\n"
+      "  config.overrides.train.num_epochs = 1\n"
+      "  return config\n")
+  workdir = tmp_path / "sweep"
+  result = _ablate(f"--config={config_file}", f"--workdir={workdir}",
+                   cache_dir=tiny_sweep["cache"])  # 'good' is compiled already
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "1 of 2 runs failed" in result.stderr
+  good, broken = ablation.read_csv(os.path.join(workdir, "results.csv"))
+  assert good["status"] == "ok" and float(good["hr@10"]) > 0
+  assert broken["status"] == "failed" and "attention" in broken["error"]
+  assert broken["error"].startswith("ValueError")
+  with open(os.path.join(broken["workdir"], "error.txt"), encoding="utf-8") as f:
+    assert "Traceback" in f.read()
+  assert "| broken | failed | failed | failed |" in result.stdout
