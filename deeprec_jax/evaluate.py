@@ -9,8 +9,10 @@ up on device over an iterable of batches and divides once at the end.
 
 The caller decides how ``eval_step`` is compiled: plain ``jax.jit`` on one
 device, or ``jax.jit`` with ``in_shardings``/``out_shardings`` for data
-parallelism (params replicated, batch split on its first axis; the sums then
-become all-reduces inside the compiled step).
+parallelism (batch split on its first axis, the item table replicated or
+split by rows over the mesh's 'model' axis, see ``parallel``; the sums, and
+with a split table the rank counts, then become all-reduces inside the
+compiled step, and the ``[B, N + 1]`` scores stay split by item).
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from deeprec_jax import metrics, models
 
@@ -52,6 +55,33 @@ def score_items(model: nn.Module, params: Any, num_items: int, item_seq: Array, 
     hidden = hidden[:, -1]
   table = models.item_table(params, num_items)
   return jnp.einsum("bd,nd->bn", hidden.astype(jnp.float32), table.astype(jnp.float32))
+
+
+def top_k(model: nn.Module, params: Any, num_items: int, item_seq: Array, exclude: Array,
+          k: int, *, user: Array | None = None,
+          mesh: Mesh | None = None) -> tuple[Array, Array]:
+  """The ``k`` best items after each history (``score_items``, then ``metrics.top_k_items``).
+
+  With ``mesh`` (a model axis of size > 1 and the item table split over it)
+  the scores stay split by item and each device ranks only its own items;
+  only ``k`` candidates per device are gathered. Jit it, e.g.
+  ``jax.jit(functools.partial(top_k, model, num_items=N, k=10, mesh=mesh))``.
+
+  Args:
+    model: a linen module following the model contract (README).
+    params: its parameters (the model's own shapes).
+    num_items: ``N``.
+    item_seq: ``int[B, L]`` left-padded histories.
+    exclude: ``int[B, H]`` items never to recommend (0-padded).
+    k: how many items to return.
+    user: ``int[B]`` user ids, or ``None``.
+    mesh: the run's mesh, or ``None`` for one ``jax.lax.top_k``.
+
+  Returns:
+    ``(items int32[B, k], scores float32[B, k])``, best first.
+  """
+  scores = score_items(model, params, num_items, item_seq, user=user)
+  return metrics.top_k_items(scores, exclude, k, mesh=mesh)
 
 
 def make_eval_step(model: nn.Module, num_items: int, ks: Sequence[int],

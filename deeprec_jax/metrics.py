@@ -29,6 +29,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from deeprec_jax import parallel
 
 Array = jax.Array
 TIES = ("pessimistic", "optimistic")
@@ -135,7 +138,8 @@ def rank_metrics(ranks: Array, ks: Sequence[int], prefix: str = "") -> dict[str,
   return out
 
 
-def top_k_items(scores: Array, exclude: Array | None, k: int) -> tuple[Array, Array]:
+def top_k_items(scores: Array, exclude: Array | None, k: int, *,
+                mesh: Mesh | None = None) -> tuple[Array, Array]:
   """The ``k`` best items per row, never padding or an excluded item.
 
   Ties are broken towards the lower item id (``jax.lax.top_k``). If fewer than
@@ -145,11 +149,65 @@ def top_k_items(scores: Array, exclude: Array | None, k: int) -> tuple[Array, Ar
     scores: ``float[B, N + 1]`` over all items, column 0 = padding.
     exclude: ``int[B, H]`` items never to recommend (0-padded), or ``None``.
     k: how many items to return.
+    mesh: the run's mesh (``parallel.make_mesh``) when the item axis of
+      ``scores`` is split over its ``'model'`` axis (``train.model_parallel >
+      1``): then each device takes the top ``k`` of its own items and only
+      those candidates are gathered (``sharded_top_k``). ``None`` or a model
+      axis of size 1: one ``jax.lax.top_k``. Both give the same result.
 
   Returns:
     ``(items int32[B, k], scores float[B, k])``, best first.
   """
   batch_size, num_columns = scores.shape
   masked = jnp.where(excluded_mask(num_columns, exclude, batch_size), -jnp.inf, scores)
-  top_scores, items = jax.lax.top_k(masked, k)
+  if mesh is None or mesh.shape[parallel.MODEL_AXIS] == 1:
+    top_scores, items = jax.lax.top_k(masked, k)
+  else:
+    top_scores, items = sharded_top_k(masked, k, mesh)
   return items.astype(jnp.int32), top_scores
+
+
+def sharded_top_k(scores: Array, k: int, mesh: Mesh) -> tuple[Array, Array]:
+  """``jax.lax.top_k`` over the last axis, split over the mesh's ``'model'`` axis.
+
+  Each device takes the top ``k`` of its columns, the ``m * k`` candidates
+  (m = model axis size) are all-gathered, and a second top ``k`` merges them.
+  Every true top-``k`` column is in its own shard's top ``k``, and the
+  candidates arrive in column order, so values, ids and tie order equal a
+  single ``top_k`` over all columns, without gathering the ``[B, N]`` scores.
+
+  Args:
+    scores: ``float[B, C]``. Padded here with ``-inf`` columns to a multiple
+      of the model axis size; with ``k <= C`` a padding column never comes
+      before a real one (ties go to the lower id).
+    k: how many columns to return, ``<= C``.
+    mesh: a mesh with axes ``('data', 'model')``.
+
+  Returns:
+    ``(values float[B, k], column ids int32[B, k])``, best first.
+  """
+  batch_size, num_columns = scores.shape
+  if not 1 <= k <= num_columns:
+    raise ValueError(f"top k={k} must lie in [1, {num_columns}] (the number of items + 1).")
+  shards = mesh.shape[parallel.MODEL_AXIS]
+  padding = -num_columns % shards
+  scores = jnp.pad(scores, ((0, 0), (0, padding)), constant_values=-jnp.inf)
+  width = scores.shape[1] // shards
+  local_k = min(k, width)
+  # Split rows over 'data' too when they divide, else every data row of the
+  # mesh ranks the whole batch (recommendation batches have any size).
+  rows = parallel.DATA_AXIS if batch_size % mesh.shape[parallel.DATA_AXIS] == 0 else None
+
+  def local_top_k(local_scores):
+    values, ids = jax.lax.top_k(local_scores, local_k)
+    ids = ids + jax.lax.axis_index(parallel.MODEL_AXIS) * width  # Global column ids.
+    values = jax.lax.all_gather(values, parallel.MODEL_AXIS, axis=1, tiled=True)
+    ids = jax.lax.all_gather(ids, parallel.MODEL_AXIS, axis=1, tiled=True)
+    values, positions = jax.lax.top_k(values, k)
+    return values, jnp.take_along_axis(ids, positions, axis=1)
+
+  # check_vma=False: the merged result is the same on every 'model' device
+  # (it is computed from all-gathered inputs), which the type check cannot
+  # see through lax.all_gather.
+  return jax.shard_map(local_top_k, mesh=mesh, in_specs=PartitionSpec(rows, parallel.MODEL_AXIS),
+                       out_specs=PartitionSpec(rows, None), check_vma=False)(scores)

@@ -23,10 +23,11 @@ model's own rows back out (``unpad_item_table``) inside the compiled
 function, where XLA keeps the slice sharded. The padding rows get zero
 gradients, so they stay zero and never reach a score.
 
-Multi-process runs (``initialize_distributed``): each process feeds only its
-slice of every global batch (``to_global``); the mesh spans the devices of
-all processes, ``'model'`` innermost so that its collectives stay within a
-host when ``model_parallel`` is at most the devices per host.
+Multi-process runs (``initialize_distributed``): the mesh spans the devices
+of all processes, ``'model'`` innermost so that its collectives stay within a
+host when ``model_parallel`` is at most the devices per host. Each process
+loads only the rows of every global batch that its devices hold
+(``batch_block``) and ``to_global`` assembles the global array from them.
 """
 
 import os
@@ -102,11 +103,6 @@ def make_mesh(num_devices: int = 0, model_parallel: int = 1) -> Mesh:
                      f"divisor of the {len(devices)} devices in the mesh "
                      f"(train.num_devices={num_devices}, 0 = all).")
   shape = (len(devices) // model_parallel, model_parallel)
-  if shape[0] % jax.process_count():
-    # Each process feeds its own rows of the batch (to_global), so every
-    # process must own whole rows of the mesh.
-    raise ValueError(f"config key train.model_parallel={model_parallel} must divide the "
-                     f"{jax.local_device_count()} devices of each process.")
   # jax.make_mesh orders devices for the physical topology (TPU rings, GPUs by
   # id); process-major on CPU and GPU, so 'model' stays within a process.
   return jax.make_mesh(shape, (DATA_AXIS, MODEL_AXIS), axis_types=(AxisType.Auto,) * 2,
@@ -200,12 +196,37 @@ def unpad_item_table(params: Any, rows: int) -> Any:
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, key: str) -> None:
-  """Raises a clear error unless the batch splits evenly over ``'data'`` and processes."""
+  """Raises a clear error unless the batch splits evenly over ``'data'`` (hence processes)."""
   data_size = mesh.shape[DATA_AXIS]
-  if global_batch_size % data_size or global_batch_size % jax.process_count():
+  if global_batch_size % data_size:
     raise ValueError(f"config key {key}={global_batch_size} must be divisible by the "
-                     f"size of the 'data' mesh axis ({data_size}) and the number of "
-                     f"processes ({jax.process_count()}).")
+                     f"size of the 'data' mesh axis ({data_size} = devices / "
+                     "train.model_parallel).")
+
+
+def batch_block(mesh: Mesh) -> tuple[int, int]:
+  """Which rows of every global batch this process feeds: ``(index, count)``.
+
+  The batch is cut into ``count`` equal blocks and this process loads block
+  ``index`` (the pipeline's ``process_index``/``process_count``). Usually
+  that is ``(jax.process_index(), jax.process_count())``; when the 'model'
+  axis spans processes (e.g. one process per GPU with ``model_parallel >
+  1``), the processes of one 'data' row load the same block.
+
+  Raises:
+    ValueError: if this process's devices do not cover a contiguous,
+      aligned range of the 'data' axis (a mesh this code never builds).
+  """
+  rows = sorted({row for (row, _), device in np.ndenumerate(mesh.devices)
+                 if device.process_index == jax.process_index()})
+  per_process = len(rows)
+  data_size = mesh.shape[DATA_AXIS]
+  if (not rows or rows != list(range(rows[0], rows[0] + per_process))
+      or rows[0] % per_process or data_size % per_process):
+    raise ValueError(f"process {jax.process_index()} holds rows {rows} of the 'data' mesh "
+                     "axis: expected a contiguous block; check train.num_devices and "
+                     "train.model_parallel.")
+  return rows[0] // per_process, data_size // per_process
 
 
 def to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

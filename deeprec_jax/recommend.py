@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deeprec_jax import evaluate, metrics
+from deeprec_jax import evaluate, parallel
 from deeprec_jax.data import pipeline
 
 
@@ -60,8 +60,10 @@ def recommend(trainer: Any, params: Any, histories: Sequence[np.ndarray], *, top
 
   @jax.jit
   def top_items(params, item_seq, exclude):
-    scores = evaluate.score_items(trainer.model, params, dataset.num_items, item_seq)
-    return metrics.top_k_items(scores, exclude, top_k)
+    # Checkpoints hold the item table padded to the mesh; the model wants its own rows.
+    params = parallel.unpad_item_table(params, trainer.item_rows)
+    return evaluate.top_k(trainer.model, params, dataset.num_items, item_seq, exclude, top_k,
+                          mesh=trainer.mesh)
 
   items, scores = jax.device_get(top_items(params, jnp.asarray(item_seq), jnp.asarray(exclude)))
   return [[(int(dataset.item_ids[i]), float(s)) for i, s in zip(row_items, row_scores, strict=True)

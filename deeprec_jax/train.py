@@ -186,22 +186,23 @@ class Trainer:
     return parallel.shard(state, self.mesh)
 
   def train_batches(self, epoch: int):
+    block, num_blocks = parallel.batch_block(self.mesh)  # This process's rows.
     return pipeline.train_batches(
         self.dataset, task=self.task, max_len=self.config.data.max_len,
         global_batch_size=self.config.train.batch_size,
         num_negatives=self.config.train.num_negatives,
         seed=self.config.seed, epoch=epoch, num_targets=self.num_targets,
-        mask_prob=self.mask_prob, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        mask_prob=self.mask_prob, process_index=block, process_count=num_blocks)
 
   def evaluate(self, params: Any, split: str) -> dict[str, float]:
     """Full-ranking (and sampled) metrics of ``params`` on ``split`` (valid or test)."""
-    local_batch = self.config.eval.batch_size // jax.process_count()
+    block, num_blocks = parallel.batch_block(self.mesh)
     batches = pipeline.eval_batches(
         self.dataset, split=split, task=self.task, max_len=self.config.data.max_len,
-        batch_size=local_batch, num_sampled_negatives=self.config.eval.num_sampled_negatives,
+        batch_size=self.config.eval.batch_size // num_blocks,
+        num_sampled_negatives=self.config.eval.num_sampled_negatives,
         sampling=self.config.eval.sampling, seed=self.config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=block, process_count=num_blocks)
     return evaluate.evaluate(self._eval_step, params,
                              (parallel.to_global(b, self.mesh) for b in _pad_exclude(batches)))
 

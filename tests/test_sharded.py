@@ -1,0 +1,173 @@
+"""The item table split by rows over the 'model' mesh axis changes no number.
+
+Each test runs the tiny config twice on the 4 forced CPU devices, once with
+the table replicated (``train.model_parallel = 1``) and once split over 2 or
+4 devices, and compares. Tolerances are float32 round-off: a split table
+sums the log-sum-exp, gradients and rank counts in another order.
+"""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from deeprec_jax import evaluate, losses, metrics, models, parallel, train
+from experiments.configs import tiny
+
+
+def _trainer(model_parallel: int, loss: str = "bce", model: str = "sasrec") -> train.Trainer:
+  config = tiny.get_config(model)
+  config.train.model_parallel = model_parallel
+  config.train.loss = loss
+  return train.Trainer(config, train.builders.load(config.data))
+
+
+def _gathered_shapes(hlo: str) -> list[list[int]]:
+  """Result shapes of every all-gather (tuples included) in compiled HLO text."""
+  shapes = []
+  for line in hlo.splitlines():
+    match = re.search(r"= (.*?) all-gather(?:-start)?\(", line)
+    if match:
+      shapes += [[int(d) for d in dims.split(",") if d]
+                 for dims in re.findall(r"\w+\[([\d,]*)\]", match.group(1))]
+  return shapes
+
+
+def _assert_table_never_gathered(hlo: str, trainer: train.Trainer) -> None:
+  """No all-gather yields an array with the table's rows (the table, or all scores)."""
+  split = trainer.mesh.shape[parallel.MODEL_AXIS]
+  rows = {trainer.item_rows, trainer.dataset.num_items + 1, -(-trainer.item_rows // split) * split}
+  for shape in _gathered_shapes(hlo):
+    assert not rows & set(shape), f"all-gather of shape {shape} (table rows {rows})"
+
+
+def test_only_the_item_table_and_its_moments_are_split():
+  trainer = _trainer(model_parallel=4)
+  state = trainer.init_state()
+  table = state["params"]["item_embed"]["embedding"]
+  assert trainer.item_rows == trainer.dataset.num_items + 1
+  assert table.shape[0] % 4 == 0 and table.shape[0] - trainer.item_rows < 4
+  np.testing.assert_array_equal(jax.device_get(table)[trainer.item_rows:], 0.0)
+
+  split = PartitionSpec(parallel.MODEL_AXIS, None)
+  specs = jax.tree_util.tree_flatten_with_path(
+      jax.tree.map(lambda x: x.sharding.spec, state))[0]
+  names = {jax.tree_util.keystr(path): spec for path, spec in specs}
+  split_names = [name for name, spec in names.items() if spec == split]
+  # The table, Adam's first and second moments; nothing else.
+  assert len(split_names) == 3, split_names
+  assert all(name.endswith("['item_embed']['embedding']") for name in split_names)
+  assert all(spec == PartitionSpec() for spec in names.values() if spec != split)
+
+
+def test_model_parallel_must_divide_the_devices():
+  config = tiny.get_config("sasrec")
+  config.train.model_parallel = 3
+  with pytest.raises(ValueError, match="train.model_parallel"):
+    train.Trainer(config, train.builders.load(config.data))
+
+
+@pytest.mark.parametrize("loss", ["bce", "sampled_softmax", "softmax"])
+def test_loss_and_gradients_match_unsharded(loss):
+  outputs = []
+  for model_parallel in (1, 2):
+    trainer = _trainer(model_parallel, loss)
+    state = trainer.init_state()
+    batch = parallel.to_global(trainer.train_batches(epoch=0)[0], trainer.mesh)
+    num_items = trainer.dataset.num_items
+
+    def loss_and_grads(params, batch, trainer=trainer, num_items=num_items):
+      def objective(params):
+        params = parallel.unpad_item_table(params, trainer.item_rows)
+        hidden = trainer.model.apply({"params": params}, batch["item_seq"], user=batch["user"])
+        return losses.compute(loss, hidden, models.item_table(params, num_items),
+                              batch["targets"], batch["negatives"])
+      return jax.value_and_grad(objective)(params)
+
+    shardings = parallel.param_shardings(state["params"], trainer.mesh)
+    step = jax.jit(loss_and_grads,
+                   in_shardings=(shardings, parallel.batch_sharding(trainer.mesh)),
+                   out_shardings=(parallel.replicated(trainer.mesh), shardings))
+    compiled = step.lower(state["params"], batch).compile()
+    if model_parallel > 1:
+      _assert_table_never_gathered(compiled.as_text(), trainer)
+    value, grads = jax.device_get(compiled(state["params"], batch))
+    table = grads["item_embed"]["embedding"]
+    np.testing.assert_array_equal(table[trainer.item_rows:], 0.0)  # Padding rows.
+    grads["item_embed"]["embedding"] = table[:trainer.item_rows]
+    outputs.append((value, grads))
+  (value_1, grads_1), (value_2, grads_2) = outputs
+  np.testing.assert_allclose(value_2, value_1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+               grads_2, grads_1)
+
+
+def test_train_step_and_evaluation_match_unsharded():
+  params, results = [], []
+  for model_parallel in (1, 4):
+    trainer = _trainer(model_parallel)
+    state = trainer.init_state()
+    shardings = parallel.param_shardings(state, trainer.mesh)
+    step = jax.jit(train.make_train_step(trainer.model, trainer.tx, loss="bce",
+                                         num_items=trainer.dataset.num_items,
+                                         item_rows=trainer.item_rows),
+                   in_shardings=(shardings, parallel.batch_sharding(trainer.mesh)),
+                   out_shardings=(shardings, parallel.replicated(trainer.mesh)))
+    batch = parallel.to_global(trainer.train_batches(epoch=0)[0], trainer.mesh)
+    state, _ = step(state, batch)
+    table = jax.device_get(state["params"]["item_embed"]["embedding"])
+    np.testing.assert_array_equal(table[trainer.item_rows:], 0.0)  # Still zero.
+    params.append(jax.device_get(parallel.unpad_item_table(state["params"], trainer.item_rows)))
+    results.append(trainer.evaluate(state["params"], "valid"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *params)
+  assert results[0].keys() == results[1].keys()
+  for name, value in results[0].items():
+    np.testing.assert_allclose(results[1][name], value, rtol=1e-5, err_msg=name)
+
+
+def test_evaluation_never_gathers_the_table():
+  trainer = _trainer(model_parallel=2)
+  state = trainer.init_state()
+  local = next(train._pad_exclude(train.pipeline.eval_batches(
+      trainer.dataset, split="valid", task=trainer.task, max_len=trainer.config.data.max_len,
+      batch_size=trainer.config.eval.batch_size)))
+  batch = parallel.to_global(local, trainer.mesh)
+  _assert_table_never_gathered(trainer._eval_step.lower(state["params"], batch).compile()
+                               .as_text(), trainer)
+
+
+def test_top_k_matches_unsharded():
+  trainer = _trainer(model_parallel=4)
+  state = trainer.init_state()
+  num_items, k = trainer.dataset.num_items, 10
+  local = next(train.pipeline.eval_batches(
+      trainer.dataset, split="test", task=trainer.task, max_len=trainer.config.data.max_len,
+      batch_size=8))
+
+  def top_k(params, item_seq, exclude, mesh):
+    params = parallel.unpad_item_table(params, trainer.item_rows)
+    return evaluate.top_k(trainer.model, params, num_items, item_seq, exclude, k, mesh=mesh)
+
+  sharded = jax.jit(lambda *args: top_k(*args, mesh=trainer.mesh))
+  compiled = sharded.lower(state["params"], local["item_seq"], local["exclude"]).compile()
+  _assert_table_never_gathered(compiled.as_text(), trainer)
+  items, scores = jax.device_get(compiled(state["params"], local["item_seq"], local["exclude"]))
+  params = jax.device_get(state["params"])  # One device, one lax.top_k.
+  expected_items, expected_scores = jax.jit(lambda *args: top_k(*args, mesh=None))(
+      params, local["item_seq"], local["exclude"])
+  np.testing.assert_array_equal(items, expected_items)
+  np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_columns,k", [(41, 5), (41, 41), (9, 7), (1001, 20)])
+def test_sharded_top_k_keeps_values_ids_and_tie_order(num_columns, k):
+  mesh = parallel.make_mesh(4, model_parallel=4)
+  rng = np.random.default_rng(num_columns)
+  scores = rng.integers(0, 4, size=(6, num_columns)).astype(np.float32)  # Many ties.
+  exclude = rng.integers(0, num_columns, size=(6, 3)).astype(np.int32)
+  items, values = jax.jit(lambda s, e: metrics.top_k_items(s, e, k, mesh=mesh))(scores, exclude)
+  expected_items, expected_values = metrics.top_k_items(scores, exclude, k)
+  np.testing.assert_array_equal(items, expected_items)
+  np.testing.assert_array_equal(values, expected_values)
