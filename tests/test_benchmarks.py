@@ -1,0 +1,135 @@
+"""The benchmark harness: schema and sanity of its output (never timing thresholds)."""
+
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import attention_variants, fast_eval, harness, opprofile, run, subproc
+from deeprec_jax.models import layers
+
+ROW_NUMBERS = ("compile_s", "median_s", "p10_s", "p90_s", "min_s", "throughput", "flops",
+               "bytes_accessed", "flops_per_s", "bytes_per_s", "fraction_of_peak_flops",
+               "fraction_of_peak_bandwidth", "peak_memory_bytes")
+
+
+def _positive_finite(value):
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def caser_run(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("bench"))
+  results = run.run(out, quick=True, only=["caser"], repeats=2,
+                    profile_dir=os.path.join(out, "trace"))
+  return out, results
+
+
+def test_smoke_run_writes_json_and_markdown(caser_run):
+  out, results = caser_run
+  with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+    written = json.load(f)  # strict JSON: NaN would not parse back as a number
+  assert written["schema_version"] == 1 and written["quick"] is True
+  assert written["groups"] == ["caser"]
+  for key in ("device_kind", "platform", "jax", "jaxlib", "flax", "xla_flags", "cpu_count",
+              "date", "git_commit", "load_average_start", "load_average_end"):
+    assert key in written["environment"], key
+  assert _positive_finite(written["peaks"]["flops_per_s"])
+  assert _positive_finite(written["peaks"]["bytes_per_s"])
+  rows = written["rows"]
+  assert [r["name"] for r in rows] == ["caser_L5_fwd", "caser_L5_fwd+bwd"]
+  for row in rows:
+    assert row["group"] == "caser" and row["throughput_unit"] == "seq/s"
+    for key in ROW_NUMBERS:
+      assert _positive_finite(row[key]), (row["name"], key, row[key])
+    assert row["p10_s"] <= row["median_s"] <= row["p90_s"]
+    assert row["params"]["batch"] == row["items"]
+  markdown = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+  assert "| caser_L5_fwd |" in markdown and "measured peaks" in markdown
+  assert results["rows"][0]["name"] == "caser_L5_fwd"
+  traces = [f for _, _, files in os.walk(os.path.join(out, "trace", "caser")) for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces)
+
+
+def test_unknown_group_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="unknown group"):
+    run.run(str(tmp_path), quick=True, only=["nope"])
+
+
+def test_carry_kernel_feeds_donated_state_back():
+  kernel = harness.Kernel("t", "counter", lambda s, x: (s + x, jnp.sum(s)),
+                          (jnp.zeros(4), jnp.ones(4)), items=1, carry=True,
+                          donate_argnums=(0,))
+  first = harness.measure(kernel, repeats=2, warmup=1)
+  second = harness.measure(kernel, repeats=2, warmup=1)  # the kernel's args survive
+  assert _positive_finite(first["median_s"]) and _positive_finite(second["median_s"])
+
+
+def test_chunked_attention_matches_the_library():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 10, 8)).astype(np.float32)
+  valid = np.arange(10)[None] >= np.array([[0], [4], [9]])
+  mask = layers.attention_mask(jnp.asarray(valid), causal=True)
+  library = layers.DotProductAttention(num_heads=2)
+  params = library.init(jax.random.PRNGKey(0), x, x, mask)
+  expected = library.apply(params, x, x, mask)
+  for chunks in (1, 3, 4):
+    chunked = attention_variants.ChunkedDotProductAttention(num_heads=2, num_chunks=chunks)
+    assert jax.tree.structure(chunked.init(jax.random.PRNGKey(0), x, x, mask)) == \
+        jax.tree.structure(params)
+    np.testing.assert_allclose(chunked.apply(params, x, x, mask), expected, atol=1e-5)
+
+
+def test_last_position_sasrec_matches_the_library():
+  from deeprec_jax.models import sasrec
+
+  kwargs = dict(num_items=30, num_users=5, max_len=12, dim=8, num_blocks=2, num_heads=2)
+  model, fast = sasrec.Model(**kwargs), fast_eval.LastPositionSASRec(**kwargs)
+  item_seq = np.random.default_rng(1).integers(1, 31, size=(4, 12)).astype(np.int32)
+  item_seq[0, :7] = 0
+  params = model.init(jax.random.PRNGKey(0), item_seq)["params"]
+  assert fast_eval.check_same_scores(model, fast, params, item_seq, num_items=30) < 1e-4
+  ref = model.apply({"params": params}, item_seq)[:, -1:]
+  np.testing.assert_allclose(fast.apply({"params": params}, item_seq), ref, atol=1e-5)
+
+
+def test_bucketed_batches_cover_every_user_once():
+  users, width = 10, 8
+  batch = {"item_seq": np.arange(users * width, dtype=np.int32).reshape(users, width) + 1,
+           "target": np.arange(users, dtype=np.int32), "weight": np.ones(users, np.float32)}
+  lengths = np.array([1, 8, 3, 2, 8, 4, 1, 5, 2, 7])
+  batches = fast_eval.bucketed_batches(batch, lengths, batch_size=3, buckets=(2, 4, 8))
+  seen = np.concatenate([np.asarray(b["target"])[np.asarray(b["weight"]) > 0] for b in batches])
+  assert sorted(seen.tolist()) == list(range(users))
+  assert {b["item_seq"].shape[1] for b in batches} == {2, 4, 8}
+
+
+def test_opprofile_categories():
+  assert opprofile.categorize(
+      "jit(step)/jvp(Model)/block_0/attention/Dropout_0/jit(_bernoulli)/rng_bit_generator") == (
+          "dropout RNG", "forward")
+  assert opprofile.categorize("jit(step)/transpose(jvp(Model))/block_1/ffn/dense_in") == (
+      "FFN", "backward")
+
+
+def test_child_env_forces_devices_and_nproc(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --foo")
+  monkeypatch.setenv("NPROC", "3")
+  env = subproc.child_env(8, "--bar", {"LD_PRELOAD": "x.so"})
+  flags = env["XLA_FLAGS"].split()
+  assert flags.count("--xla_force_host_platform_device_count=8") == 1
+  assert "--foo" in flags and "--bar" in flags and "=4" not in env["XLA_FLAGS"]
+  assert int(env["NPROC"]) >= 16 and env["LD_PRELOAD"] == "x.so"
+
+
+def test_dense_names_used_by_the_variants_exist():
+  # ChunkedDotProductAttention mirrors DotProductAttention's submodules.
+  x = jnp.ones((1, 3, 4))
+  names = set(layers.DotProductAttention().init(jax.random.PRNGKey(0), x, x)["params"])
+  assert names == {"query", "key", "value", "out"}
+  assert isinstance(attention_variants.ChunkedDotProductAttention(), nn.Module)
