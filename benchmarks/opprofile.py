@@ -25,6 +25,7 @@ import glob
 import os
 import re
 import tempfile
+import time
 from typing import Any
 
 import jax
@@ -97,18 +98,21 @@ def profile(compiled: Any, args: tuple[Any, ...], *, calls: int = 3, carry: bool
 
   Returns:
     ``{'components': [{'component', 'pass', 'busy_s', 'share'}], 'top_ops':
-    [{'op', 'op_name', 'busy_s'}], 'busy_s': total}``, busy seconds per call
-    summed over threads; empty lists if the trace could not be read.
+    [{'op', 'op_name', 'busy_s'}], 'busy_s': total, 'cpu_s', 'coverage'}``,
+    busy seconds per call summed over threads, the process CPU seconds per
+    call and their ratio; empty lists if the trace could not be read.
   """
   names = op_names(compiled)
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       out = None
+      cpu_start = time.process_time()
       for _ in range(calls):
         out = compiled(*args)
         if carry:
           args = (out[0],) + tuple(args[1:])
       jax.block_until_ready(out)
+      cpu_s = (time.process_time() - cpu_start) / calls
     try:
       events = _read_events(trace_dir)
     except Exception:  # noqa: BLE001  (private reader: any failure means no rows)
@@ -123,6 +127,10 @@ def profile(compiled: Any, args: tuple[Any, ...], *, calls: int = 3, carry: bool
   total = sum(per_component.values())
   return {
       "busy_s": total,
+      # Traced op time over process CPU time: ops that XLA runs without a
+      # trace event (e.g. some kernels when YNNPACK fusions are off) are missing.
+      "cpu_s": cpu_s,
+      "coverage": total / cpu_s if cpu_s > 0 else float("nan"),
       "components": [{"component": c, "pass": p, "busy_s": s, "share": s / total}
                      for (c, p), s in per_component.most_common()],
       "top_ops": [{"op": name, "op_name": names[name], "busy_s": s}

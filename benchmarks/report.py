@@ -179,8 +179,10 @@ def _profile_table(name: str, profile: dict[str, Any]) -> list[str]:
   """Per-component busy time of one profiled step (see benchmarks/opprofile.py)."""
   if not profile.get("components"):
     return [f"(no per-op profile of {name}: the trace could not be read)", ""]
-  lines = [f"### Per-op profile of `{name}` ({profile['busy_s'] * 1e3:,.0f} thread-busy ms "
-           "per call)", "", "| component | pass | busy ms | share |", "|---|---|---|---|"]
+  lines = [f"### Per-op profile of `{name}`", "",
+           f"{profile['busy_s'] * 1e3:,.0f} thread-busy ms per call in traced ops, "
+           f"{profile.get('coverage', float('nan')) * 100:.0f}% of the process CPU time.", "",
+           "| component | pass | busy ms | share |", "|---|---|---|---|"]
   for c in profile["components"]:
     if c["share"] >= 0.005:
       lines.append(f"| {c['component']} | {c['pass']} | {c['busy_s'] * 1e3:,.1f} | "

@@ -13,7 +13,7 @@ Spec keys: ``task`` ('train_step' or 'eval_pass', then ``variant``: a
 ``name``, ``group``, ``quick``, ``env`` (extra environment variables, e.g.
 ``LD_PRELOAD``), and the dropout-RNG switches of ``benchmarks.variants``:
 ``prng_impl``, ``threefry_partitionable`` (bool), ``bits16`` and
-``attention_chunks``.
+``attention_chunks``; ``dropout_rate`` overrides the model's.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def _train_step(spec: dict[str, Any]) -> dict[str, Any]:
   mesh = parallel.make_mesh(devices)
   config = kernels.ml1m_config("sasrec")
   config.data.max_len = int(spec.get("max_len", config.data.max_len))
+  config.model.dropout_rate = float(spec.get("dropout_rate", config.model.dropout_rate))
   batch = int(spec["per_device_batch"]) * devices
   impl = spec.get("prng_impl") or kernels.dropout_rng_impl() or jax.config.jax_default_prng_impl
   rng = kernels.train_rng(impl=impl) if spec.get("prng_impl") else None
