@@ -10,7 +10,7 @@ exactly what an uninterrupted one would.
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -204,18 +204,8 @@ class Trainer:
         sampling=self.config.eval.sampling, seed=self.config.seed,
         process_index=block, process_count=num_blocks)
     return evaluate.evaluate(self._eval_step, params,
-                             (parallel.to_global(b, self.mesh) for b in _pad_exclude(batches)))
+                             (parallel.to_global(b, self.mesh) for b in batches))
 
-
-def _pad_exclude(batches: Iterable[dict]) -> Iterable[dict]:
-  """Rounds ``exclude`` widths up to a power of two so few shapes get compiled."""
-  for batch in batches:
-    width = batch["exclude"].shape[1]
-    padded = 1 << max(width - 1, 0).bit_length()
-    if padded != width:
-      batch = dict(batch)
-      batch["exclude"] = np.pad(batch["exclude"], ((0, 0), (0, padded - width)))
-    yield batch
 
 
 def _abstract(state: State) -> State:

@@ -130,9 +130,9 @@ def test_train_step_and_evaluation_match_unsharded():
 def test_evaluation_never_gathers_the_table():
   trainer = _trainer(model_parallel=2)
   state = trainer.init_state()
-  local = next(train._pad_exclude(train.pipeline.eval_batches(
+  local = next(train.pipeline.eval_batches(
       trainer.dataset, split="valid", task=trainer.task, max_len=trainer.config.data.max_len,
-      batch_size=trainer.config.eval.batch_size)))
+      batch_size=trainer.config.eval.batch_size))
   batch = parallel.to_global(local, trainer.mesh)
   _assert_table_never_gathered(trainer._eval_step.lower(state["params"], batch).compile()
                                .as_text(), trainer)

@@ -29,8 +29,6 @@ SPLITS = ("valid", "test")
 SAMPLINGS = ("uniform", "popularity")
 # Salts that keep the random streams of different purposes apart.
 _SHUFFLE_SALT, _TRAIN_SALT, _EVAL_SALT = 0, 1, 2
-# Eval `exclude` widths are rounded up to this multiple so few shapes compile.
-_EXCLUDE_MULTIPLE = 8
 # Below this fraction of allowed items (or allowed popularity mass), sample
 # from the explicit complement instead of rejecting draws.
 _REJECTION_MIN_ACCEPTANCE = 0.25
@@ -151,7 +149,7 @@ def eval_batches(dataset: builders.Dataset, *, split: str, task: str, max_len: i
   Yields:
     ``item_seq int32[B, L]``, ``target int32[B]``, ``exclude int32[B, H]``
     (the history's distinct items other than the target, 0-padded; H is
-    the global batch's longest history rounded up to a multiple of 8),
+    the global batch's longest history rounded up to a power of two),
     ``sampled_negatives int32[B, S]``, ``user int32[B]``, ``weight
     float32[B]``.
   """
@@ -171,7 +169,8 @@ def eval_batches(dataset: builders.Dataset, *, split: str, task: str, max_len: i
   for start in range(0, num_users, global_batch):
     global_users = np.arange(start, min(start + global_batch, num_users))
     width = max(int(history_lengths[global_users].max()), 1)
-    width = -(-width // _EXCLUDE_MULTIPLE) * _EXCLUDE_MULTIPLE
+    # A power of two, so that only a handful of shapes ever compile.
+    width = 1 << (width - 1).bit_length()
     batch = {
         "item_seq": np.zeros((batch_size, max_len), np.int32),
         "target": np.zeros((batch_size,), np.int32),

@@ -2,20 +2,17 @@
 
 import ml_collections
 
-from experiments.configs import default
+from experiments.configs import default, sasrec
 
 
 def model_config() -> ml_collections.ConfigDict:
-  model = ml_collections.ConfigDict()
+  """SASRec's fields (documented in sasrec.py) plus the cloze mask rate."""
+  model = sasrec.model_config()
   model.name = "bert4rec"  # module in deeprec_jax/models/
-  model.dim = 64  # embedding and hidden width
-  model.num_blocks = 2  # bidirectional self-attention blocks
-  model.num_heads = 2  # attention heads (each additive head has its own b, v)
-  model.dropout_rate = 0.1  # dropout on embeddings, attention and FFN
-  model.attention = "dot_product"  # dot_product | additive
-  model.positional = True  # learned positional embedding on/off
+  model.dim = 64  # BERT4Rec's width
+  model.num_heads = 2  # BERT4Rec's heads
+  model.dropout_rate = 0.1  # BERT4Rec's dropout
   model.mask_prob = 0.2  # fraction of training items replaced by [mask]
-  model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
   return model
 
 
