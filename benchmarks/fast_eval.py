@@ -1,135 +1,46 @@
-"""Same-result faster SASRec evaluation, measured without changing the library.
+"""Whole full-ranking evaluation passes of SASRec over every ML-1M user.
 
-Full-ranking evaluation runs the SASRec forward pass over all ``L`` positions
-of every user, then reads only the last one. Two exact savings:
+The library evaluates users grouped by history length (``pipeline.eval_lengths``:
+``config.eval.length_buckets`` input lengths, L, L/2, L/4, ...), and its models
+run the last block at the last position only (``last_only``, used by
+``evaluate.score_items``). Both are exact: outputs at the last position do not
+depend on left padding, and no other position is read.
 
-* **Length buckets.** Outputs at real positions do not depend on how much
-  left padding precedes them (positions are right-aligned, padding keys are
-  masked), so a user whose history has ``n <= L'`` items gives the same last
-  hidden state from ``item_seq[:, -L']``. Sorting users by history length and
-  running each bucket at the smallest ``L'`` in ``BUCKETS`` that holds it cuts
-  the ``O(L)`` projections and the ``O(L^2)`` attention of the short users.
-  On ML-1M half the users have at most ~100 items.
-* **Last query only in the last block.** Every block but the last must run
-  all positions (they are the next block's keys), but the last block's
-  output is read at one position: its query, softmax, output projection and
-  FFN are needed for that position only (keys and values still cover all).
-
-``LastPositionSASRec`` has the parameter tree of ``sasrec.Model`` (same
-submodule names), built from the library's own layers, and is checked
-against the library's scores before it is timed.
+``eval_setups`` builds the passes to time on synthetic ML-1M-shaped histories
+(``benchmarks.inputs``): ``library`` (grouped as the pipeline groups them) and
+``one_length`` (every user at L = 200, as with ``--config.eval.length_buckets=1``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import inputs, kernels
 from deeprec_jax import evaluate, models
-from deeprec_jax.models import layers
-
-BUCKETS = (25, 50, 100, 200)
+from deeprec_jax.data import pipeline
 
 
-class _LastQueryBlock(nn.Module):
-  """``layers.SelfAttentionBlock`` (causal) evaluated at the last position only."""
-
-  num_heads: int = 1
-  dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.xavier_uniform()
-
-  @nn.compact
-  def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
-    layer_norm = lambda name: nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=self.dtype,
-                                           use_fast_variance=False, name=name)
-    x = x.astype(self.dtype)
-    mask = layers.attention_mask(valid, causal=True)[:, :, -1:, :]
-    q = layer_norm("ln_attention")(x[:, -1:])
-    attend = layers.DotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
-                                        kernel_init=self.kernel_init, name="attention")
-    h = q + attend(q, x, mask)
-    f = layer_norm("ln_ffn")(h)
-    y = f + layers.PointwiseFeedForward(activation=nn.relu, dtype=self.dtype,
-                                        kernel_init=self.kernel_init, name="ffn")(f)
-    return y * valid[:, -1:, None].astype(y.dtype)
-
-
-class LastPositionSASRec(nn.Module):
-  """SASRec's inference pass, returning ``[batch, 1, dim]``: the last position only.
-
-  Same fields and parameter names as ``sasrec.Model``; dot-product attention
-  and inference mode only.
-  """
-
-  num_items: int
-  num_users: int
-  max_len: int
-  dim: int = 50
-  num_blocks: int = 2
-  num_heads: int = 1
-  dropout_rate: float = 0.2
-  attention: str = "dot_product"
-  positional: bool = True
-  dtype: str = "float32"
-
-  @nn.compact
-  def __call__(self, item_seq: jax.Array, *, user: jax.Array | None = None,
-               train: bool = False) -> jax.Array:
-    del user
-    if train or self.attention != "dot_product" or self.num_blocks < 1:
-      raise ValueError("LastPositionSASRec covers inference with dot-product attention.")
-    dtype = layers.compute_dtype(self.dtype)
-    init = nn.initializers.xavier_uniform()
-    valid = item_seq != 0
-    x = nn.Embed(self.num_items + 1, self.dim, embedding_init=init, name="item_embed")(item_seq)
-    x = x * (self.dim**0.5)
-    if self.positional:
-      x = x + layers.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
-                                         name="pos_embed")(item_seq.shape[1])
-    x = x.astype(dtype) * valid[..., None].astype(dtype)
-    for i in range(self.num_blocks - 1):
-      x = layers.SelfAttentionBlock(attention="dot_product", num_heads=self.num_heads,
-                                    dtype=dtype, causal=True, activation=nn.relu,
-                                    kernel_init=init, name=f"block_{i}")(x, valid)
-    x = _LastQueryBlock(num_heads=self.num_heads, dtype=dtype, kernel_init=init,
-                        name=f"block_{self.num_blocks - 1}")(x, valid)
-    x = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=dtype, use_fast_variance=False,
-                     name="final_ln")(x)
-    return (x * valid[:, -1:, None].astype(x.dtype)).astype(jnp.float32)
-
-
-def check_same_scores(model: nn.Module, fast: nn.Module, params: Any, item_seq: np.ndarray,
-                      num_items: int) -> float:
-  """Max |score difference| between the library model and ``fast`` on ``item_seq``."""
-  ref = evaluate.score_items(model, params, num_items, jnp.asarray(item_seq))
-  out = evaluate.score_items(fast, params, num_items, jnp.asarray(item_seq))
-  return float(jnp.max(jnp.abs(ref - out)))
-
-
-def bucketed_batches(batch: dict[str, np.ndarray], lengths: np.ndarray, batch_size: int,
-                     buckets: tuple[int, ...] = BUCKETS) -> list[dict[str, Any]]:
-  """Users sorted by history length, cut to the smallest bucket length that holds them.
+def grouped_batches(batch: dict[str, np.ndarray], input_lengths: np.ndarray, batch_size: int,
+                    lengths: tuple[int, ...]) -> list[dict[str, Any]]:
+  """Users grouped by the shortest of ``lengths`` that holds their input, as the pipeline does.
 
   Args:
     batch: one eval batch with a row per user (all users), ``item_seq [U, L]``.
-    lengths: ``int[U]`` history length of each user.
-    batch_size: rows per batch; each bucket's last batch is padded with
+    input_lengths: ``int[U]``, each user's number of non-padding input items.
+    batch_size: rows per batch; each group's last batch is padded with
       ``weight = 0`` rows.
-    buckets: increasing sequence lengths, the last one ``>= max(lengths)``.
+    lengths: increasing input lengths, the last one ``>= max(input_lengths)``.
 
   Returns:
-    Device-resident batches, a few compiled shapes (one per bucket).
+    Device-resident batches, one compiled shape per length.
   """
-  order = np.argsort(lengths, kind="stable")
-  bucket_of = np.searchsorted(np.asarray(buckets), np.minimum(lengths, buckets[-1]))
+  group_of = np.searchsorted(np.asarray(lengths), input_lengths)
   out = []
-  for b, seq_len in enumerate(buckets):
-    users = order[bucket_of[order] == b]
+  for group, seq_len in enumerate(lengths):
+    users = np.flatnonzero(group_of == group)
     for start in range(0, len(users), batch_size):
       rows = users[start:start + batch_size]
       pad = batch_size - len(rows)
@@ -146,37 +57,30 @@ def eval_setups(batch_size: int) -> tuple[dict[str, dict[str, Any]], dict[str, A
 
   Returns:
     ``({name: {'step', 'batches', 'note'}}, meta)`` where ``meta`` holds the
-    ``params``, ``max_abs_score_diff`` (fast model vs library) and
-    ``bucket_sizes`` (users per bucket length).
+    ``params`` and ``users_per_length``.
   """
   config = kernels.ml1m_config("sasrec")
-  kwargs = dict(num_items=inputs.ML1M_ITEMS, num_users=inputs.ML1M_USERS,
-                max_len=config.data.max_len)
-  model = models.create_model(config.model, **kwargs)
-  model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
-  fast = LastPositionSASRec(**kwargs, **model_kwargs)
-  everyone = inputs.eval_batch(batch=inputs.ML1M_USERS, max_len=config.data.max_len,
+  max_len = config.data.max_len
+  model = models.create_model(config.model, num_items=inputs.ML1M_ITEMS,
+                              num_users=inputs.ML1M_USERS, max_len=max_len)
+  everyone = inputs.eval_batch(batch=inputs.ML1M_USERS, max_len=max_len,
                                num_items=inputs.ML1M_ITEMS, num_users=inputs.ML1M_USERS,
                                exclude_width=kernels.EVAL_EXCLUDE_WIDTH,
                                num_sampled_negatives=config.eval.num_sampled_negatives)
-  lengths = (everyone["item_seq"] > 0).sum(axis=1)
+  input_lengths = (everyone["item_seq"] > 0).sum(axis=1)
   params = jax.device_put(model.init(jax.random.PRNGKey(0), everyone["item_seq"][:1])["params"])
-  diff = check_same_scores(model, fast, params, everyone["item_seq"][:64], inputs.ML1M_ITEMS)
-  plain = bucketed_batches(everyone, np.full_like(lengths, config.data.max_len), batch_size,
-                           (config.data.max_len,))
-  bucketed = bucketed_batches(everyone, lengths, batch_size)
-  step = lambda m: jax.jit(evaluate.make_eval_step(m, inputs.ML1M_ITEMS, tuple(config.eval.ks),
-                                                   exclude_history=config.eval.exclude_history))
+  lengths = pipeline.eval_lengths(max_len, config.eval.length_buckets)
+  step = jax.jit(evaluate.make_eval_step(model, inputs.ML1M_ITEMS, tuple(config.eval.ks),
+                                         exclude_history=config.eval.exclude_history))
   setups = {
-      "library": dict(step=step(model), batches=plain, note="library eval step, all at L=200"),
-      "length_buckets": dict(step=step(model), batches=bucketed,
-                             note=f"library eval step, users bucketed by length {BUCKETS}"),
-      "last_query": dict(step=step(fast), batches=plain,
-                         note="last block at the last position only, L=200"),
-      "last_query+length_buckets": dict(step=step(fast), batches=bucketed,
-                                        note="both (same scores as the library)"),
+      "library": dict(step=step, batches=grouped_batches(everyone, input_lengths, batch_size,
+                                                         lengths),
+                      note=f"library: users grouped by input length {lengths}"),
+      "one_length": dict(step=step, batches=grouped_batches(everyone, input_lengths, batch_size,
+                                                            (max_len,)),
+                         note=f"every user at L={max_len} (eval.length_buckets=1)"),
   }
-  meta = dict(params=params, max_abs_score_diff=diff,
-              bucket_sizes=[int(np.sum(np.searchsorted(BUCKETS, lengths) == b))
-                            for b in range(len(BUCKETS))])
+  group_of = np.searchsorted(np.asarray(lengths), input_lengths)
+  meta = dict(params=params, users_per_length={
+      int(n): int(np.sum(group_of == g)) for g, n in enumerate(lengths)})
   return setups, meta

@@ -27,7 +27,7 @@ def _measured(builder: Callable[[bool], list[harness.Kernel]]) -> Callable[..., 
 
 
 # Evaluation passes of SASRec timed in --quick (all of fast_eval's otherwise).
-QUICK_EVAL_PASSES = ("library", "last_query+length_buckets")
+QUICK_EVAL_PASSES = ("library",)
 
 
 def _pass_row(name: str, step: Any, params: Any, batches: list, *, batch_size: int,
@@ -62,8 +62,7 @@ def eval_rows(quick: bool, repeats: int, peaks: harness.Peaks) -> Rows:
             f"sasrec_full_ranking_{variant}", setup["step"], meta["params"], setup["batches"],
             batch_size=batch_size, step_row=step_row, repeats=pass_repeats, peaks=peaks,
             note=setup["note"] + "; the <= 2 s target",
-            extra={"model": name, "users_per_bucket": meta["bucket_sizes"],
-                   "max_abs_score_diff": meta["max_abs_score_diff"]}))
+            extra={"model": name, "users_per_length": meta["users_per_length"]}))
       if not quick:
         rows += _eval_process_rows(pass_repeats, peaks)
     else:

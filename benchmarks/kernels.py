@@ -503,27 +503,33 @@ def breakdown_kernels(quick: bool) -> list[Kernel]:
 
 
 def dropout_shapes(batch: int, seq_len: int, dim: int, num_blocks: int) -> list[tuple[int, ...]]:
-  """Shapes SASRec draws a dropout mask for in one training step."""
+  """Shapes SASRec draws a dropout mask for in one training step.
+
+  The attention weights come in causal query blocks (``layers.query_blocks``):
+  block ``[a, b)`` draws ``[batch, 1, b - a, b]``.
+  """
   shapes = [(batch, seq_len, dim)]  # embeddings
+  blocks = layers.query_blocks(seq_len, seq_len, causal=True)
   for _ in range(num_blocks):
-    shapes += [(batch, 1, seq_len, seq_len), (batch, seq_len, dim), (batch, seq_len, dim)]
+    shapes += [(batch, 1, stop - start, keys) for start, stop, keys in blocks]
+    shapes += [(batch, seq_len, dim), (batch, seq_len, dim)]
   return shapes
 
 
 def dropout_masks_kernel(batch: int, seq_len: int, dim: int, num_blocks: int, rate: float,
                          rng: jax.Array | None = None, name: str = "dropout_masks",
                          group: str = "breakdown") -> Kernel:
-  """Draws all of one step's dropout masks as ``nn.Dropout`` does (``bernoulli``)."""
+  """Draws all of one step's dropout masks as ``layers.Dropout`` does."""
   shapes = dropout_shapes(batch, seq_len, dim, num_blocks)
   rng = _rng(3) if rng is None else rng
 
   def fn(rng):
     keys = jax.random.split(rng, len(shapes))
     # Sum the kept counts so the masks are not dead code.
-    return sum(jnp.sum(jax.random.bernoulli(k, 1.0 - rate, s), dtype=jnp.int32)
+    return sum(jnp.sum(layers.dropout_keep_mask(k, s, 1.0 - rate)[0], dtype=jnp.int32)
                for k, s in zip(keys, shapes, strict=True))
 
   numbers = int(sum(np.prod(s) for s in shapes))
   return Kernel(group, name, fn, (rng,), items=batch,
                 params={"random_numbers": numbers, "rate": rate},
-                note=f"{numbers / 1e6:.1f}M Bernoulli draws (embeddings, attention weights, FFN)")
+                note=f"{numbers / 1e6:.1f}M 16-bit draws (embeddings, attention weights, FFN)")

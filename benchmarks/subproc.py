@@ -11,9 +11,7 @@ Spec keys: ``task`` ('train_step' or 'eval_pass', then ``variant``: a
 ``fast_eval`` pass), ``devices`` (forced CPU devices, 1 = none forced),
 ``per_device_batch``, ``max_len``, ``repeats``, ``xla_flags`` (extra flags),
 ``name``, ``group``, ``quick``, ``env`` (extra environment variables, e.g.
-``LD_PRELOAD``), and the dropout-RNG switches of ``benchmarks.variants``:
-``prng_impl``, ``threefry_partitionable`` (bool), ``bits16`` and
-``attention_chunks``; ``dropout_rate`` overrides the model's.
+``LD_PRELOAD``); ``dropout_rate`` overrides the model's.
 """
 
 from __future__ import annotations
@@ -106,7 +104,7 @@ def _train_step(spec: dict[str, Any]) -> dict[str, Any]:
   """Times the sharded SASRec train step."""
   import jax
 
-  from benchmarks import harness, kernels, variants
+  from benchmarks import harness, kernels
   from deeprec_jax import parallel
 
   devices = int(spec.get("devices", 1))
@@ -117,28 +115,17 @@ def _train_step(spec: dict[str, Any]) -> dict[str, Any]:
   config.data.max_len = int(spec.get("max_len", config.data.max_len))
   config.model.dropout_rate = float(spec.get("dropout_rate", config.model.dropout_rate))
   batch = int(spec["per_device_batch"]) * devices
-  impl = spec.get("prng_impl") or kernels.dropout_rng_impl() or jax.config.jax_default_prng_impl
-  rng = kernels.train_rng(impl=impl) if spec.get("prng_impl") else None
-  kernel = kernels.train_step_kernel("sasrec", config=config, batch_size=batch, rng=rng,
+  kernel = kernels.train_step_kernel("sasrec", config=config, batch_size=batch,
                                      group=spec.get("group", "subprocess"),
                                      name=spec.get("name", f"sasrec_{devices}dev"))
   # As train.py jits the step: state replicated (a 'model' axis of size 1),
   # batch split over 'data', state donated.
   kernel.in_shardings = (parallel.replicated(mesh), parallel.batch_sharding(mesh))
   kernel.out_shardings = parallel.replicated(mesh)
-  variant = variants.Variant(
-      "subprocess", "", bits16=bool(spec.get("bits16")),
-      attention_chunks=int(spec.get("attention_chunks", 0)),
-      threefry_partitionable=spec.get("threefry_partitionable"))
-  with variant.context(), variants.dropout_rng_impl(impl):
-    row = harness.measure(kernel, repeats=int(spec.get("repeats", 10)),
-                          warmup=1 if spec.get("quick") else 2)
+  row = harness.measure(kernel, repeats=int(spec.get("repeats", 10)),
+                        warmup=1 if spec.get("quick") else 2)
   row["params"].update(devices=devices, per_device_batch=int(spec["per_device_batch"]),
-                       xla_flags=spec.get("xla_flags", ""), env=spec.get("env") or {},
-                       dropout_rng=impl,
-                       threefry_partitionable=spec.get("threefry_partitionable"),
-                       bits16=bool(spec.get("bits16", False)),
-                       attention_chunks=int(spec.get("attention_chunks", 0)))
+                       xla_flags=spec.get("xla_flags", ""), env=spec.get("env") or {})
   return row
 
 

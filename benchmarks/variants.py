@@ -1,27 +1,28 @@
-"""Variants of the SASRec ML-1M train step: what makes it faster with the same math.
+"""Variants of the SASRec ML-1M train step: what each piece of the library buys.
 
 Every variant trains the same model on the same batch with the same loss,
 dropout rate and optimizer unless its row says ``same_math: False``; what
 changes is how the step is generated or compiled:
 
-* dropout random numbers: the PRNG implementation of the step's dropout key
-  (``train.DROPOUT_RNG_IMPL``; ``threefry2x32``, ``philox4x32``, ``rbg``,
-  ``unsafe_rbg``), the ``jax_threefry_partitionable`` flag, and drawing 16
-  random bits per element instead of a 32-bit uniform (keep-probability
-  quantised to 2^-16 instead of 2^-23: 0.8 becomes 0.800003). These change
-  *which* masks are drawn, not their distribution;
-* attention by blocks of queries, skipping the causal mask's upper triangle
-  (``benchmarks.attention_variants``: same outputs, fewer FLOPs);
+* dropout: the library's ``layers.Dropout`` (16 random bits per element, four
+  elements per Threefry hash) against ``flax.linen.Dropout``
+  (``jax.random.bernoulli``: a float32 uniform per element) with the dropout
+  key as ``rbg`` (the library's key) or ``threefry2x32`` (jax's default).
+  These change *which* masks are drawn, not their distribution;
+* causal attention in one block of queries instead of the library's ~50-row
+  blocks that skip the keys after them (``layers.query_blocks``; same
+  outputs);
+* ``previous_library``: both of the above, i.e. the step as it was before the
+  two changes;
 * the compute dtype (bfloat16 matmuls, float32 statistics);
 * buffer donation of the train state;
 * the process set-up, each in a fresh process (``benchmarks.subproc``): XLA
-  CPU flags, and the memory allocator (``LD_PRELOAD`` of tcmalloc, where
-  installed), which decides whether each step's ~400 MB of temporaries are
-  page-faulted in afresh.
+  CPU flags, and the memory allocator (``LD_PRELOAD`` of tcmalloc or jemalloc,
+  where installed), which decides whether each step's ~400 MB of temporaries
+  are page-faulted in afresh.
 
-The library is not modified: ``train.DROPOUT_RNG_IMPL`` and the Bernoulli
-draw of ``flax.linen.Dropout`` are patched only for the duration of a
-measurement, to show what the change would buy.
+The library is not modified: ``layers.Dropout``, ``layers._MAX_QUERY_BLOCKS``
+and ``train.DROPOUT_RNG_IMPL`` are patched only while a variant is traced.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from flax.linen import stochastic
 
-from benchmarks import attention_variants, harness, kernels, subproc
+from benchmarks import harness, kernels, subproc
 from deeprec_jax import train
+from deeprec_jax.models import layers
 
 # Allocators that keep freed memory mapped (glibc returns large blocks to the
 # OS with munmap, so every step faults its temporaries in again).
@@ -66,54 +67,25 @@ XLA_FLAG_VARIANTS = (
 )
 
 
-class _Bits16Random:
-  """``jax.random`` with a ``bernoulli`` that compares 16 random bits to a threshold."""
+class FlaxDropout(nn.Module):
+  """``flax.linen.Dropout`` behind ``layers.Dropout``'s interface (a Bernoulli per element)."""
 
-  def __getattr__(self, name: str) -> Any:
-    return getattr(jax.random, name)
+  rate: float
 
-  @staticmethod
-  def bernoulli(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
-    threshold = round(float(p) * 2**16)
-    if threshold >= 2**16:
-      return jnp.ones(shape, bool)
-    return jax.random.bits(key, shape, jnp.uint16) < jnp.uint16(threshold)
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    return nn.Dropout(self.rate)(x, deterministic=deterministic)
 
 
 @contextlib.contextmanager
-def bits16_dropout() -> Iterator[None]:
-  """Within the context, ``nn.Dropout`` draws 16-bit masks (see the module docstring)."""
-  original = stochastic.random
-  stochastic.random = _Bits16Random()
+def patched(module: Any, name: str, value: Any) -> Iterator[None]:
+  """Sets ``module.name = value`` for the duration of the context."""
+  previous = getattr(module, name)
+  setattr(module, name, value)
   try:
     yield
   finally:
-    stochastic.random = original
-
-
-@contextlib.contextmanager
-def threefry_partitionable(value: bool) -> Iterator[None]:
-  """Sets ``jax_threefry_partitionable`` (part of the jit cache key) temporarily."""
-  previous = jax.config.jax_threefry_partitionable
-  jax.config.update("jax_threefry_partitionable", value)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_threefry_partitionable", previous)
-
-
-@contextlib.contextmanager
-def dropout_rng_impl(impl: str) -> Iterator[None]:
-  """Makes the library's train step wrap its key as ``impl`` (if it has the constant)."""
-  if kernels.dropout_rng_impl() is None:
-    yield
-    return
-  previous = train.DROPOUT_RNG_IMPL
-  train.DROPOUT_RNG_IMPL = impl
-  try:
-    yield
-  finally:
-    train.DROPOUT_RNG_IMPL = previous
+    setattr(module, name, previous)
 
 
 @dataclasses.dataclass
@@ -123,23 +95,22 @@ class Variant:
   name: str
   note: str
   same_math: bool = True
-  prng_impl: str | None = None  # None: the library's choice
+  prng_impl: str | None = None  # None: the library's train.DROPOUT_RNG_IMPL
+  flax_dropout: bool = False  # flax.linen.Dropout instead of layers.Dropout
+  one_query_block: bool = False  # causal attention without query blocks
   dtype: str = "float32"
   dropout_rate: float | None = None
   donate: bool = True
-  attention_chunks: int = 0  # > 0: attention_variants.ChunkedDotProductAttention
-  bits16: bool = False
-  threefry_partitionable: bool | None = None  # None: jax's setting
 
   def context(self) -> contextlib.AbstractContextManager:
     """The jit-time switches of this variant, active while it is traced."""
     stack = contextlib.ExitStack()
-    if self.attention_chunks:
-      stack.enter_context(attention_variants.patched_attention(self.attention_chunks))
-    if self.bits16:
-      stack.enter_context(bits16_dropout())
-    if self.threefry_partitionable is not None:
-      stack.enter_context(threefry_partitionable(self.threefry_partitionable))
+    if self.flax_dropout:
+      stack.enter_context(patched(layers, "Dropout", FlaxDropout))
+    if self.one_query_block:
+      stack.enter_context(patched(layers, "_MAX_QUERY_BLOCKS", 1))
+    if self.prng_impl:
+      stack.enter_context(patched(train, "DROPOUT_RNG_IMPL", self.prng_impl))
     return stack
 
 
@@ -147,24 +118,14 @@ def in_process_variants(quick: bool) -> list[Variant]:
   """The variants that one process can build (jit-time switches only)."""
   variants = [
       Variant("baseline", "the library's train step as it is"),
-      Variant("threefry2x32", "dropout key threefry2x32 (jax default), partitionable",
-              prng_impl="threefry2x32"),
-      Variant("threefry2x32_not_partitionable",
-              "threefry2x32 with jax_threefry_partitionable=False",
-              prng_impl="threefry2x32", threefry_partitionable=False),
-      Variant("philox4x32", "dropout key philox4x32", prng_impl="philox4x32"),
-      Variant("rbg", "dropout key rbg (XLA RngBitGenerator)", prng_impl="rbg"),
-      Variant("unsafe_rbg", "dropout key unsafe_rbg", prng_impl="unsafe_rbg"),
-      Variant("rbg+bits16", "rbg, 16-bit dropout masks", prng_impl="rbg", bits16=True),
-      Variant("threefry2x32_not_partitionable+bits16",
-              "threefry2x32, jax_threefry_partitionable=False, 16-bit dropout masks",
-              prng_impl="threefry2x32", threefry_partitionable=False, bits16=True),
-      Variant("attention_chunks4", "causal attention in 4 query blocks (skips the upper "
-              "triangle)", attention_chunks=4),
-      Variant("attention_chunks8", "causal attention in 8 query blocks", attention_chunks=8),
-      Variant("best_in_process", "threefry2x32 not partitionable + bits16 + 4 query blocks",
-              prng_impl="threefry2x32", threefry_partitionable=False, bits16=True,
-              attention_chunks=4),
+      Variant("flax_dropout_rbg", "flax.linen.Dropout (float32 uniform per element), rbg key",
+              flax_dropout=True),
+      Variant("flax_dropout_threefry", "flax.linen.Dropout, threefry2x32 key (jax default)",
+              flax_dropout=True, prng_impl="threefry2x32"),
+      Variant("one_query_block", "causal attention over all keys at once (no query blocks)",
+              one_query_block=True),
+      Variant("previous_library", "flax dropout (rbg) + one query block: the step before both "
+              "changes", flax_dropout=True, one_query_block=True),
       Variant("bfloat16", "model.dtype='bfloat16' (matmuls in bf16, stats in f32)",
               dtype="bfloat16", same_math=False),
       Variant("no_donation", "state not donated (params and Adam moments copied)",
@@ -173,7 +134,7 @@ def in_process_variants(quick: bool) -> list[Variant]:
               dropout_rate=0.0, same_math=False),
   ]
   if quick:
-    keep = {"baseline", "best_in_process"}
+    keep = {"baseline", "previous_library"}
     variants = [v for v in variants if v.name in keep]
   return variants
 
@@ -193,11 +154,11 @@ def variant_rows(quick: bool, repeats: int, peaks: harness.Peaks | None,
   """Times every variant; rows carry ``speedup`` relative to the baseline."""
   rows = []
   for variant in in_process_variants(quick):
-    impl = variant.prng_impl or kernels.dropout_rng_impl() or "threefry2x32"
-    with variant.context(), dropout_rng_impl(impl):
+    with variant.context():
       row = harness.measure(variant_kernel(variant), peaks=peaks, repeats=repeats,
                             warmup=1 if quick else 2)
-    row["params"]["dropout_rng"] = impl
+    row["params"]["dropout_rng"] = variant.prng_impl or train.DROPOUT_RNG_IMPL
+    row["params"]["dropout"] = "flax.linen.Dropout" if variant.flax_dropout else "layers.Dropout"
     row["same_math"] = variant.same_math
     rows.append(row)
   base = next(r for r in rows if r["name"] == "baseline")
@@ -221,16 +182,11 @@ def available_allocators() -> dict[str, dict[str, str]]:
   return found
 
 
-# The fastest same-math in-process set-up found on the 2-core CPU (see README).
-BEST_IN_PROCESS = {"prng_impl": "threefry2x32", "threefry_partitionable": False, "bits16": True,
-                   "attention_chunks": 4}
-
-
 def process_rows(repeats: int) -> list[dict[str, Any]]:
   """Process-level set-ups, each in a fresh process, against a fresh-process baseline.
 
   XLA flags one at a time, then each installed allocator, then the best of
-  each together with the fastest dropout-RNG set-up, as one combined row.
+  each together, as one combined row.
   """
   spec = {"devices": 1, "per_device_batch": 128, "repeats": repeats, "group": "variants"}
   rows = [subproc.run({**spec, "name": "process: baseline"})]
@@ -255,11 +211,10 @@ def process_rows(repeats: int) -> list[dict[str, Any]]:
   allocs = helped(r for r in rows if r.get("params", {}).get("env"))
   best_flag = max(flags, key=lambda r: r["speedup"])["params"]["xla_flags"] if flags else ""
   best_env = max(allocs, key=lambda r: r["speedup"])["params"]["env"] if allocs else {}
-  row = subproc.run({**spec, **BEST_IN_PROCESS, "name": "process: combined",
+  row = subproc.run({**spec, "name": "process: combined",
                      "xla_flags": best_flag, "env": best_env})
   if "median_s" in row:
     row.update(same_math=True, speedup=base["median_s"] / row["median_s"],
-               note=f"best flag ({best_flag or 'none'}), allocator {best_env or 'glibc'}, "
-                    "and best_in_process")
+               note=f"best flag ({best_flag or 'none'}) and allocator {best_env or 'glibc'}")
   rows.append(row)
   return rows

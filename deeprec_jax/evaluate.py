@@ -34,9 +34,9 @@ def score_items(model: nn.Module, params: Any, num_items: int, item_seq: Array, 
                 user: Array | None = None) -> Array:
   """Scores of every item after each history: ``float32[B, N + 1]``.
 
-  ``hidden = model.apply(...)`` in inference mode; ``[B, L, D]`` outputs are
-  read at the last position (the state after the whole history, or BERT4Rec's
-  mask slot), ``[B, D]`` outputs are used as they are; then
+  ``hidden = model.apply(..., last_only=True)`` in inference mode; ``[B, 1, D]``
+  outputs are the last position (the state after the whole history, or
+  BERT4Rec's mask slot), ``[B, D]`` outputs are used as they are; then
   ``scores = h @ item_table.T`` in float32. Column 0 is padding: rank or
   recommend through ``metrics``, which masks it.
 
@@ -50,7 +50,7 @@ def score_items(model: nn.Module, params: Any, num_items: int, item_seq: Array, 
   Returns:
     ``float32[B, N + 1]``.
   """
-  hidden = model.apply({"params": params}, item_seq, user=user, train=False)
+  hidden = model.apply({"params": params}, item_seq, user=user, train=False, last_only=True)
   if hidden.ndim == 3:
     hidden = hidden[:, -1]
   table = models.item_table(params, num_items)

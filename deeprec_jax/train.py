@@ -27,9 +27,9 @@ from deeprec_jax.models import popularity
 
 State = dict[str, Any]  # {'params', 'opt_state', 'step', 'rng'}
 OPTIMIZERS = ("adam", "adamw")
-# Dropout masks come from XLA's RngBitGenerator ('rbg'): on CPU it halves the
-# SASRec ML-1M step time compared with threefry, whose bits cost more than
-# the model's matmuls. It stays a pure function of (seed, step).
+# Implementation of the dropout key. Masks are drawn by layers.Dropout (16-bit
+# Threefry draws), which reads only two words from this key, so the choice
+# costs nothing; 'rbg' keeps the key shape of existing checkpoints.
 DROPOUT_RNG_IMPL = "rbg"
 SCHEDULES = ("constant", "cosine")
 
@@ -202,6 +202,7 @@ class Trainer:
         batch_size=self.config.eval.batch_size // num_blocks,
         num_sampled_negatives=self.config.eval.num_sampled_negatives,
         sampling=self.config.eval.sampling, seed=self.config.seed,
+        length_buckets=self.config.eval.get("length_buckets", 1),
         process_index=block, process_count=num_blocks)
     return evaluate.evaluate(self._eval_step, params,
                              (parallel.to_global(b, self.mesh) for b in batches))

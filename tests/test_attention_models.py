@@ -450,3 +450,105 @@ def test_bfloat16_close_to_float32(name, attention):
   assert np.isfinite(h16).all()
   err = np.abs(h16 - h32)
   assert err.max() < 0.15 and err.mean() < 0.02, (err.max(), err.mean())
+
+
+# ----------------------------------------------------------------------------
+# Query blocks, last-position outputs and dropout.
+# ----------------------------------------------------------------------------
+
+
+def test_query_blocks():
+  """Causal attention splits ~50-row query blocks (at most 4) that read only earlier keys."""
+  assert layers.query_blocks(200, 200, causal=False) == [(0, 200, 200)]
+  assert layers.query_blocks(49, 49, causal=True) == [(0, 49, 49)]
+  assert layers.query_blocks(200, 200, causal=True) == [
+      (0, 50, 50), (50, 100, 100), (100, 150, 150), (150, 200, 200)]
+  # The last query of 120 keys: one block reading every key.
+  assert layers.query_blocks(1, 120, causal=True) == [(0, 1, 120)]
+  blocks = layers.query_blocks(1000, 1000, causal=True)
+  assert len(blocks) == 4 and blocks[-1] == (750, 1000, 1000)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_causal_query_blocks_match_numpy(attention):
+  """L = 120 runs in 2 causal query blocks; outputs equal the float64 reference.
+
+  The last query alone (``q_len = 1``, the last-position path) gives the last row.
+  """
+  seq_len, dim = 120, 4
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, seq_len, dim)).astype(np.float32)
+  valid = np.ones((2, seq_len), bool)
+  valid[1, :70] = False  # a long left padding across the block boundary
+  mask = np_mask(valid, causal=True)
+  cls = layers.DotProductAttention if attention == "dot_product" else layers.AdditiveAttention
+  module = cls(num_heads=2, causal=True)
+  assert len(layers.query_blocks(seq_len, seq_len, causal=True)) == 2
+  params = _random_params(module, x, x, seed=4)
+  out = np.asarray(module.apply({"params": params}, x, x, jnp.asarray(mask[:, None])))
+  ref_fn = np_dot_product_attention if attention == "dot_product" else np_additive_attention
+  ref = ref_fn(np.float64(x), np.float64(x), mask, _f64(params), 2)
+  assert _rel_err(out, ref) < RTOL
+  last = module.apply({"params": params}, x[:, -1:], x, jnp.asarray(mask[:, None, -1:]))
+  np.testing.assert_allclose(np.asarray(last), out[:, -1:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_last_only_is_the_last_position(name, attention):
+  """``last_only=True`` returns ``hidden[:, -1:]`` (L = 120: the block path is exercised)."""
+  model = _model(name, attention, max_len=120)
+  seq = jnp.asarray(_left_padded([120, 80, 3, 0], 120, seed=8))
+  params = _random_params(model, seq[:1], seed=2)
+  full = np.asarray(model.apply({"params": params}, seq))
+  last = np.asarray(model.apply({"params": params}, seq, last_only=True))
+  assert last.shape == (4, 1, DIM)
+  np.testing.assert_allclose(last, full[:, -1:], rtol=0, atol=1e-5)
+
+
+def test_dropout_keep_mask_statistics():
+  """16-bit masks: keep rate, independence of rows/lanes/keys, exact expectation."""
+  shape = (64, 4, 1001)  # an odd last dimension: a partial 64-bit word per row
+  keep, scale = layers.dropout_keep_mask(jax.random.key(0), shape, 0.8)
+  keep = np.asarray(keep)
+  threshold = round(0.8 * 2**16)
+  assert keep.shape == shape and scale == 2**16 / threshold
+  n = keep.size
+  sigma = np.sqrt(0.8 * 0.2 / n)
+  assert abs(keep.mean() - threshold / 2**16) < 5 * sigma
+  # The four 16-bit lanes of each hash, and every row, keep at the same rate.
+  words = -(-shape[-1] // 4)
+  for lane in range(4):
+    part = keep[..., lane * words:(lane + 1) * words]
+    assert abs(part.mean() - 0.8) < 5 * np.sqrt(0.16 / part.size)
+  rows = keep.reshape(-1, shape[-1]).mean(axis=1)
+  assert np.abs(rows - 0.8).max() < 5 * np.sqrt(0.16 / shape[-1])
+  # Neighbouring elements and the same element in the next row are uncorrelated.
+  flat = keep.reshape(-1, shape[-1]).astype(np.float64)
+  for a, b in [(flat[:, :-1], flat[:, 1:]), (flat[:-1], flat[1:]),
+               (flat[:, :words], flat[:, words:2 * words])]:
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 5 / np.sqrt(a.size)
+  # Another key gives an independent mask; the same key the same one.
+  other = np.asarray(layers.dropout_keep_mask(jax.random.key(1), shape, 0.8)[0])
+  assert abs(np.corrcoef(keep.ravel(), other.ravel())[0, 1]) < 5 / np.sqrt(n)
+  np.testing.assert_array_equal(
+      np.asarray(layers.dropout_keep_mask(jax.random.key(0), shape, 0.8)[0]), keep)
+
+
+def test_dropout_module():
+  """Zeros a ``rate`` fraction, scales survivors by ``scale``; identity when deterministic."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((50, 2000)), jnp.float32)
+  dropout = layers.Dropout(0.3)
+  out = np.asarray(dropout.apply({}, x, deterministic=False,
+                                 rngs={"dropout": jax.random.key(5)}))
+  kept = out != 0
+  _, scale = layers.dropout_keep_mask(jax.random.key(5), x.shape, 0.7)
+  np.testing.assert_allclose(out[kept], np.asarray(x)[kept] * scale, rtol=1e-6)
+  assert abs(kept.mean() - 0.7) < 5 * np.sqrt(0.21 / x.size)
+  # E[mask * scale] = 1 exactly, so the output mean matches the input's.
+  ones = np.asarray(dropout.apply({}, jnp.ones((400, 2500)), deterministic=False,
+                                  rngs={"dropout": jax.random.key(6)}))
+  assert abs(ones.mean() - 1.0) < 5 * np.sqrt(0.21 / 0.49 / ones.size)
+  np.testing.assert_array_equal(np.asarray(dropout.apply({}, x, deterministic=True)), x)
+  np.testing.assert_array_equal(
+      np.asarray(layers.Dropout(0.0).apply({}, x, deterministic=False)), x)

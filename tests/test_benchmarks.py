@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import attention_variants, fast_eval, harness, opprofile, run, subproc
+from benchmarks import fast_eval, harness, kernels, opprofile, run, subproc, variants
 from deeprec_jax.models import layers
 
 ROW_NUMBERS = ("compile_s", "median_s", "p10_s", "p90_s", "min_s", "throughput", "flops",
@@ -70,43 +70,36 @@ def test_carry_kernel_feeds_donated_state_back():
   assert _positive_finite(first["median_s"]) and _positive_finite(second["median_s"])
 
 
-def test_chunked_attention_matches_the_library():
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(3, 10, 8)).astype(np.float32)
-  valid = np.arange(10)[None] >= np.array([[0], [4], [9]])
-  mask = layers.attention_mask(jnp.asarray(valid), causal=True)
-  library = layers.DotProductAttention(num_heads=2)
-  params = library.init(jax.random.PRNGKey(0), x, x, mask)
-  expected = library.apply(params, x, x, mask)
-  for chunks in (1, 3, 4):
-    chunked = attention_variants.ChunkedDotProductAttention(num_heads=2, num_chunks=chunks)
-    assert jax.tree.structure(chunked.init(jax.random.PRNGKey(0), x, x, mask)) == \
-        jax.tree.structure(params)
-    np.testing.assert_allclose(chunked.apply(params, x, x, mask), expected, atol=1e-5)
+def test_variants_patch_only_while_traced():
+  """A variant swaps the library's dropout / query blocks during its context only."""
+  variant = variants.Variant("t", "", flax_dropout=True, one_query_block=True,
+                             prng_impl="threefry2x32")
+  with variant.context():
+    assert layers.Dropout is variants.FlaxDropout and layers._MAX_QUERY_BLOCKS == 1
+  assert layers.Dropout is not variants.FlaxDropout and layers._MAX_QUERY_BLOCKS > 1
+  assert kernels.dropout_rng_impl() == "rbg"
 
 
-def test_last_position_sasrec_matches_the_library():
-  from deeprec_jax.models import sasrec
-
-  kwargs = dict(num_items=30, num_users=5, max_len=12, dim=8, num_blocks=2, num_heads=2)
-  model, fast = sasrec.Model(**kwargs), fast_eval.LastPositionSASRec(**kwargs)
-  item_seq = np.random.default_rng(1).integers(1, 31, size=(4, 12)).astype(np.int32)
-  item_seq[0, :7] = 0
-  params = model.init(jax.random.PRNGKey(0), item_seq)["params"]
-  assert fast_eval.check_same_scores(model, fast, params, item_seq, num_items=30) < 1e-4
-  ref = model.apply({"params": params}, item_seq)[:, -1:]
-  np.testing.assert_allclose(fast.apply({"params": params}, item_seq), ref, atol=1e-5)
+def test_dropout_shapes_follow_the_query_blocks():
+  shapes = kernels.dropout_shapes(batch=2, seq_len=200, dim=50, num_blocks=1)
+  assert shapes[0] == (2, 200, 50)
+  assert shapes[1:5] == [(2, 1, 50, 50), (2, 1, 50, 100), (2, 1, 50, 150), (2, 1, 50, 200)]
 
 
-def test_bucketed_batches_cover_every_user_once():
+def test_grouped_batches_cover_every_user_once():
   users, width = 10, 8
   batch = {"item_seq": np.arange(users * width, dtype=np.int32).reshape(users, width) + 1,
            "target": np.arange(users, dtype=np.int32), "weight": np.ones(users, np.float32)}
   lengths = np.array([1, 8, 3, 2, 8, 4, 1, 5, 2, 7])
-  batches = fast_eval.bucketed_batches(batch, lengths, batch_size=3, buckets=(2, 4, 8))
+  batches = fast_eval.grouped_batches(batch, lengths, batch_size=3, lengths=(2, 4, 8))
   seen = np.concatenate([np.asarray(b["target"])[np.asarray(b["weight"]) > 0] for b in batches])
   assert sorted(seen.tolist()) == list(range(users))
   assert {b["item_seq"].shape[1] for b in batches} == {2, 4, 8}
+  for b in batches:  # each user's row is the right end of its full row
+    for row in np.flatnonzero(np.asarray(b["weight"])):
+      user = int(b["target"][row])
+      np.testing.assert_array_equal(b["item_seq"][row],
+                                    batch["item_seq"][user, -b["item_seq"].shape[1]:])
 
 
 def test_opprofile_categories():
@@ -127,9 +120,10 @@ def test_child_env_forces_devices_and_nproc(monkeypatch):
   assert int(env["NPROC"]) >= 16 and env["LD_PRELOAD"] == "x.so"
 
 
-def test_dense_names_used_by_the_variants_exist():
-  # ChunkedDotProductAttention mirrors DotProductAttention's submodules.
-  x = jnp.ones((1, 3, 4))
-  names = set(layers.DotProductAttention().init(jax.random.PRNGKey(0), x, x)["params"])
-  assert names == {"query", "key", "value", "out"}
-  assert isinstance(attention_variants.ChunkedDotProductAttention(), nn.Module)
+def test_flax_dropout_variant_is_a_drop_in():
+  # The variant swaps layers.Dropout for flax's: same interface, same rate of zeros.
+  x = jnp.ones((100, 1000))
+  out = variants.FlaxDropout(0.2).apply({}, x, deterministic=False,
+                                        rngs={"dropout": jax.random.PRNGKey(0)})
+  assert abs(float(jnp.mean(out == 0)) - 0.2) < 0.01
+  assert isinstance(variants.FlaxDropout(0.2), nn.Module)

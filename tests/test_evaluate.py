@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deeprec_jax import evaluate
+from deeprec_jax import evaluate, models
+from deeprec_jax.data import builders, pipeline, preprocess
+from experiments.configs import tiny
 
 N, B, L, H, S, DIM = 40, 8, 6, 10, 12, 8
 KS = (1, 5, 10, 20)
@@ -20,8 +22,8 @@ class MeanPool(nn.Module):
   num_items: int
 
   @nn.compact
-  def __call__(self, item_seq, *, user=None, train=False):
-    del user, train
+  def __call__(self, item_seq, *, user=None, train=False, last_only=False):
+    del user, train, last_only  # [B, D] already
     # One extra row, like BERT4Rec's mask token: item_table must drop it.
     x = nn.Embed(self.num_items + 2, DIM, name="item_embed")(item_seq)
     mask = (item_seq > 0)[..., None]
@@ -37,9 +39,10 @@ class LastItem(nn.Module):
   num_items: int
 
   @nn.compact
-  def __call__(self, item_seq, *, user=None, train=False):
+  def __call__(self, item_seq, *, user=None, train=False, last_only=False):
     del user, train
-    return nn.Embed(self.num_items + 1, DIM, name="item_embed")(item_seq)
+    hidden = nn.Embed(self.num_items + 1, DIM, name="item_embed")(item_seq)
+    return hidden[:, -1:] if last_only else hidden
 
 
 def _hidden_np(model_cls, table, item_seq):
@@ -215,3 +218,29 @@ def test_errors():
     evaluate.evaluate(step, params, [batch])
   with pytest.raises(ValueError, match="eval.ks"):
     evaluate.make_eval_step(model, N, (0, 10))
+
+
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec", "rnn", "caser"])
+def test_length_buckets_give_the_same_metrics(name):
+  """Users grouped by history length (shorter inputs) score exactly as at full length."""
+  rng = np.random.default_rng(0)
+  sequences = [rng.permutation(np.arange(1, N + 1))[:rng.integers(3, 35)] for _ in range(40)]
+  dataset = builders.from_sequences(preprocess.SequenceData(
+      sequences=sequences, user_ids=np.arange(40, dtype=np.int64),
+      item_ids=np.arange(N + 1, dtype=np.int64), num_items=N))
+  config = tiny.get_config(name)
+  max_len = 5 if name == "caser" else 24
+  model = models.create_model(config.model, num_items=N, num_users=40, max_len=max_len)
+  params = model.init(jax.random.key(0), jnp.ones((1, max_len), jnp.int32),
+                      user=jnp.zeros((1,), jnp.int32))["params"]
+  step = jax.jit(evaluate.make_eval_step(model, N, KS))
+  task = models.task(name)
+  results = []
+  for buckets in (1, 3):
+    batches = list(pipeline.eval_batches(dataset, split="test", task=task, max_len=max_len,
+                                         batch_size=8, length_buckets=buckets))
+    results.append(evaluate.evaluate(step, params, batches))
+    if buckets == 3 and task != "window":
+      assert len({b["item_seq"].shape[1] for b in batches}) == 3
+  assert results[0]["count"] == 40
+  _assert_same(results[1], results[0])

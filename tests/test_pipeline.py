@@ -267,6 +267,53 @@ def test_eval_layout_and_targets(split, task):
       assert batch["target"][row] == 0 and np.all(batch["item_seq"][row] == 0)
 
 
+def test_eval_lengths():
+  assert pipeline.eval_lengths(200, 4) == (25, 50, 100, 200)
+  assert pipeline.eval_lengths(200, 1) == (200,)
+  assert pipeline.eval_lengths(5, 4) == (1, 2, 3, 5)
+  with pytest.raises(ValueError, match="eval.length_buckets"):
+    pipeline.eval_lengths(200, 0)
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+@pytest.mark.parametrize("task", TASKS)
+def test_eval_length_buckets_cut_only_padding(task, process_count):
+  """Bucketed batches hold every user once, with the unbucketed row's right end."""
+  dataset = _random_dataset(num_users=30, max_length=30)
+  kwargs = dict(task=task, max_len=16, split="test")
+  plain = _eval(dataset, batch_size=4, **kwargs)
+  by_user = {int(u): (step, row) for step, b in enumerate(plain)
+             for row, u in enumerate(b["user"]) if b["weight"][row] > 0}
+  shards = [_eval(dataset, batch_size=4 // process_count, length_buckets=3,
+                  process_index=p, process_count=process_count, **kwargs)
+            for p in range(process_count)]
+  assert len({len(s) for s in shards}) == 1
+  bucketed = [{key: np.concatenate([s[step][key] for s in shards]) for key in shards[0][step]}
+              for step in range(len(shards[0]))]
+  lengths = {b["item_seq"].shape[1] for b in bucketed}
+  if task == "window":  # Caser reads a fixed window: never cut
+    assert lengths == {16}
+  else:  # histories of 1..28 items: more than one bucket is used
+    assert lengths <= {4, 8, 16} and len(lengths) >= 2
+  seen = []
+  for batch in bucketed:
+    seq_len = batch["item_seq"].shape[1]
+    for row in np.flatnonzero(batch["weight"]):
+      user = int(batch["user"][row])
+      seen.append(user)
+      step, plain_row = by_user[user]
+      full = plain[step]["item_seq"][plain_row]
+      np.testing.assert_array_equal(batch["item_seq"][row], full[16 - seq_len:])
+      assert np.all(full[:16 - seq_len] == 0)  # only padding was cut
+      if task != "window" and seq_len > 4:  # the next shorter length would not hold it
+        assert np.count_nonzero(full) > seq_len // 2
+      for key in ("target", "sampled_negatives"):
+        np.testing.assert_array_equal(batch[key][row], plain[step][key][plain_row])
+      np.testing.assert_array_equal(_nonzero(batch["exclude"][row]),
+                                    _nonzero(plain[step]["exclude"][plain_row]))
+  assert sorted(seen) == list(range(30))
+
+
 def test_eval_exclude_keeps_a_repeated_target():
   # The validation item 3 also occurs in the history: it must stay rankable.
   dataset = _dataset([[1, 3, 2, 3, 4]], num_items=5)

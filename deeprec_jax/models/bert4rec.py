@@ -83,7 +83,7 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, item_seq: jax.Array, *, user: jax.Array | None = None,
-               train: bool = False) -> jax.Array:
+               train: bool = False, last_only: bool = False) -> jax.Array:
     """Encodes left-padded item sequences that may contain the mask token.
 
     Args:
@@ -91,10 +91,13 @@ class Model(nn.Module):
         ``num_items + 1`` = [mask]; ``seq_len <= max_len``.
       user: ``int32[batch]``, ignored.
       train: enables dropout (needs the ``'dropout'`` RNG).
+      last_only: return the last position (the mask slot at evaluation)
+        only; the last block then computes that one row.
 
     Returns:
-      ``float32[batch, seq_len, dim]``; zero at padding positions. Real
-      positions see every real position (bidirectional), never padding.
+      ``float32[batch, seq_len, dim]`` (``[batch, 1, dim]`` with
+      ``last_only``); zero at padding positions. Real positions see every
+      real position (bidirectional), never padding.
     """
     del user  # BERT4Rec does not use user ids.
     if item_seq.ndim != 2 or item_seq.shape[1] > self.max_len:
@@ -113,14 +116,17 @@ class Model(nn.Module):
       x = x + layers.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
                                          name="pos_embed")(item_seq.shape[1])
     x = layer_norm("embed_ln")(x.astype(dtype))
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train) * valid_f
+    x = layers.Dropout(self.dropout_rate)(x, deterministic=not train) * valid_f
 
     block_kwargs: dict[str, Any] = dict(
         attention=self.attention, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
         dtype=dtype, causal=False, activation=nn.gelu, kernel_init=init)
     for i in range(self.num_blocks):
+      last = last_only and i == self.num_blocks - 1
       x = layers.SelfAttentionBlock(**block_kwargs, name=f"block_{i}")(
-          x, valid, deterministic=not train)
+          x, valid, deterministic=not train, last_only=last)
+    if last_only:
+      x, valid_f = x[:, -1:], valid_f[:, -1:]
     x = layer_norm("final_ln")(x)
 
     # Output transform of the masked-LM head: hidden is what meets the table.

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deeprec_jax.models import layers
+
 TASK = "window"
 
 DTYPES = ("float32", "bfloat16")
@@ -121,7 +123,7 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, item_seq: Array, *, user: Array | None = None,
-               train: bool = False) -> Array:
+               train: bool = False, last_only: bool = False) -> Array:
     """The window's hidden state.
 
     Args:
@@ -129,10 +131,12 @@ class Model(nn.Module):
         first, left-padded with 0.
       user: ``int32[B]``, required.
       train: enables dropout (needs the ``'dropout'`` RNG).
+      last_only: ignored: the output is one state per window already.
 
     Returns:
       ``hidden float32[B, dim]``; scores are ``hidden @ item_table.T``.
     """
+    del last_only
     length = self.max_len
     if item_seq.ndim != 2 or item_seq.shape[1] != length:
       raise ValueError(f"item_seq must be [batch, model.max_len={length}] (Caser's window), "
@@ -165,7 +169,7 @@ class Model(nn.Module):
                        dtype=compute_dtype, name=f"horizontal_{height}")
         features.append(activation(conv(image)).max(axis=1))  # [B, n_h]
     features = jnp.concatenate(features, axis=-1)
-    features = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
+    features = layers.Dropout(self.dropout_rate)(features, deterministic=not train)
     z = ACTIVATIONS[self.activation_fc](
         nn.Dense(self.dim, dtype=compute_dtype, name="fc")(features))  # [B, d]
 

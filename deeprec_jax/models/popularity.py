@@ -107,13 +107,15 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, item_seq: jax.Array, *, user: jax.Array | None = None,
-               train: bool = False) -> jax.Array:
-    """Args: ``item_seq int32[B, L]``; ``user`` and ``train`` are ignored.
+               train: bool = False, last_only: bool = False) -> jax.Array:
+    """Args: ``item_seq int32[B, L]``; ``last_only`` keeps L = 1; the rest is ignored.
 
     Returns:
       ``hidden float32[B, L, 1]`` of ones.
     """
     del user, train
+    if last_only:
+      item_seq = item_seq[:, -1:]
     embed = nn.Embed(self.num_items + 1, 1, name="item_embed")
     # The table is only read by the scorer; touching it creates the parameter.
     _ = embed.embedding

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import dtypes as flax_dtypes
 
+from deeprec_jax.models import layers
+
 TASK = "autoregressive"
 
 CELLS = ("peephole_lstm", "lstm", "gru")
@@ -249,17 +251,19 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, item_seq: Array, *, user: Array | None = None,
-               train: bool = False) -> Array:
+               train: bool = False, last_only: bool = False) -> Array:
     """Hidden states for next-item prediction.
 
     Args:
       item_seq: ``int32[B, L]``, left-padded with 0.
       user: ``int32[B]``, ignored.
       train: enables dropout (needs the ``'dropout'`` RNG).
+      last_only: return the last position only (the scan still runs over all).
 
     Returns:
-      ``hidden float32[B, L, dim]``; ``hidden[:, t]`` depends only on
-      ``item_seq[:, :t + 1]``, and is zero where ``item_seq`` is padding.
+      ``hidden float32[B, L, dim]`` (``[B, 1, dim]`` with ``last_only``);
+      ``hidden[:, t]`` depends only on ``item_seq[:, :t + 1]``, and is zero
+      where ``item_seq`` is padding.
     """
     del user  # A session model: the history is the user.
     if item_seq.ndim != 2:
@@ -267,7 +271,7 @@ class Model(nn.Module):
     compute_dtype = jnp.dtype(self.dtype)
     mask = item_seq > 0  # [B, L]
     x = nn.Embed(self.num_items + 1, self.dim, dtype=compute_dtype, name="item_embed")(item_seq)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = layers.Dropout(self.dropout_rate)(x, deterministic=not train)
 
     # nn.scan (the lifted scan under nn.RNN) over time, with the mask as a
     # second scanned input: one compiled step whatever the length.
@@ -275,10 +279,12 @@ class Model(nn.Module):
                            split_rngs={"params": False}, in_axes=1, out_axes=1)
     for layer in range(self.num_layers):
       if layer > 0:
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = layers.Dropout(self.dropout_rate)(x, deterministic=not train)
       # Unbound cell, only to build the initial carry (zeros, float32).
       carry = make_cell(self.cell, self.dim, compute_dtype, parent=None).initialize_carry(
           jax.random.key(0), x[:, 0].shape)
       _, x = scanned_step(self.cell, self.dim, compute_dtype, name=f"layer_{layer}")(
           carry, (x, mask))
+    if last_only:
+      x = x[:, -1:]
     return x.astype(jnp.float32)

@@ -64,7 +64,7 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, item_seq: jax.Array, *, user: jax.Array | None = None,
-               train: bool = False) -> jax.Array:
+               train: bool = False, last_only: bool = False) -> jax.Array:
     """Encodes left-padded item sequences.
 
     Args:
@@ -72,10 +72,13 @@ class Model(nn.Module):
         ``seq_len <= max_len``.
       user: ``int32[batch]``, ignored.
       train: enables dropout (needs the ``'dropout'`` RNG).
+      last_only: return the last position only; the last block then computes
+        that one row (``layers.SelfAttentionBlock``).
 
     Returns:
-      ``float32[batch, seq_len, dim]``; zero at padding positions. Position t
-      depends only on items at positions <= t.
+      ``float32[batch, seq_len, dim]`` (``[batch, 1, dim]`` with
+      ``last_only``); zero at padding positions. Position t depends only on
+      items at positions <= t.
     """
     del user  # SASRec does not use user ids.
     if item_seq.ndim != 2 or item_seq.shape[1] > self.max_len:
@@ -91,15 +94,18 @@ class Model(nn.Module):
     if self.positional:
       x = x + layers.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
                                          name="pos_embed")(item_seq.shape[1])
-    x = nn.Dropout(self.dropout_rate)(x.astype(dtype), deterministic=not train)
+    x = layers.Dropout(self.dropout_rate)(x.astype(dtype), deterministic=not train)
     x = x * valid[..., None].astype(dtype)
 
     block_kwargs: dict[str, Any] = dict(
         attention=self.attention, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
         dtype=dtype, causal=True, activation=nn.relu, kernel_init=init)
     for i in range(self.num_blocks):
+      last = last_only and i == self.num_blocks - 1
       x = layers.SelfAttentionBlock(**block_kwargs, name=f"block_{i}")(
-          x, valid, deterministic=not train)
+          x, valid, deterministic=not train, last_only=last)
+    if last_only:
+      x, valid = x[:, -1:], valid[:, -1:]
 
     x = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=dtype, use_fast_variance=False,
                      name="final_ln")(x)
