@@ -24,6 +24,7 @@ import numpy as np
 
 from benchmarks import harness, inputs
 from deeprec_jax import evaluate, losses, metrics, models, train
+from deeprec_jax.data import pipeline
 from deeprec_jax.models import layers, popularity, rnn
 from experiments.configs import bert4rec as bert4rec_config
 from experiments.configs import caser as caser_config
@@ -253,8 +254,24 @@ def scoring_kernels(quick: bool) -> list[Kernel]:
 
 
 def train_batch(model_name: str, config: ml_collections.ConfigDict, batch_size: int,
-                seed: int = 0) -> dict[str, np.ndarray]:
-  """A synthetic training batch of the model's task."""
+                seed: int = 0, row_multiple: int = 8) -> dict[str, np.ndarray]:
+  """A synthetic training batch of the model's task, packed as the Trainer packs it.
+
+  With ``config.train.pack`` and a packable model (SASRec) the rows are packed
+  (``pipeline.pack_batch``) into the fewest rows that hold them, rounded up to
+  a multiple of ``row_multiple`` (the Trainer's multiple of 8).
+  """
+  batch = _unpacked_train_batch(model_name, config, batch_size, seed)
+  if config.train.get("pack", False) and getattr(models.get_module(model_name), "PACKABLE",
+                                                 False):
+    needed = pipeline.pack_layout(np.count_nonzero(batch["item_seq"], axis=1),
+                                  config.data.max_len)[2]
+    batch = pipeline.pack_batch(batch, -(-needed // row_multiple) * row_multiple)
+  return batch
+
+
+def _unpacked_train_batch(model_name: str, config: ml_collections.ConfigDict, batch_size: int,
+                          seed: int) -> dict[str, np.ndarray]:
   task = models.task(model_name)
   common = dict(num_items=inputs.ML1M_ITEMS, num_users=inputs.ML1M_USERS, seed=seed,
                 num_negatives=config.train.num_negatives)
@@ -405,8 +422,9 @@ def _objective(model: nn.Module, config: ml_collections.ConfigDict, train_mode: 
   loss_fn = losses.loss_fn(config.train.loss)
 
   def objective(params, batch, rng):
+    packing = {key: batch[key] for key in ("segment_ids", "positions") if key in batch}
     hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
-                         train=train_mode, rngs={"dropout": rng})
+                         train=train_mode, rngs={"dropout": rng}, **packing)
     return loss_fn(hidden, models.item_table(params, inputs.ML1M_ITEMS), batch["targets"],
                    batch["negatives"])
 
@@ -459,7 +477,9 @@ def breakdown_kernels(quick: bool) -> list[Kernel]:
                         params={"model": "sasrec", "num_blocks": 0},
                         note="SASRec with 0 blocks: embeddings, final LN, BCE (fwd+bwd)"))
   # The loss alone, given hidden states: gathers + scatter-add into the table.
-  hidden = np.random.default_rng(0).normal(size=(b, seq_len, dim)).astype(np.float32)
+  # The pieces below run on the step's (packed) rows; throughput stays per sequence.
+  rows = batch["item_seq"].shape[0]
+  hidden = np.random.default_rng(0).normal(size=(rows, seq_len, dim)).astype(np.float32)
   table = models.item_table(params, inputs.ML1M_ITEMS)
   bce = lambda h, t, targets, negatives: losses.bce_sampled(h, t, targets, negatives)
   kernels.append(Kernel("breakdown", "bce_loss_fwd_bwd",
@@ -470,8 +490,11 @@ def breakdown_kernels(quick: bool) -> list[Kernel]:
 
   x = hidden * (batch["item_seq"] > 0)[..., None]
   valid = batch["item_seq"] > 0
-  mask = layers.attention_mask(jnp.asarray(valid), causal=True)
-  attention = layers.DotProductAttention(num_heads=1, dropout_rate=rate)
+  segment_ids = batch.get("segment_ids")
+  mask = layers.attention_mask(jnp.asarray(valid), causal=True,
+                               segment_ids=None if segment_ids is None else jnp.asarray(
+                                   segment_ids))
+  attention = layers.DotProductAttention(num_heads=1, dropout_rate=rate, causal=True)
   attention_params = attention.init(_rng(0), x[:1], x[:1], mask[:1])
   attend = lambda p, x, mask, rng: attention.apply(p, x, x, mask, deterministic=False,
                                                     rngs={"dropout": rng})
@@ -490,12 +513,13 @@ def breakdown_kernels(quick: bool) -> list[Kernel]:
                                     kernel_init=nn.initializers.xavier_uniform())
   block_params = block.init(_rng(0), x[:1], valid[:1])
   run_block = lambda p, x, valid, rng: block.apply(p, x, valid, deterministic=False,
+                                                   segment_ids=segment_ids,
                                                    rngs={"dropout": rng})
   kernels.append(Kernel("breakdown", "block_fwd_bwd", _grad_of_sum(run_block, (0, 1)),
                         (block_params, x, valid, rng), items=b,
                         params={"batch": b, "max_len": seq_len, "dropout_rate": rate},
                         note="one whole block: LNs + attention + FFN + residuals (x2 per step)"))
-  kernels.append(dropout_masks_kernel(b, seq_len, dim, config.model.num_blocks, rate))
+  kernels.append(dropout_masks_kernel(rows, seq_len, dim, config.model.num_blocks, rate))
   if quick:
     skip = {"forward_only", "embed_score_loss_fwd_bwd", "block_fwd_bwd"}
     kernels = [k for k in kernels if k.name not in skip]

@@ -12,8 +12,11 @@ changes is how the step is generated or compiled:
 * causal attention in one block of queries instead of the library's ~50-row
   blocks that skip the keys after them (``layers.query_blocks``; same
   outputs);
-* ``previous_library``: both of the above, i.e. the step as it was before the
-  two changes;
+* one user per row (``train.pack=False``) instead of the library's packed
+  rows (``pipeline.pack_batch``: about 80 rows instead of 128 at ML-1M's
+  lengths; same loss);
+* ``previous_library``: all three of the above, i.e. the step as it was
+  before those changes;
 * the compute dtype (bfloat16 matmuls, float32 statistics);
 * buffer donation of the train state;
 * the process set-up, each in a fresh process (``benchmarks.subproc``): XLA
@@ -98,6 +101,7 @@ class Variant:
   prng_impl: str | None = None  # None: the library's train.DROPOUT_RNG_IMPL
   flax_dropout: bool = False  # flax.linen.Dropout instead of layers.Dropout
   one_query_block: bool = False  # causal attention without query blocks
+  pack: bool = True  # train.pack: several users per row (pipeline.pack_batch)
   dtype: str = "float32"
   dropout_rate: float | None = None
   donate: bool = True
@@ -124,8 +128,10 @@ def in_process_variants(quick: bool) -> list[Variant]:
               flax_dropout=True, prng_impl="threefry2x32"),
       Variant("one_query_block", "causal attention over all keys at once (no query blocks)",
               one_query_block=True),
-      Variant("previous_library", "flax dropout (rbg) + one query block: the step before both "
-              "changes", flax_dropout=True, one_query_block=True),
+      Variant("unpacked", "one user per row (train.pack=False): 128 rows of 200",
+              pack=False),
+      Variant("previous_library", "unpacked + flax dropout (rbg) + one query block: the step "
+              "before the three changes", flax_dropout=True, one_query_block=True, pack=False),
       Variant("bfloat16", "model.dtype='bfloat16' (matmuls in bf16, stats in f32)",
               dtype="bfloat16", same_math=False),
       Variant("no_donation", "state not donated (params and Adam moments copied)",
@@ -142,6 +148,7 @@ def in_process_variants(quick: bool) -> list[Variant]:
 def variant_kernel(variant: Variant) -> harness.Kernel:
   config = kernels.ml1m_config("sasrec")
   config.model.dtype = variant.dtype
+  config.train.pack = variant.pack
   if variant.dropout_rate is not None:
     config.model.dropout_rate = variant.dropout_rate
   rng = None if variant.prng_impl is None else kernels.train_rng(impl=variant.prng_impl)

@@ -8,6 +8,7 @@ exactly what an uninterrupted one would.
 """
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -103,8 +104,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss:
     def objective(params):
       if item_rows is not None:
         params = parallel.unpad_item_table(params, item_rows)
+      # Packed batches (pipeline.pack_batch) carry segment ids and positions.
+      packing = {key: batch[key] for key in ("segment_ids", "positions") if key in batch}
       hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
-                           train=True, rngs={"dropout": dropout_rng})
+                           train=True, rngs={"dropout": dropout_rng}, **packing)
       return loss_fn(hidden, models.item_table(params, num_items), batch["targets"],
                      batch["negatives"])
 
@@ -137,6 +140,9 @@ class Trainer:
                                    config.train.get("model_parallel", 1))
     self.num_targets = config.model.get("num_targets", 1)
     self.mask_prob = config.model.get("mask_prob", 0.2)
+    # Several users per row (pipeline.pack_batch) where the model supports it.
+    self.pack = bool(config.train.get("pack", False)
+                     and getattr(models.get_module(config.model.name), "PACKABLE", False))
     if self.is_trainable:
       parallel.check_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
       self.steps_per_epoch = pipeline.steps_per_epoch(
@@ -187,12 +193,16 @@ class Trainer:
 
   def train_batches(self, epoch: int):
     block, num_blocks = parallel.batch_block(self.mesh)  # This process's rows.
+    # Packed rows split evenly over the data-parallel devices; a multiple of 8
+    # keeps the number of distinct shapes (compilations) small.
+    pack_row_multiple = math.lcm(8, self.mesh.shape[parallel.DATA_AXIS]) if self.pack else 0
     return pipeline.train_batches(
         self.dataset, task=self.task, max_len=self.config.data.max_len,
         global_batch_size=self.config.train.batch_size,
         num_negatives=self.config.train.num_negatives,
         seed=self.config.seed, epoch=epoch, num_targets=self.num_targets,
-        mask_prob=self.mask_prob, process_index=block, process_count=num_blocks)
+        mask_prob=self.mask_prob, pack_row_multiple=pack_row_multiple,
+        process_index=block, process_count=num_blocks)
 
   def evaluate(self, params: Any, split: str) -> dict[str, float]:
     """Full-ranking (and sampled) metrics of ``params`` on ``split`` (valid or test)."""

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from deeprec_jax import models
+from deeprec_jax.data import pipeline
 from deeprec_jax.models import bert4rec, layers, sasrec
 from experiments.configs import default as default_config
 
@@ -552,3 +553,26 @@ def test_dropout_module():
   np.testing.assert_array_equal(np.asarray(dropout.apply({}, x, deterministic=True)), x)
   np.testing.assert_array_equal(
       np.asarray(layers.Dropout(0.0).apply({}, x, deterministic=False)), x)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_sasrec_packed_rows_equal_separate_rows(attention):
+  """Sequences packed side by side (segment ids + positions) give their own outputs."""
+  seq_len = 120  # two causal query blocks
+  model = _model("sasrec", attention, max_len=seq_len)
+  lengths = [70, 30, 20, 120, 5, 1]
+  item_seq = _left_padded(lengths, seq_len, seed=9)
+  batch = {"item_seq": item_seq, "targets": item_seq, "user": np.zeros(6, np.int32),
+           "negatives": item_seq[..., None]}
+  packed = pipeline.pack_batch(batch, 4)
+  assert packed["item_seq"].shape == (4, seq_len)  # 70+30+20 | 120 | 5+1 | (empty)
+  params = _random_params(model, item_seq[:1], seed=3)
+  alone = np.asarray(model.apply({"params": params}, item_seq))
+  together = np.asarray(model.apply({"params": params}, packed["item_seq"],
+                                    segment_ids=packed["segment_ids"],
+                                    positions=packed["positions"]))
+  row, end, _ = pipeline.pack_layout(np.asarray(lengths), seq_len)
+  for i, n in enumerate(lengths):
+    np.testing.assert_allclose(together[row[i], end[i] - n:end[i]], alone[i, seq_len - n:],
+                               rtol=0, atol=2e-5)
+  np.testing.assert_array_equal(together[packed["item_seq"] == 0], 0.0)

@@ -267,6 +267,61 @@ def test_eval_layout_and_targets(split, task):
       assert batch["target"][row] == 0 and np.all(batch["item_seq"][row] == 0)
 
 
+@hypothesis.settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=30))
+def test_pack_layout_places_every_sequence_once(lengths):
+  lengths = np.asarray(lengths)
+  row, end, num_rows = pipeline.pack_layout(lengths, 12)
+  used = np.zeros((num_rows, 12), int)
+  for r, e, n in zip(row, end, lengths, strict=True):
+    used[r, e - n:e] += 1
+  assert used.max() == 1 and used.sum() == lengths.sum()  # no overlap, nothing lost
+  assert num_rows <= len(lengths) and num_rows >= -(-lengths.sum() // 12)
+  for r in range(num_rows):  # rows fill from the right: padding stays on the left
+    filled = np.flatnonzero(used[r])
+    assert filled[-1] == 11 and np.all(np.diff(filled) == 1)
+
+
+def test_pack_batch_keeps_every_token():
+  dataset = _random_dataset(num_users=20, max_length=12)
+  plain = _train(dataset, "autoregressive", max_len=16, global_batch_size=10)[0]
+  packed = pipeline.pack_batch(plain, 8)
+  lengths = np.count_nonzero(plain["item_seq"], axis=1)
+  row, end, _ = pipeline.pack_layout(lengths, 16)
+  assert packed["item_seq"].shape == (8, 16) and packed["negatives"].shape == (8, 16, 3)
+  for i, n in enumerate(lengths):
+    cols = slice(end[i] - n, end[i])
+    for key in ("item_seq", "targets", "negatives"):
+      np.testing.assert_array_equal(packed[key][row[i], cols], plain[key][i, 16 - n:])
+    np.testing.assert_array_equal(packed["positions"][row[i], cols], np.arange(16 - n, 16))
+    segment = packed["segment_ids"][row[i], cols]
+    assert segment.min() == segment.max() > 0
+  assert np.count_nonzero(packed["item_seq"]) == lengths.sum()
+  segments = set(zip(row.tolist(), packed["segment_ids"][row, end - 1].tolist(), strict=True))
+  assert len(segments) == 10  # every sequence has its own (row, segment id)
+  with pytest.raises(ValueError, match="needs"):
+    pipeline.pack_batch(plain, 1)
+
+
+def test_packed_train_batches_do_not_depend_on_the_process_count():
+  dataset = _random_dataset(num_users=40, max_length=12)
+  args = dict(max_len=16, global_batch_size=16, pack_row_multiple=4)
+  single = _train(dataset, "autoregressive", **args)
+  shards = [_train(dataset, "autoregressive", process_index=p, process_count=2, **args)
+            for p in range(2)]
+  plain = _train(dataset, "autoregressive", max_len=16, global_batch_size=16)
+  for step in range(len(single)):
+    rows = single[step]["item_seq"].shape[0]
+    assert rows % 4 == 0 and rows < 16
+    joined = {key: np.concatenate([s[step][key] for s in shards]) for key in single[step]}
+    _assert_batches_equal(joined, single[step])  # the same rows, split between processes
+    targets = single[step]["targets"]
+    np.testing.assert_array_equal(np.sort(targets[targets > 0]),
+                                  np.sort(plain[step]["targets"][plain[step]["targets"] > 0]))
+  with pytest.raises(ValueError, match="train.pack"):
+    _train(dataset, "masked", max_len=16, pack_row_multiple=8)
+
+
 def test_eval_lengths():
   assert pipeline.eval_lengths(200, 4) == (25, 50, 100, 200)
   assert pipeline.eval_lengths(200, 1) == (200,)

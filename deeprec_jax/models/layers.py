@@ -104,20 +104,25 @@ def key_padding_mask(valid: Array) -> Array:
   return valid[:, None, None, :]
 
 
-def attention_mask(valid: Array, *, causal: bool) -> Array:
+def attention_mask(valid: Array, *, causal: bool, segment_ids: Array | None = None) -> Array:
   """Self-attention mask ``bool[batch, 1, seq_len, seq_len]``.
 
   Args:
     valid: ``bool[batch, seq_len]``, True at real (non-padding) positions.
     causal: also forbid attending to later positions (SASRec).
+    segment_ids: ``int[batch, seq_len]`` for rows that pack several sequences
+      (``pipeline.pack_batch``): positions attend only within their segment.
 
   Returns:
-    True where query i may attend to key j: j is real (and j <= i if causal).
+    True where query i may attend to key j: j is real (and j <= i if causal,
+    and in i's segment if ``segment_ids`` is given).
   """
   batch, seq_len = valid.shape
   mask = jnp.broadcast_to(key_padding_mask(valid), (batch, 1, seq_len, seq_len))
   if causal:
     mask = mask & causal_mask(seq_len)
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
   return mask
 
 
@@ -478,13 +483,22 @@ class PositionalEmbedding(nn.Module):
   embedding_init: Initializer = nn.initializers.xavier_uniform()
 
   @nn.compact
-  def __call__(self, seq_len: int) -> Array:
-    """Returns ``[1, seq_len, features]`` in ``param_dtype``."""
+  def __call__(self, seq_len: int, positions: Array | None = None) -> Array:
+    """Returns ``[1, seq_len, features]`` in ``param_dtype``.
+
+    Args:
+      seq_len: the input length L (rows ``max_len - L .. max_len - 1``).
+      positions: ``int[batch, seq_len]`` explicit rows instead (packed rows,
+        where each sequence keeps its own right-aligned rows); the result is
+        then ``[batch, seq_len, features]``.
+    """
     if seq_len > self.max_len:
       raise ValueError(f"sequence length {seq_len} exceeds max_len={self.max_len} "
                        "(config key data.max_len).")
     table = self.param("embedding", self.embedding_init, (self.max_len, self.features),
                        self.param_dtype)
+    if positions is not None:
+      return jnp.take(table, positions, axis=0)
     return table[self.max_len - seq_len:][None]
 
 
@@ -533,13 +547,15 @@ class SelfAttentionBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, valid: Array, *, deterministic: bool = True,
-               last_only: bool = False) -> Array:
+               last_only: bool = False, segment_ids: Array | None = None) -> Array:
     """Applies the block.
 
     Args:
       x: ``[batch, seq_len, dim]``, zero at padding positions.
       valid: ``bool[batch, seq_len]``, True at real items.
       deterministic: disables dropout.
+      segment_ids: ``int[batch, seq_len]`` for packed rows: attention stays
+        within each segment (``attention_mask``).
       last_only: compute the output at the last position only (the queries,
         output projection and FFN of one row; keys and values still cover
         every position). For a model's last block when only the most recent
@@ -564,7 +580,8 @@ class SelfAttentionBlock(nn.Module):
       attend = AdditiveAttention(hidden_dim=self.attention_dim, **common)
 
     x = x.astype(self.dtype)
-    mask = attention_mask(valid, causal=self.causal)  # [batch, 1, seq_len, seq_len]
+    # [batch, 1, seq_len, seq_len]
+    mask = attention_mask(valid, causal=self.causal, segment_ids=segment_ids)
     if last_only:
       mask, valid = mask[:, :, -1:], valid[:, -1:]
     q = layer_norm("ln_attention")(x[:, -1:] if last_only else x)

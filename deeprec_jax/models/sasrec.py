@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from deeprec_jax.models import layers
 
 TASK = "autoregressive"
+# Accepts packed rows (segment_ids, positions): train.pack may apply.
+PACKABLE = True
 
 
 class Model(nn.Module):
@@ -64,7 +66,9 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, item_seq: jax.Array, *, user: jax.Array | None = None,
-               train: bool = False, last_only: bool = False) -> jax.Array:
+               train: bool = False, last_only: bool = False,
+               segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
     """Encodes left-padded item sequences.
 
     Args:
@@ -74,6 +78,13 @@ class Model(nn.Module):
       train: enables dropout (needs the ``'dropout'`` RNG).
       last_only: return the last position only; the last block then computes
         that one row (``layers.SelfAttentionBlock``).
+      segment_ids: ``int32[batch, seq_len]`` for packed rows (several users'
+        sequences side by side, ``pipeline.pack_batch``): 0 at padding, and
+        positions attend only within their own segment.
+      positions: ``int32[batch, seq_len]`` positional-embedding rows of packed
+        rows (each segment keeps the right-aligned rows it would have alone).
+        Given together with ``segment_ids``, every segment's outputs equal
+        those of the sequence on its own row.
 
     Returns:
       ``float32[batch, seq_len, dim]`` (``[batch, 1, dim]`` with
@@ -93,7 +104,7 @@ class Model(nn.Module):
     x = x * (self.dim**0.5)  # scaled as in the SASRec code
     if self.positional:
       x = x + layers.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
-                                         name="pos_embed")(item_seq.shape[1])
+                                         name="pos_embed")(item_seq.shape[1], positions)
     x = layers.Dropout(self.dropout_rate)(x.astype(dtype), deterministic=not train)
     x = x * valid[..., None].astype(dtype)
 
@@ -103,7 +114,7 @@ class Model(nn.Module):
     for i in range(self.num_blocks):
       last = last_only and i == self.num_blocks - 1
       x = layers.SelfAttentionBlock(**block_kwargs, name=f"block_{i}")(
-          x, valid, deterministic=not train, last_only=last)
+          x, valid, deterministic=not train, last_only=last, segment_ids=segment_ids)
     if last_only:
       x, valid = x[:, -1:], valid[:, -1:]
 

@@ -73,6 +73,7 @@ def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # global batch (split across devices)
+  config.train.pack = True  # pack several users into one row where the model allows (SASRec)
   config.train.num_epochs = 20  # epochs over the users (or windows)
   config.train.num_steps = 0  # if > 0, overrides num_epochs
   config.train.loss = "bce"  # bce | sampled_softmax | softmax

@@ -7,7 +7,8 @@ r"""Model families on ML-1M: popularity, Caser, RNN, SASRec (two attentions), BE
 6 points x 1 seed. Each family keeps its own training budget (the points'
 train.num_epochs: the paper-scale runs take hours each on CPU);
 --config.overrides.train.num_epochs=N gives every family the same N epochs
-instead (N=1 for a smoke test of the whole table).
+instead (N=1 for a smoke test of the whole table), and
+--config.overrides.train.eval_every_epochs=E the same validation interval.
 """
 
 import ml_collections
@@ -25,6 +26,8 @@ def get_config(dataset: str = "ml-1m") -> ml_collections.ConfigDict:
   config.overrides.train = ml_collections.ConfigDict()
   # None: each family's budget below (SASRec's 200 epochs = ~9.6k steps on ML-1M).
   config.overrides.train.num_epochs = ml_collections.config_dict.placeholder(int)
+  # None: each family's own validation interval below.
+  config.overrides.train.eval_every_epochs = ml_collections.config_dict.placeholder(int)
   config.axes = ()  # no grid: the points below
   config.points = (  # explicit points: a label, an optional base config and dotted keys
       # No training: ranks items by their count in the training parts.
