@@ -34,8 +34,26 @@ def encode_history(history: Sequence[int], item_ids: np.ndarray, where: str = "h
   return np.asarray([lookup[int(item)] for item in history], np.int64)
 
 
+def encode_user(user: int, user_ids: np.ndarray, where: str = "--user") -> int:
+  """Maps an original user id to the model's user index ``0..num_users - 1``.
+
+  Raises:
+    ValueError: naming the id if the dataset does not know it.
+  """
+  matches = np.flatnonzero(np.asarray(user_ids) == int(user))
+  if not len(matches):
+    raise ValueError(f"{where}: user id {user} is not in the dataset.")
+  return int(matches[0])
+
+
+def user_history(dataset: Any, user: int) -> np.ndarray:
+  """Every item of user index ``user`` in the dataset (model ids, oldest first)."""
+  return np.asarray(dataset.source[user]["item_seq"], np.int64)
+
+
 def recommend(trainer: Any, params: Any, histories: Sequence[np.ndarray], *, top_k: int = 10,
-              exclude_seen: bool = True) -> list[list[tuple[int, float]]]:
+              exclude_seen: bool = True,
+              users: Sequence[int] | None = None) -> list[list[tuple[int, float]]]:
   """The ``top_k`` items for each history, as ``(original item id, score)``.
 
   Args:
@@ -44,6 +62,8 @@ def recommend(trainer: Any, params: Any, histories: Sequence[np.ndarray], *, top
     histories: model ids (``encode_history``), oldest first, one per user.
     top_k: how many items to return per history.
     exclude_seen: leave items of the history out of the ranking.
+    users: the user index of each history (``encode_user``), for models that
+      are personalized by user id (Caser); None for session models.
 
   Returns:
     One list of ``top_k`` pairs per history, best first.
@@ -58,13 +78,16 @@ def recommend(trainer: Any, params: Any, histories: Sequence[np.ndarray], *, top
     for row, history in enumerate(histories):
       exclude[row, :len(history)] = history
 
+  user = None if users is None else jnp.asarray(users, jnp.int32)
+
   @jax.jit
-  def top_items(params, item_seq, exclude):
+  def top_items(params, item_seq, exclude, user):
     # Checkpoints hold the item table padded to the mesh; the model wants its own rows.
     params = parallel.unpad_item_table(params, trainer.item_rows)
     return evaluate.top_k(trainer.model, params, dataset.num_items, item_seq, exclude, top_k,
-                          mesh=trainer.mesh)
+                          user=user, mesh=trainer.mesh)
 
-  items, scores = jax.device_get(top_items(params, jnp.asarray(item_seq), jnp.asarray(exclude)))
+  items, scores = jax.device_get(top_items(params, jnp.asarray(item_seq), jnp.asarray(exclude),
+                                           user))
   return [[(int(dataset.item_ids[i]), float(s)) for i, s in zip(row_items, row_scores, strict=True)
            if np.isfinite(s)] for row_items, row_scores in zip(items, scores, strict=True)]

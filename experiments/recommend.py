@@ -2,9 +2,13 @@ r"""Top-K recommendations from a trained model, in the dataset's original ids.
 
   python -m experiments.recommend --workdir=/tmp/sasrec_ml1m --history=1193,661,914
   python -m experiments.recommend --workdir=/tmp/sasrec_ml1m --histories_file=users.txt
+  python -m experiments.recommend --workdir=/tmp/caser_ml1m --user=42
 
 ``--histories_file`` holds one history per line (item ids separated by commas
-or spaces, oldest first); the output is one JSON object per line.
+or spaces, oldest first); the output is one JSON object per line. ``--user``
+names a user of the dataset (original id): the history is then that user's
+whole sequence unless ``--history`` gives one, and personalized models (Caser)
+get the user's id.
 """
 
 import json
@@ -19,6 +23,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory written by experiment
 _HISTORY = flags.DEFINE_list("history", [], "Item ids the user interacted with, oldest first.")
 _HISTORIES_FILE = flags.DEFINE_string("histories_file", "",
                                       "File with one history per line (batch mode).")
+_USER = flags.DEFINE_integer("user", None, "Original id of a user of the dataset (needed by "
+                             "Caser); without --history, the user's whole sequence.")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "How many items to recommend.")
 _INCLUDE_SEEN = flags.DEFINE_bool("include_seen", False,
                                   "Allow items of the history among the recommendations.")
@@ -43,22 +49,32 @@ def read_histories(path: str) -> list[tuple[str, list[int]]]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if bool(_HISTORY.value) == bool(_HISTORIES_FILE.value):
-    raise app.UsageError("give exactly one of --history and --histories_file.")
+  user = _USER.value
+  if _HISTORIES_FILE.value and (_HISTORY.value or user is not None):
+    raise app.UsageError("--histories_file cannot be combined with --history or --user.")
+  if not (_HISTORY.value or _HISTORIES_FILE.value or user is not None):
+    raise app.UsageError("give --history, --histories_file or --user.")
+  raw = []
   if _HISTORY.value:
     try:
       raw = [("--history", [int(item) for item in _HISTORY.value])]
     except ValueError as e:
       raise app.UsageError(f"--history: expected integer item ids, got {_HISTORY.value}") from e
-  else:
+  elif _HISTORIES_FILE.value:
     raw = read_histories(_HISTORIES_FILE.value)
   trainer, params, _ = train.load_trained(_WORKDIR.value)
-  histories = [recommend.encode_history(items, trainer.dataset.item_ids, where)
-               for where, items in raw]
+  dataset = trainer.dataset
+  users = None
+  if user is not None:
+    users = [recommend.encode_user(user, dataset.user_ids)]
+    if not raw:
+      history = recommend.user_history(dataset, users[0])
+      raw = [("--user", [int(dataset.item_ids[i]) for i in history])]
+  histories = [recommend.encode_history(items, dataset.item_ids, where) for where, items in raw]
   results = recommend.recommend(trainer, params, histories, top_k=_TOP_K.value,
-                                exclude_seen=not _INCLUDE_SEEN.value)
+                                exclude_seen=not _INCLUDE_SEEN.value, users=users)
   for (_, items), top in zip(raw, results, strict=True):
-    print(json.dumps({"history": items,
+    print(json.dumps({**({"user": user} if user is not None else {}), "history": items,
                       "recommendations": [{"item": i, "score": round(s, 6)} for i, s in top]}))
 
 

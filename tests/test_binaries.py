@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from deeprec_jax import evaluate, recommend, train
+from deeprec_jax import evaluate, parallel, recommend, train
+from deeprec_jax.data import pipeline
 from experiments.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,3 +81,40 @@ def test_unknown_history_items_are_named(workdir):
   with pytest.raises(ValueError, match="999999"):
     recommend.encode_history([int(trainer.dataset.item_ids[1]), 999999],
                              trainer.dataset.item_ids)
+
+
+def test_recommend_for_a_known_user(workdir):
+  """--user alone: the history is the user's whole sequence, all of it excluded."""
+  trainer, _, _ = train.load_trained(workdir)
+  dataset = trainer.dataset
+  user_id = int(dataset.user_ids[5])
+  out = json.loads(_run("experiments.recommend", f"--workdir={workdir}", f"--user={user_id}",
+                        "--top_k=5").splitlines()[-1])
+  expected = [int(dataset.item_ids[i]) for i in dataset.source[5]["item_seq"]]
+  assert out["user"] == user_id and out["history"] == expected
+  items = [r["item"] for r in out["recommendations"]]
+  assert len(items) == 5 and not set(items) & set(expected)
+  with pytest.raises(ValueError, match="user id -7"):
+    recommend.encode_user(-7, dataset.user_ids)
+
+
+def test_recommend_passes_user_ids_to_caser():
+  """Caser is personalized: recommendations use the user's embedding."""
+  config = tiny.get_config("caser")
+  trainer = train.Trainer(config, train.builders.load(config.data))
+  params = trainer.init_state()["params"]
+  history = np.array([3, 7, 5, 2, 9])
+  tops = [recommend.recommend(trainer, params, [history], top_k=3, exclude_seen=False,
+                              users=[user])[0] for user in (0, 1)]
+  for user, top in zip((0, 1), tops, strict=True):
+    item_seq = pipeline.eval_input(history, task=trainer.task, max_len=config.data.max_len,
+                                   num_items=trainer.dataset.num_items)[None]
+    model_params = parallel.unpad_item_table(params, trainer.item_rows)
+    scores = np.array(jax.device_get(evaluate.score_items(
+        trainer.model, model_params, trainer.dataset.num_items, item_seq,
+        user=np.array([user], np.int32))))[0]
+    scores[0] = -np.inf
+    expected = np.argsort(-scores, kind="stable")[:3]
+    assert [item for item, _ in top] == [int(trainer.dataset.item_ids[i]) for i in expected]
+  with pytest.raises(ValueError, match="user"):
+    recommend.recommend(trainer, params, [history], top_k=3)
