@@ -107,7 +107,8 @@ def attention_kernel(kind: str, width: str, dim: int, heads: int, causal: bool, 
   """
   batch = batch or _attention_batch(kind, seq_len, dim)
   module_cls = layers.DotProductAttention if kind == "dot_product" else layers.AdditiveAttention
-  module = module_cls(num_heads=heads, dropout_rate=dropout_rate)
+  # causal=True: the query blocks SASRec runs (layers.query_blocks).
+  module = module_cls(num_heads=heads, dropout_rate=dropout_rate, causal=causal)
   rng = np.random.default_rng(0)
   lengths = np.minimum(rng.integers(seq_len // 4, seq_len + 1, size=batch), seq_len)
   valid = np.arange(seq_len)[None, :] >= (seq_len - lengths)[:, None]
