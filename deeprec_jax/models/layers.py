@@ -248,6 +248,37 @@ def query_blocks(q_len: int, k_len: int, *, causal: bool) -> list[tuple[int, int
   return [(a, b, b + offset) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
+def attend_by_blocks(logits_fn: Callable[[int, int, int], Array], value: Array,
+                     mask: Array | None, *, q_len: int, causal: bool, dropout_rate: float,
+                     deterministic: bool) -> Array:
+  """``dropout(masked_softmax(logits)) @ value``, one query block at a time.
+
+  Call it inside a module's compact method (it creates the dropout layers).
+
+  Args:
+    logits_fn: ``(start, stop, num_keys) -> [batch, heads, stop - start,
+      num_keys]``, the attention logits of query rows ``[start, stop)``
+      against keys ``[0, num_keys)``.
+    value: ``[batch, k_len, heads, head_dim]``.
+    mask: ``bool[batch, 1 or heads, q_len, k_len]`` (or broadcastable), or None.
+    q_len: number of queries (the last ``q_len`` of the ``k_len`` positions).
+    causal: ``mask`` is causal, so blocks may skip later keys (``query_blocks``).
+    dropout_rate: dropout on the attention weights.
+    deterministic: disables dropout.
+
+  Returns:
+    ``[batch, q_len, heads, head_dim]`` in ``value``'s dtype.
+  """
+  outputs = []
+  for start, stop, num_keys in query_blocks(q_len, value.shape[1], causal=causal):
+    block_mask = None if mask is None else _mask_block(mask, start, stop, num_keys)
+    weights = masked_softmax(logits_fn(start, stop, num_keys), block_mask)
+    weights = Dropout(dropout_rate)(weights, deterministic=deterministic)
+    outputs.append(jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype),
+                              value[:, :num_keys]))
+  return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
+
+
 def _mask_block(mask: Array, start: int, stop: int, num_keys: int) -> Array:
   """Rows ``[start, stop)`` and keys ``[0, num_keys)`` of a broadcastable mask."""
   rows = slice(start, stop) if mask.shape[-2] > 1 else slice(None)
@@ -312,16 +343,11 @@ class DotProductAttention(nn.Module):
 
     query = query * head_dim**-0.5  # a Python float keeps query's dtype
 
-    outputs = []
-    for start, stop, num_keys in query_blocks(query.shape[1], key.shape[1], causal=self.causal):
-      # [batch, heads, block, num_keys]
-      logits = jnp.einsum("bqhd,bkhd->bhqk", query[:, start:stop], key[:, :num_keys])
-      block_mask = None if mask is None else _mask_block(mask, start, stop, num_keys)
-      weights = masked_softmax(logits, block_mask)
-      weights = Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-      outputs.append(jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype),
-                                value[:, :num_keys]))
-    out = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
+    # [batch, heads, block, num_keys] logits of query rows [start, stop).
+    logits_fn = lambda start, stop, num_keys: jnp.einsum(
+        "bqhd,bkhd->bhqk", query[:, start:stop], key[:, :num_keys])
+    out = attend_by_blocks(logits_fn, value, mask, q_len=query.shape[1], causal=self.causal,
+                           dropout_rate=self.dropout_rate, deterministic=deterministic)
     out = out.reshape(out.shape[:-2] + (features,))
     return dense("out")(out)
 
@@ -407,17 +433,13 @@ class AdditiveAttention(nn.Module):
     bias = bias.astype(self.dtype).reshape(self.num_heads, head_hidden)
     v = v.astype(self.dtype).reshape(self.num_heads, head_hidden)
 
-    outputs = []
-    for start, stop, num_keys in query_blocks(query.shape[1], key.shape[1], causal=self.causal):
+    def logits_fn(start: int, stop: int, num_keys: int) -> Array:
       # The [batch, block, num_keys, heads, d_att/h] intermediate: see the class docstring.
       hidden = jnp.tanh(query[:, start:stop, None] + key[:, None, :num_keys] + bias)
-      logits = jnp.einsum("bqkhd,hd->bhqk", hidden, v)  # [batch, heads, block, num_keys]
-      block_mask = None if mask is None else _mask_block(mask, start, stop, num_keys)
-      weights = masked_softmax(logits, block_mask)
-      weights = Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-      outputs.append(jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype),
-                                value[:, :num_keys]))
-    out = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
+      return jnp.einsum("bqkhd,hd->bhqk", hidden, v)  # [batch, heads, block, num_keys]
+
+    out = attend_by_blocks(logits_fn, value, mask, q_len=query.shape[1], causal=self.causal,
+                           dropout_rate=self.dropout_rate, deterministic=deterministic)
     return out.reshape(out.shape[:-2] + (features,))
 
 
