@@ -112,20 +112,21 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
   if pack_row_multiple and task != "autoregressive":
     raise ValueError(f"config key train.pack: packing needs the 'autoregressive' task, "
                      f"not {task!r}.")
-  make_batch = functools.partial(
-      _train_batch, rows=slice(process_index * local_batch, (process_index + 1) * local_batch),
-      dataset=dataset, users=users, starts=starts, task=task, max_len=max_len,
-      num_targets=num_targets, num_negatives=num_negatives, mask_prob=mask_prob,
-      seed=seed, epoch=epoch)
+  build = functools.partial(
+      _train_batch, dataset=dataset, users=users, starts=starts, task=task, max_len=max_len,
+      num_targets=num_targets, num_negatives=num_negatives, mask_prob=mask_prob, seed=seed,
+      epoch=epoch)
   if pack_row_multiple:
     # Every example's input length: each process computes the global batch's
     # layout and loads the users of its own rows.
     input_lengths = np.minimum(_lengths(dataset)[users] - 3, max_len)
     make_batch = functools.partial(
-        _packed_train_batch, make_batch=functools.partial(make_batch.func, **{
-            **make_batch.keywords, "rows": slice(None)}),
+        _packed_train_batch, make_batch=functools.partial(build, rows=slice(None)),
         input_lengths=input_lengths, max_len=max_len, row_multiple=pack_row_multiple,
         process_index=process_index, process_count=process_count)
+  else:
+    make_batch = functools.partial(
+        build, rows=slice(process_index * local_batch, (process_index + 1) * local_batch))
   shuffle_seed = int(np.random.SeedSequence(_entropy(seed, epoch, _SHUFFLE_SALT))
                      .generate_state(1)[0])
   return (grain.MapDataset.range(len(users))
