@@ -22,6 +22,7 @@ when ``hidden`` is bfloat16: the log-sum-exp over thousands of items and the
 sigmoid tails lose too much in 8 mantissa bits.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -146,15 +147,91 @@ def sampled_softmax(hidden: Array, item_table: Array, targets: Array, negatives:
   return _masked_mean(per_target, targets, return_count)
 
 
+# Rows of logits per step of the streamed log-sum-exp: [512, N + 1] float32 is
+# ~7 MB for ML-1M's catalogue, small enough to stay in cache between the
+# matmul, the exp and the reductions that read it.
+CATALOGUE_ROW_CHUNK = 512
+
+
+def _row_chunks(x: Array, chunk: int) -> Array:
+  """``[R, ...]`` -> ``[ceil(R / chunk), chunk, ...]``, zero-padded at the end."""
+  pad = -x.shape[0] % chunk
+  x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+  return x.reshape(-1, chunk, *x.shape[1:])
+
+
+def _unchunk(x: Array, rows: int) -> Array:
+  return x.reshape(-1, *x.shape[2:])[:rows]
+
+
+def _catalogue_logits(hidden: Array, table: Array) -> Array:
+  """``hidden [r, D] @ table[N + 1, D].T`` with the padding column at ``-inf``."""
+  logits = hidden @ table.T
+  return jnp.where(jnp.arange(table.shape[0]) == 0, -jnp.inf, logits)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def catalogue_logsumexp(hidden: Array, table: Array, row_chunk: int = CATALOGUE_ROW_CHUNK
+                        ) -> Array:
+  """``logsumexp_{j=1..N}(hidden @ table[j])`` per row, streamed over rows.
+
+  Equal to ``logsumexp(hidden @ table[1:].T, axis=-1)``, but the ``[R, N + 1]``
+  logits never exist at once: rows go through in chunks of ``row_chunk``, and
+  the backward pass recomputes each chunk's logits from ``hidden``, ``table``
+  and the saved ``[R]`` log-normalisers instead of keeping them. Plain autodiff
+  of the same expression writes and reads ``[R, N + 1]`` several times over
+  and was 3x slower on a 2-core CPU (benchmarks/README.md); the extra matmul
+  of the recomputation is cheaper than that memory traffic.
+
+  Args:
+    hidden: ``float32[R, D]``.
+    table: ``float32[N + 1, D]``; row 0 is padding and never scored.
+    row_chunk: rows per step (static).
+
+  Returns:
+    ``float32[R]``.
+  """
+  return _catalogue_logsumexp_fwd(hidden, table, row_chunk)[0]
+
+
+def _catalogue_logsumexp_fwd(hidden, table, row_chunk):
+  rows = hidden.shape[0]
+  chunk = max(1, min(row_chunk, rows))
+  lse = jax.lax.map(lambda h: jax.nn.logsumexp(_catalogue_logits(h, table), axis=-1),
+                    _row_chunks(hidden, chunk))
+  lse = _unchunk(lse, rows)
+  return lse, (hidden, table, lse)
+
+
+def _catalogue_logsumexp_bwd(row_chunk, residuals, grad):
+  hidden, table, lse = residuals
+  rows = hidden.shape[0]
+  chunk = max(1, min(row_chunk, rows))
+
+  def step(table_grad, xs):
+    h, chunk_lse, chunk_grad = xs  # [c, D], [c], [c]
+    # d lse / d logits = softmax; zero-padded rows have grad 0 and add nothing.
+    probs = jnp.exp(_catalogue_logits(h, table) - chunk_lse[:, None]) * chunk_grad[:, None]
+    return table_grad + probs.T @ h, probs @ table
+
+  xs = (_row_chunks(hidden, chunk), _row_chunks(lse, chunk), _row_chunks(grad, chunk))
+  table_grad, hidden_grad = jax.lax.scan(step, jnp.zeros_like(table), xs)
+  return _unchunk(hidden_grad, rows), table_grad
+
+
+catalogue_logsumexp.defvjp(_catalogue_logsumexp_fwd, _catalogue_logsumexp_bwd)
+
+
 def softmax_ce(hidden: Array, item_table: Array, targets: Array, negatives: Array | None = None,
-               *, return_count: bool = False) -> Array | tuple[Array, Array]:
+               *, return_count: bool = False,
+               row_chunk: int = CATALOGUE_ROW_CHUNK) -> Array | tuple[Array, Array]:
   """Full softmax cross-entropy over items ``1..N``.
 
   ``loss_t = logsumexp_{j=1..N}(s_j) - s_target``, averaged over real targets.
-  The normaliser is the log-sum-exp of ``hidden @ item_table.T`` with the
-  padding column set to ``-inf`` (no gather of ``[.., N, D]`` rows); the
-  target logit is a gathered dot product. Memory: ``float32[B, L, N + 1]``
-  logits (``[B, 1, N + 1]`` for window models, shared by the ``T`` targets).
+  The normaliser is ``catalogue_logsumexp`` of ``hidden`` against the table
+  (padding column excluded), streamed over ``row_chunk`` rows of logits at a
+  time; the target logit is a gathered dot product. Window models compute one
+  normaliser per row, shared by its ``T`` targets.
 
   Args:
     hidden: ``float[B, L, D]`` or ``float[B, D]`` (window models).
@@ -162,16 +239,16 @@ def softmax_ce(hidden: Array, item_table: Array, targets: Array, negatives: Arra
     targets: ``int[B, L]`` or ``int[B, T]``; 0 = no target.
     negatives: ignored; accepted so that every loss has the same signature.
     return_count: also return the number of real targets.
+    row_chunk: rows of logits per streamed step (memory ``[row_chunk, N + 1]``).
 
   Returns:
     Scalar float32 loss, or ``(loss, count)``.
   """
   del negatives  # The full softmax needs no samples.
-  h = _align(hidden, targets)
+  h = _align(hidden, targets)  # [B, L or 1, D]
   table = item_table.astype(jnp.float32)
-  logits = jnp.einsum("...d,nd->...n", h, table)  # [B, L or 1, N + 1]
-  logits = jnp.where(jnp.arange(table.shape[0]) == 0, -jnp.inf, logits)
-  log_normaliser = jax.nn.logsumexp(logits, axis=-1)  # [B, L or 1]
+  log_normaliser = catalogue_logsumexp(h.reshape(-1, h.shape[-1]), table, row_chunk)
+  log_normaliser = log_normaliser.reshape(h.shape[:-1])  # [B, L or 1]
   pos = _item_logits(h, table, targets[..., None])[..., 0]  # [B, L or T]
   return _masked_mean(log_normaliser - pos, targets, return_count)
 

@@ -174,3 +174,48 @@ def test_loss_fn_dispatch_and_errors():
     losses.compute("bce", hidden, table, targets, None)
   with pytest.raises(ValueError, match="does not match"):
     losses.softmax_ce(hidden[..., None], table, targets)
+
+
+def _np_softmax_ce_grads(hidden, table, targets):
+  """d loss / d (hidden, table) of the full softmax, written out in float64."""
+  hidden, table = np.float64(hidden), np.float64(table)
+  window = hidden.ndim == 2
+  grad_hidden, grad_table = np.zeros_like(hidden), np.zeros_like(table)
+  count = max(int(np.sum(targets > 0)), 1)
+  for b, i in np.ndindex(targets.shape):
+    t = targets[b, i]
+    if t == 0:
+      continue
+    h = hidden[b] if window else hidden[b, i]
+    logits = table[1:] @ h
+    probs = np.exp(logits - _np_lse(logits))  # Over items 1..N.
+    d_hidden = (probs @ table[1:] - table[t]) / count
+    if window:
+      grad_hidden[b] += d_hidden
+    else:
+      grad_hidden[b, i] += d_hidden
+    grad_table[1:] += np.outer(probs, h) / count
+    grad_table[t] -= h / count
+  return grad_hidden, grad_table
+
+
+@pytest.mark.parametrize("window", [False, True])
+@pytest.mark.parametrize("row_chunk", [1, 5, 512])  # One row, a ragged last chunk, one chunk.
+def test_softmax_ce_streamed_gradients_match_numpy(window, row_chunk):
+  hidden, table, targets, negatives = _inputs(8, window)
+  fn = jax.jit(jax.value_and_grad(
+      lambda h, e: losses.softmax_ce(h, e, targets, row_chunk=row_chunk), argnums=(0, 1)))
+  value, (grad_hidden, grad_table) = fn(hidden, table)
+  want_hidden, want_table = _np_softmax_ce_grads(hidden, table, targets)
+  np.testing.assert_allclose(value, _np_loss("softmax", hidden, table, targets, negatives), rtol=1e-5)
+  np.testing.assert_allclose(grad_hidden, want_hidden, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(grad_table, want_table, rtol=1e-4, atol=1e-6)
+
+
+def test_catalogue_logsumexp_equals_plain_logsumexp():
+  rng = np.random.default_rng(9)
+  hidden = rng.normal(size=(37, D)).astype(np.float32)
+  table = rng.normal(size=(N + 1, D)).astype(np.float32)
+  got = losses.catalogue_logsumexp(hidden, table, 8)
+  want = [_np_lse(table[1:] @ h) for h in np.float64(hidden)]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
