@@ -17,6 +17,10 @@ changes is how the step is generated or compiled:
   lengths; same loss);
 * ``previous_library``: all three of the above, i.e. the step as it was
   before those changes;
+* the loss: full softmax cross-entropy (``train.loss='softmax'``), once with
+  the library's streamed log-sum-exp (``losses.catalogue_logsumexp``) and once
+  as plain autodiff of ``logsumexp(hidden @ table.T)`` (same loss; the
+  ``softmax_autodiff`` row's speedup is against the ``softmax`` row);
 * the compute dtype (bfloat16 matmuls, float32 statistics);
 * buffer donation of the train state;
 * the process set-up, each in a fresh process (``benchmarks.subproc``): XLA
@@ -24,8 +28,9 @@ changes is how the step is generated or compiled:
   where installed), which decides whether each step's ~400 MB of temporaries
   are page-faulted in afresh.
 
-The library is not modified: ``layers.Dropout``, ``layers._MAX_QUERY_BLOCKS``
-and ``train.DROPOUT_RNG_IMPL`` are patched only while a variant is traced.
+The library is not modified: ``layers.Dropout``, ``layers._MAX_QUERY_BLOCKS``,
+``train.DROPOUT_RNG_IMPL`` and ``losses.LOSSES`` are patched only while a
+variant is traced.
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from benchmarks import harness, kernels, subproc
-from deeprec_jax import train
+from deeprec_jax import losses, train
 from deeprec_jax.models import layers
 
 # Allocators that keep freed memory mapped (glibc returns large blocks to the
@@ -80,6 +86,20 @@ class FlaxDropout(nn.Module):
     return nn.Dropout(self.rate)(x, deterministic=deterministic)
 
 
+def autodiff_softmax_ce(hidden: jax.Array, item_table: jax.Array, targets: jax.Array,
+                       negatives: jax.Array | None = None) -> jax.Array:
+  """``losses.softmax_ce`` as plain autodiff: the ``[B, L, N + 1]`` logits at once."""
+  del negatives
+  hidden = hidden.astype(jnp.float32)
+  table = item_table.astype(jnp.float32)
+  logits = jnp.einsum("bld,nd->bln", hidden, table)
+  logits = jnp.where(jnp.arange(table.shape[0]) == 0, -jnp.inf, logits)
+  pos = jnp.sum(hidden * jnp.take(table, targets, axis=0), axis=-1)
+  mask = targets > 0
+  per_target = jnp.where(mask, jax.nn.logsumexp(logits, axis=-1) - pos, 0.0)
+  return jnp.sum(per_target) / jnp.maximum(jnp.sum(mask), 1)
+
+
 @contextlib.contextmanager
 def patched(module: Any, name: str, value: Any) -> Iterator[None]:
   """Sets ``module.name = value`` for the duration of the context."""
@@ -105,6 +125,9 @@ class Variant:
   dtype: str = "float32"
   dropout_rate: float | None = None
   donate: bool = True
+  loss: str = "bce"  # train.loss
+  autodiff_ce: bool = False  # the 'softmax' loss as plain autodiff (no streaming)
+  reference: str = "baseline"  # the row that `speedup` divides by
 
   def context(self) -> contextlib.AbstractContextManager:
     """The jit-time switches of this variant, active while it is traced."""
@@ -115,6 +138,9 @@ class Variant:
       stack.enter_context(patched(layers, "_MAX_QUERY_BLOCKS", 1))
     if self.prng_impl:
       stack.enter_context(patched(train, "DROPOUT_RNG_IMPL", self.prng_impl))
+    if self.autodiff_ce:
+      table = {**losses.LOSSES, "softmax": autodiff_softmax_ce}
+      stack.enter_context(patched(losses, "LOSSES", table))
     return stack
 
 
@@ -138,9 +164,13 @@ def in_process_variants(quick: bool) -> list[Variant]:
               donate=False),
       Variant("no_dropout", "dropout_rate=0: the floor for any dropout speed-up",
               dropout_rate=0.0, same_math=False),
+      Variant("softmax", "train.loss='softmax': full cross-entropy, streamed log-sum-exp",
+              loss="softmax", same_math=False),
+      Variant("softmax_autodiff", "the same loss as plain autodiff of [B, L, N + 1] logits "
+              "(speedup vs 'softmax')", loss="softmax", autodiff_ce=True, reference="softmax"),
   ]
   if quick:
-    keep = {"baseline", "previous_library"}
+    keep = {"baseline", "previous_library", "softmax", "softmax_autodiff"}
     variants = [v for v in variants if v.name in keep]
   return variants
 
@@ -149,6 +179,7 @@ def variant_kernel(variant: Variant) -> harness.Kernel:
   config = kernels.ml1m_config("sasrec")
   config.model.dtype = variant.dtype
   config.train.pack = variant.pack
+  config.train.loss = variant.loss
   if variant.dropout_rate is not None:
     config.model.dropout_rate = variant.dropout_rate
   rng = None if variant.prng_impl is None else kernels.train_rng(impl=variant.prng_impl)
@@ -168,9 +199,9 @@ def variant_rows(quick: bool, repeats: int, peaks: harness.Peaks | None,
     row["params"]["dropout"] = "flax.linen.Dropout" if variant.flax_dropout else "layers.Dropout"
     row["same_math"] = variant.same_math
     rows.append(row)
-  base = next(r for r in rows if r["name"] == "baseline")
-  for row in rows:
-    row["speedup"] = base["median_s"] / row["median_s"]
+  medians = {row["name"]: row["median_s"] for row in rows}
+  for variant, row in zip(in_process_variants(quick), rows, strict=True):
+    row["speedup"] = medians[variant.reference] / row["median_s"]
   if processes and not quick:
     rows += [harness.attach_peaks(r, peaks) for r in process_rows(repeats)]
   return rows

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import fast_eval, harness, kernels, opprofile, run, subproc, variants
+from deeprec_jax import losses
 from deeprec_jax.models import layers
 
 ROW_NUMBERS = ("compile_s", "median_s", "p10_s", "p90_s", "min_s", "throughput", "flops",
@@ -73,11 +74,25 @@ def test_carry_kernel_feeds_donated_state_back():
 def test_variants_patch_only_while_traced():
   """A variant swaps the library's dropout / query blocks during its context only."""
   variant = variants.Variant("t", "", flax_dropout=True, one_query_block=True,
-                             prng_impl="threefry2x32")
+                             prng_impl="threefry2x32", loss="softmax", autodiff_ce=True)
   with variant.context():
     assert layers.Dropout is variants.FlaxDropout and layers._MAX_QUERY_BLOCKS == 1
+    assert losses.loss_fn("softmax") is variants.autodiff_softmax_ce
   assert layers.Dropout is not variants.FlaxDropout and layers._MAX_QUERY_BLOCKS > 1
+  assert losses.loss_fn("softmax") is losses.softmax_ce
   assert kernels.dropout_rng_impl() == "rbg"
+
+
+def test_autodiff_softmax_ce_is_the_library_loss():
+  """The benchmark's plain-autodiff CE computes the same loss and gradients."""
+  rng = np.random.default_rng(0)
+  hidden = rng.normal(size=(3, 7, 8)).astype(np.float32)
+  table = rng.normal(size=(21, 8)).astype(np.float32)
+  targets = rng.integers(0, 21, size=(3, 7)).astype(np.int32)
+  grad = lambda fn: jax.jit(jax.value_and_grad(lambda h, e: fn(h, e, targets), (0, 1)))
+  want = grad(lambda h, e, t: losses.softmax_ce(h, e, t, row_chunk=4))(hidden, table)
+  got = grad(variants.autodiff_softmax_ce)(hidden, table)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
 
 
 def test_dropout_shapes_follow_the_query_blocks():

@@ -207,7 +207,8 @@ def test_softmax_ce_streamed_gradients_match_numpy(window, row_chunk):
       lambda h, e: losses.softmax_ce(h, e, targets, row_chunk=row_chunk), argnums=(0, 1)))
   value, (grad_hidden, grad_table) = fn(hidden, table)
   want_hidden, want_table = _np_softmax_ce_grads(hidden, table, targets)
-  np.testing.assert_allclose(value, _np_loss("softmax", hidden, table, targets, negatives), rtol=1e-5)
+  want_value = _np_loss("softmax", hidden, table, targets, negatives)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
   np.testing.assert_allclose(grad_hidden, want_hidden, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(grad_table, want_table, rtol=1e-4, atol=1e-6)
 
