@@ -154,6 +154,36 @@ def test_negatives_when_the_user_has_every_item():
   assert np.all(evaluation["sampled_negatives"] == 0)
 
 
+def test_window_negatives_uniform_outside_the_sequence():
+  """Hashed window negatives: a chi-square test against uniform over unseen items."""
+  seen = np.arange(1, 11)  # Every user saw items 1..10 in some order.
+  rng = np.random.default_rng(0)
+  dataset = _dataset([rng.permutation(seen) for _ in range(50)], num_items=NUM_ITEMS)
+  ds = _train(dataset, "window", global_batch_size=50, num_negatives=20, num_targets=1,
+              max_len=3)
+  negatives = np.concatenate([ds[step]["negatives"].ravel() for step in range(len(ds))])
+  assert not np.isin(negatives, seen).any() and negatives.max() <= NUM_ITEMS
+  counts = np.bincount(negatives, minlength=NUM_ITEMS + 1)[11:]  # The 30 allowed items.
+  expected = len(negatives) / 30
+  chi2 = np.sum((counts - expected) ** 2 / expected)
+  # 29 degrees of freedom: P(chi2 > 70) < 1e-4 for a uniform sampler.
+  assert chi2 < 70, (chi2, counts)
+
+
+def test_window_negatives_for_nearly_and_fully_covered_users():
+  """Users with < 25% of the catalogue left draw from the complement; none left gives 0."""
+  num_items = 12
+  dense = np.concatenate([np.arange(1, 11), [11]])  # Only item 12 unseen.
+  full = np.arange(num_items, 0, -1)
+  dataset = _dataset([dense, full], num_items=num_items)
+  ds = _train(dataset, "window", global_batch_size=1, num_negatives=4, num_targets=1,
+              max_len=3)
+  for step in range(len(ds)):
+    batch = ds[step]
+    want = 12 if batch["user"][0] == 0 else 0
+    np.testing.assert_array_equal(batch["negatives"], want)
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.data())
 def test_held_out_items_never_reach_training(data):

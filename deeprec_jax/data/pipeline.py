@@ -6,7 +6,11 @@ of the process's place in the run, so resuming means indexing by step. The
 epoch's order is one global shuffle of all training examples, and every
 per-example random draw (negatives, BERT4Rec masks) is seeded by
 ``(seed, epoch, example index)``. Neither depends on the number of processes:
-P processes together see exactly the rows one process would.
+P processes together see exactly the rows one process would. Window examples
+(Caser: ~1M per epoch on ML-1M) are built a whole batch at a time from
+every user's sequence held in memory (``_WindowTable``); their negatives are a
+counter-based hash of ``(seed, epoch, example index, slot, attempt)``, so they
+keep the same property without one generator per example.
 
 Leave-one-out: ``seq[-1]`` is the test target, ``seq[-2]`` the validation
 target; training examples only ever see ``preprocess.split_train(seq)``.
@@ -15,6 +19,7 @@ Batch layouts are documented in README.md ("Contracts between the pieces").
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,7 +34,10 @@ TASKS = ("autoregressive", "window", "masked")
 SPLITS = ("valid", "test")
 SAMPLINGS = ("uniform", "popularity")
 # Salts that keep the random streams of different purposes apart.
-_SHUFFLE_SALT, _TRAIN_SALT, _EVAL_SALT = 0, 1, 2
+_SHUFFLE_SALT, _TRAIN_SALT, _EVAL_SALT, _WINDOW_SALT = 0, 1, 2, 3
+# Hashed redraws of a rejected window negative before the explicit complement
+# takes over (at >= 25% acceptance, 64 rejections in a row have p < 1e-8).
+_MAX_HASH_ATTEMPTS = 64
 # Below this fraction of allowed items (or allowed popularity mass), sample
 # from the explicit complement instead of rejecting draws.
 _REJECTION_MIN_ACCEPTANCE = 0.25
@@ -112,10 +120,15 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
   if pack_row_multiple and task != "autoregressive":
     raise ValueError(f"config key train.pack: packing needs the 'autoregressive' task, "
                      f"not {task!r}.")
-  build = functools.partial(
-      _train_batch, dataset=dataset, users=users, starts=starts, task=task, max_len=max_len,
-      num_targets=num_targets, num_negatives=num_negatives, mask_prob=mask_prob, seed=seed,
-      epoch=epoch)
+  if task == "window":
+    build = functools.partial(
+        _window_batch, table=_WindowTable.load(dataset), users=users, starts=starts,
+        max_len=max_len, num_targets=num_targets, num_negatives=num_negatives, seed=seed,
+        epoch=epoch)
+  else:
+    build = functools.partial(
+        _train_batch, dataset=dataset, users=users, task=task, max_len=max_len,
+        num_negatives=num_negatives, mask_prob=mask_prob, seed=seed, epoch=epoch)
   if pack_row_multiple:
     # Every example's input length: each process computes the global batch's
     # layout and loads the users of its own rows.
@@ -416,17 +429,19 @@ def _packed_train_batch(indices: np.ndarray, *, make_batch: Callable[..., dict[s
 
 
 def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
-                 users: np.ndarray, starts: np.ndarray, task: str, max_len: int,
-                 num_targets: int, num_negatives: int, mask_prob: float, seed: int,
-                 epoch: int) -> dict[str, np.ndarray]:
-  """This process's rows of one global batch of example ``indices``."""
+                 users: np.ndarray, task: str, max_len: int, num_negatives: int,
+                 mask_prob: float, seed: int, epoch: int) -> dict[str, np.ndarray]:
+  """This process's rows of a global batch of sequence examples, one user at a time.
+
+  For the 'autoregressive' and 'masked' tasks (one example per user); window
+  examples are built by ``_window_batch``.
+  """
   indices = np.asarray(indices)[rows]
   size = len(indices)
-  width = num_targets if task == "window" else max_len
   batch = {
       "item_seq": np.zeros((size, max_len), np.int32),
-      "targets": np.zeros((size, width), np.int32),
-      "negatives": np.zeros((size, width, num_negatives), np.int32),
+      "targets": np.zeros((size, max_len), np.int32),
+      "negatives": np.zeros((size, max_len, num_negatives), np.int32),
       "user": np.zeros((size,), np.int32),
   }
   records = _read(dataset.source, users[indices])
@@ -438,19 +453,134 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
     if task == "autoregressive":
       window = train[-(max_len + 1):]
       inputs, targets = window[:-1], window[1:]
-    elif task == "window":
-      start = int(starts[index])
-      inputs = train[max(start - max_len, 0):start]
-      targets = train[start:start + num_targets]
     else:
       inputs, targets = _mask(rng, train[-max_len:], mask_prob, dataset.num_items + 1)
     batch["user"][row] = user
     batch["item_seq"][row, max_len - len(inputs):] = inputs
-    batch["targets"][row, width - len(targets):] = targets
+    batch["targets"][row, max_len - len(targets):] = targets
     has_target = batch["targets"][row] != 0
     batch["negatives"][row, has_target] = _sample_uniform(
         rng, dataset.num_items, np.unique(seq), (int(has_target.sum()), num_negatives))
   return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class _WindowTable:
+  """Every user's training part and seen items, for whole-batch window examples.
+
+  Attributes:
+    train_items: int64 ``[sum of training lengths]``, the users' training parts
+      (``preprocess.split_train``) one after another.
+    train_offsets: int64 ``[num_users]``, where each user's part starts.
+    seen_keys: sorted int64 ``user * (num_items + 1) + item`` for every item in
+      a user's whole sequence (held-out items included: never negatives).
+    num_seen: int64 ``[num_users]``, distinct items per user.
+    num_items: items ``1..num_items``.
+  """
+
+  train_items: np.ndarray
+  train_offsets: np.ndarray
+  seen_keys: np.ndarray
+  num_seen: np.ndarray
+  num_items: int
+
+  @classmethod
+  def load(cls, dataset: builders.Dataset) -> _WindowTable:
+    records = _read(dataset.source, np.arange(dataset.num_users))
+    sequences = [np.asarray(record["item_seq"], np.int64) for record in records]
+    trains = [preprocess.split_train(seq) for seq in sequences]
+    train_lengths = np.array([len(t) for t in trains], np.int64)
+    seen = [np.unique(seq) for seq in sequences]
+    stride = dataset.num_items + 1
+    seen_keys = np.concatenate(
+        [np.zeros(0, np.int64)] + [user * stride + items for user, items in enumerate(seen)])
+    return cls(train_items=np.concatenate([np.zeros(0, np.int64)] + trains),
+               train_offsets=np.cumsum(train_lengths) - train_lengths,
+               seen_keys=seen_keys, num_seen=np.array([len(s) for s in seen], np.int64),
+               num_items=dataset.num_items)
+
+  def is_seen(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Elementwise ``items[i] in sequence of users[i]`` (broadcasting)."""
+    return _contains(self.seen_keys, users * (self.num_items + 1) + items)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+  """SplitMix64's finaliser: a bijective avalanche of uint64 words (wrapping)."""
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def _hash_words(key: int, *words: np.ndarray) -> np.ndarray:
+  """uint64 hash of ``key`` and the broadcast ``words`` (chained mixing)."""
+  with np.errstate(over="ignore"):
+    h = np.full(np.broadcast_shapes(*(np.shape(w) for w in words)), key, np.uint64)
+    for word in words:
+      h = _mix64(h + np.asarray(word).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+  return h
+
+
+def _window_negatives(table: _WindowTable, users: np.ndarray, indices: np.ndarray,
+                      shape: tuple[int, int], key: int) -> np.ndarray:
+  """Uniform negatives outside each user's sequence: int64 ``[len(users), *shape]``.
+
+  Draw ``a`` of slot ``s`` of example ``i`` is ``1 + hash(key, i, s, a) % N``,
+  redrawn (``a + 1``) while the user has seen it. Users with under
+  ``_REJECTION_MIN_ACCEPTANCE`` of the catalogue left, and the rare draw still
+  rejected after ``_MAX_HASH_ATTEMPTS``, pick from the explicit complement;
+  a user who has seen every item gets 0 (no negative).
+  """
+  slots = np.arange(math.prod(shape)).reshape(shape)
+  user_grid = np.broadcast_to(users[:, None, None], (len(users),) + shape)
+  index_grid = indices[:, None, None]
+  num_items = table.num_items
+  draws = np.zeros(user_grid.shape, np.int64)
+  sparse = table.num_seen[users] > (1 - _REJECTION_MIN_ACCEPTANCE) * num_items
+  pending = np.broadcast_to(~sparse[:, None, None], draws.shape).copy()
+  for attempt in range(_MAX_HASH_ATTEMPTS):
+    if not pending.any():
+      break
+    where = np.nonzero(pending)
+    hashed = _hash_words(key, index_grid[where[0], 0, 0], slots[where[1:]], attempt)
+    candidate = 1 + (hashed % np.uint64(num_items)).astype(np.int64)
+    accepted = ~table.is_seen(user_grid[where], candidate)
+    draws[tuple(w[accepted] for w in where)] = candidate[accepted]
+    pending[tuple(w[accepted] for w in where)] = False
+  pending |= sparse[:, None, None]
+  for row in np.unique(np.nonzero(pending)[0]):  # The explicit complement.
+    seen = table.seen_keys[np.searchsorted(table.seen_keys, users[row] * (num_items + 1)):]
+    seen = seen[:table.num_seen[users[row]]] - users[row] * (num_items + 1)
+    allowed = np.setdiff1d(np.arange(1, num_items + 1), seen, assume_unique=True)
+    if not len(allowed):
+      draws[row][pending[row]] = 0
+      continue
+    hashed = _hash_words(key, indices[row], slots[pending[row]], _MAX_HASH_ATTEMPTS)
+    draws[row][pending[row]] = allowed[(hashed % np.uint64(len(allowed))).astype(np.int64)]
+  return draws
+
+
+def _window_batch(indices: np.ndarray, *, rows: slice, table: _WindowTable, users: np.ndarray,
+                  starts: np.ndarray, max_len: int, num_targets: int, num_negatives: int,
+                  seed: int, epoch: int) -> dict[str, np.ndarray]:
+  """This process's rows of one global batch of window examples, all at once.
+
+  Example ``i`` of user ``u`` starting at ``s`` has the inputs
+  ``train[max(s - max_len, 0):s]`` (left-padded to ``max_len``) and the targets
+  ``train[s:s + num_targets]``, as ``_train_batch`` would build them.
+  """
+  indices = np.asarray(indices)[rows]
+  user, start = users[indices], starts[indices]
+  first_target = table.train_offsets[user] + start  # [B], into train_items
+  back = np.arange(-max_len, 0)
+  has_input = start[:, None] + back >= 0  # [B, max_len]
+  item_seq = np.where(has_input, table.train_items[np.where(has_input, first_target[:, None]
+                                                            + back, 0)], 0)
+  targets = table.train_items[first_target[:, None] + np.arange(num_targets)]
+  key = int(np.random.SeedSequence(_entropy(seed, epoch, _WINDOW_SALT))
+            .generate_state(1, np.uint64)[0])
+  negatives = _window_negatives(table, user, indices, (num_targets, num_negatives), key)
+  return {"item_seq": item_seq.astype(np.int32), "targets": targets.astype(np.int32),
+          "negatives": negatives.astype(np.int32), "user": user.astype(np.int32)}
 
 
 def _mask(rng: np.random.Generator, items: np.ndarray, mask_prob: float,
