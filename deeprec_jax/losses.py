@@ -153,73 +153,120 @@ def sampled_softmax(hidden: Array, item_table: Array, targets: Array, negatives:
 CATALOGUE_ROW_CHUNK = 512
 
 
-def _row_chunks(x: Array, chunk: int) -> Array:
-  """``[R, ...]`` -> ``[ceil(R / chunk), chunk, ...]``, zero-padded at the end."""
-  pad = -x.shape[0] % chunk
-  x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-  return x.reshape(-1, chunk, *x.shape[1:])
+def _column_blocks(x: Array, width: int) -> Array:
+  """``[B, L, ...]`` -> ``[ceil(L / width), B, width, ...]``, zero-padded on the right."""
+  pad = -x.shape[1] % width
+  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  x = x.reshape(x.shape[0], -1, width, *x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
 
 
-def _unchunk(x: Array, rows: int) -> Array:
-  return x.reshape(-1, *x.shape[2:])[:rows]
+def _uncolumn(x: Array, length: int) -> Array:
+  """Inverse of ``_column_blocks``: ``[n, B, width, ...]`` -> ``[B, length, ...]``."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
 
 
 def _catalogue_logits(hidden: Array, table: Array) -> Array:
-  """``hidden [r, D] @ table[N + 1, D].T`` with the padding column at ``-inf``."""
+  """``hidden [..., D] @ table[N + 1, D].T`` with the padding column at ``-inf``."""
   logits = hidden @ table.T
   return jnp.where(jnp.arange(table.shape[0]) == 0, -jnp.inf, logits)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def catalogue_logsumexp(hidden: Array, table: Array, row_chunk: int = CATALOGUE_ROW_CHUNK
-                        ) -> Array:
-  """``logsumexp_{j=1..N}(hidden @ table[j])`` per row, streamed over rows.
+def _rows_logsumexp(hidden: Array, table: Array) -> Array:
+  """``[B, w, D]`` -> ``[B, w]`` log-sum-exp over items ``1..N``, as one 2-D matmul."""
+  rows = hidden.reshape(-1, hidden.shape[-1])
+  return jax.nn.logsumexp(_catalogue_logits(rows, table), -1).reshape(hidden.shape[:-1])
 
-  Equal to ``logsumexp(hidden @ table[1:].T, axis=-1)``, but the ``[R, N + 1]``
-  logits never exist at once: rows go through in chunks of ``row_chunk``, and
-  the backward pass recomputes each chunk's logits from ``hidden``, ``table``
-  and the saved ``[R]`` log-normalisers instead of keeping them. Plain autodiff
-  of the same expression writes and reads ``[R, N + 1]`` several times over
-  and was 3x slower on a 2-core CPU (benchmarks/README.md); the extra matmul
-  of the recomputation is cheaper than that memory traffic.
+
+def _block_width(batch: int, row_chunk: int) -> int:
+  return max(1, row_chunk // max(batch, 1))
+
+
+def _sorted(x: Array, order: Array) -> Array:
+  """``x [B, L, ...]`` with each row's positions in ``order [B, L]``: a gather."""
+  return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _streamed_logsumexp(hidden: Array, table: Array, active: Array, row_chunk: int) -> Array:
+  return _streamed_logsumexp_fwd(hidden, table, active, row_chunk)[0]
+
+
+def _streamed_logsumexp_fwd(hidden, table, active, row_chunk):
+  # Active positions first in each row (a stable sort, local to the row's
+  # device); both directions of the permutation are gathers, never scatters.
+  order = jnp.argsort(~active, axis=1, stable=True)
+  inverse = jnp.argsort(order, axis=1)
+  hidden, active = _sorted(hidden, order), _sorted(active, order)
+  width = _block_width(hidden.shape[0], row_chunk)
+
+  def block(xs):
+    h, block_active = xs  # [B, w, D], [B, w]
+    return jax.lax.cond(
+        jnp.any(block_active),
+        lambda: jnp.where(block_active, _rows_logsumexp(h, table), 0.0),
+        lambda: jnp.zeros(block_active.shape, jnp.float32))
+
+  lse = jax.lax.map(block, (_column_blocks(hidden, width), _column_blocks(active, width)))
+  lse = _uncolumn(lse, hidden.shape[1])  # [B, L], sorted
+  return _sorted(lse, inverse), (hidden, table, active, lse, order, inverse)
+
+
+def _streamed_logsumexp_bwd(row_chunk, residuals, grad):
+  hidden, table, active, lse, order, inverse = residuals  # All but table sorted.
+  grad = _sorted(grad, order)
+  width = _block_width(hidden.shape[0], row_chunk)
+
+  def block(table_grad, xs):
+    h, block_active, block_lse, block_grad = xs  # [B, w, D], [B, w], [B, w], [B, w]
+
+    def backprop():
+      # d lse / d logits = softmax; inactive positions output 0: no gradient.
+      rows = h.reshape(-1, h.shape[-1])  # [B * w, D]: plain 2-D matmuls below
+      weight = jnp.where(block_active, block_grad, 0.0).reshape(-1, 1)
+      probs = jnp.exp(_catalogue_logits(rows, table) - block_lse.reshape(-1, 1)) * weight
+      return table_grad + probs.T @ rows, (probs @ table).reshape(h.shape)
+
+    return jax.lax.cond(jnp.any(block_active), backprop,
+                        lambda: (table_grad, jnp.zeros_like(h)))
+
+  xs = tuple(_column_blocks(x, width) for x in (hidden, active, lse, grad))
+  table_grad, hidden_grad = jax.lax.scan(block, jnp.zeros_like(table), xs)
+  hidden_grad = _sorted(_uncolumn(hidden_grad, hidden.shape[1]), inverse)
+  return hidden_grad, table_grad, None
+
+
+_streamed_logsumexp.defvjp(_streamed_logsumexp_fwd, _streamed_logsumexp_bwd)
+
+
+def catalogue_logsumexp(hidden: Array, table: Array, active: Array | None = None,
+                        row_chunk: int = CATALOGUE_ROW_CHUNK) -> Array:
+  """``logsumexp_{j=1..N}(hidden @ table[j])`` at every active position.
+
+  Equal to ``where(active, logsumexp(hidden @ table[1:].T, axis=-1), 0)``, but
+  the ``[B, L, N + 1]`` logits never exist at once. Each sequence's active
+  positions are moved to its front (a stable sort per row, local to the
+  row's device), and the positions go through in blocks of ``w`` columns
+  (``w * B ~ row_chunk`` rows): a block with no active position is skipped,
+  which is where BERT4Rec's ~80% of unmasked positions go. The backward pass
+  recomputes each block's logits from ``hidden``, ``table`` and the saved
+  ``[B, L]`` log-normalisers instead of keeping them: plain autodiff of the
+  same expression writes and reads ``[B, L, N + 1]`` several times over and
+  was ~3x slower on a 2-core CPU (benchmarks/README.md).
 
   Args:
-    hidden: ``float32[R, D]``.
+    hidden: ``float32[B, L, D]``.
     table: ``float32[N + 1, D]``; row 0 is padding and never scored.
-    row_chunk: rows per step (static).
+    active: ``bool[B, L]``, the positions to score (None: all).
+    row_chunk: rows of logits per block (static).
 
   Returns:
-    ``float32[R]``.
+    ``float32[B, L]``, 0 at inactive positions (with zero gradient).
   """
-  return _catalogue_logsumexp_fwd(hidden, table, row_chunk)[0]
-
-
-def _catalogue_logsumexp_fwd(hidden, table, row_chunk):
-  rows = hidden.shape[0]
-  chunk = max(1, min(row_chunk, rows))
-  lse = jax.lax.map(lambda h: jax.nn.logsumexp(_catalogue_logits(h, table), axis=-1),
-                    _row_chunks(hidden, chunk))
-  lse = _unchunk(lse, rows)
-  return lse, (hidden, table, lse)
-
-
-def _catalogue_logsumexp_bwd(row_chunk, residuals, grad):
-  hidden, table, lse = residuals
-  rows = hidden.shape[0]
-  chunk = max(1, min(row_chunk, rows))
-
-  def step(table_grad, xs):
-    h, chunk_lse, chunk_grad = xs  # [c, D], [c], [c]
-    # d lse / d logits = softmax; zero-padded rows have grad 0 and add nothing.
-    probs = jnp.exp(_catalogue_logits(h, table) - chunk_lse[:, None]) * chunk_grad[:, None]
-    return table_grad + probs.T @ h, probs @ table
-
-  xs = (_row_chunks(hidden, chunk), _row_chunks(lse, chunk), _row_chunks(grad, chunk))
-  table_grad, hidden_grad = jax.lax.scan(step, jnp.zeros_like(table), xs)
-  return _unchunk(hidden_grad, rows), table_grad
-
-
-catalogue_logsumexp.defvjp(_catalogue_logsumexp_fwd, _catalogue_logsumexp_bwd)
+  if active is None:
+    active = jnp.ones(hidden.shape[:2], bool)
+  return _streamed_logsumexp(hidden, table, active, row_chunk)
 
 
 def softmax_ce(hidden: Array, item_table: Array, targets: Array, negatives: Array | None = None,
@@ -230,8 +277,9 @@ def softmax_ce(hidden: Array, item_table: Array, targets: Array, negatives: Arra
   ``loss_t = logsumexp_{j=1..N}(s_j) - s_target``, averaged over real targets.
   The normaliser is ``catalogue_logsumexp`` of ``hidden`` against the table
   (padding column excluded), streamed over ``row_chunk`` rows of logits at a
-  time; the target logit is a gathered dot product. Window models compute one
-  normaliser per row, shared by its ``T`` targets.
+  time and only at positions with a target; the target logit is a gathered
+  dot product. Window models compute one normaliser per row, shared by its
+  ``T`` targets.
 
   Args:
     hidden: ``float[B, L, D]`` or ``float[B, D]`` (window models).
@@ -247,8 +295,9 @@ def softmax_ce(hidden: Array, item_table: Array, targets: Array, negatives: Arra
   del negatives  # The full softmax needs no samples.
   h = _align(hidden, targets)  # [B, L or 1, D]
   table = item_table.astype(jnp.float32)
-  log_normaliser = catalogue_logsumexp(h.reshape(-1, h.shape[-1]), table, row_chunk)
-  log_normaliser = log_normaliser.reshape(h.shape[:-1])  # [B, L or 1]
+  # A window row is scored if any of its T targets is real.
+  active = jnp.any(targets > 0, axis=-1, keepdims=True) if h.shape[-2] == 1 else targets > 0
+  log_normaliser = catalogue_logsumexp(h, table, active, row_chunk)  # [B, L or 1]
   pos = _item_logits(h, table, targets[..., None])[..., 0]  # [B, L or T]
   return _masked_mean(log_normaliser - pos, targets, return_count)
 

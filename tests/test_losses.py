@@ -214,9 +214,20 @@ def test_softmax_ce_streamed_gradients_match_numpy(window, row_chunk):
 
 
 def test_catalogue_logsumexp_equals_plain_logsumexp():
+  """Active positions get the log-sum-exp over items 1..N; the others 0 and no gradient."""
   rng = np.random.default_rng(9)
-  hidden = rng.normal(size=(37, D)).astype(np.float32)
+  hidden = rng.normal(size=(4, 9, D)).astype(np.float32)
   table = rng.normal(size=(N + 1, D)).astype(np.float32)
-  got = losses.catalogue_logsumexp(hidden, table, 8)
-  want = [_np_lse(table[1:] @ h) for h in np.float64(hidden)]
-  np.testing.assert_allclose(got, want, rtol=1e-6)
+  active = rng.random((4, 9)) < 0.3
+  active[1] = False  # A sequence without any: its blocks are skipped.
+  for row_chunk in (1, 8, 512):
+    got = losses.catalogue_logsumexp(hidden, table, active, row_chunk)
+    want = [[_np_lse(table[1:] @ h) if a else 0.0 for h, a in zip(hs, acts, strict=True)]
+            for hs, acts in zip(np.float64(hidden), active, strict=True)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    grad = jax.grad(lambda h, c=row_chunk: jnp.sum(
+        losses.catalogue_logsumexp(h, table, active, c)))(hidden)
+    np.testing.assert_array_equal(grad[~active], 0.0)
+  everything = losses.catalogue_logsumexp(hidden, table)
+  np.testing.assert_allclose(everything[1, 0], _np_lse(table[1:] @ np.float64(hidden[1, 0])),
+                             rtol=1e-6)
