@@ -258,7 +258,7 @@ def train_batch(model_name: str, config: ml_collections.ConfigDict, batch_size: 
                 seed: int = 0, row_multiple: int = 8) -> dict[str, np.ndarray]:
   """A synthetic training batch of the model's task, packed as the Trainer packs it.
 
-  With ``config.train.pack`` and a packable model (SASRec) the rows are packed
+  With ``config.train.pack`` and a packable model (SASRec, BERT4Rec) the rows are packed
   (``pipeline.pack_batch``) into the fewest rows that hold them, rounded up to
   a multiple of ``row_multiple`` (the Trainer's multiple of 8).
   """

@@ -556,10 +556,11 @@ def test_dropout_module():
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
-def test_sasrec_packed_rows_equal_separate_rows(attention):
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
+def test_packed_rows_equal_separate_rows(name, attention):
   """Sequences packed side by side (segment ids + positions) give their own outputs."""
   seq_len = 120  # two causal query blocks
-  model = _model("sasrec", attention, max_len=seq_len)
+  model = _model(name, attention, max_len=seq_len)
   lengths = [70, 30, 20, 120, 5, 1]
   item_seq = _left_padded(lengths, seq_len, seed=9)
   batch = {"item_seq": item_seq, "targets": item_seq, "user": np.zeros(6, np.int32),

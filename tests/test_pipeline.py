@@ -335,13 +335,14 @@ def test_pack_batch_keeps_every_token():
     pipeline.pack_batch(plain, 1)
 
 
-def test_packed_train_batches_do_not_depend_on_the_process_count():
+@pytest.mark.parametrize("task", ["autoregressive", "masked"])
+def test_packed_train_batches_do_not_depend_on_the_process_count(task):
   dataset = _random_dataset(num_users=40, max_length=12)
   args = dict(max_len=16, global_batch_size=16, pack_row_multiple=4)
-  single = _train(dataset, "autoregressive", **args)
-  shards = [_train(dataset, "autoregressive", process_index=p, process_count=2, **args)
+  single = _train(dataset, task, **args)
+  shards = [_train(dataset, task, process_index=p, process_count=2, **args)
             for p in range(2)]
-  plain = _train(dataset, "autoregressive", max_len=16, global_batch_size=16)
+  plain = _train(dataset, task, max_len=16, global_batch_size=16)
   for step in range(len(single)):
     rows = single[step]["item_seq"].shape[0]
     assert rows % 4 == 0 and rows < 16
@@ -351,7 +352,7 @@ def test_packed_train_batches_do_not_depend_on_the_process_count():
     np.testing.assert_array_equal(np.sort(targets[targets > 0]),
                                   np.sort(plain[step]["targets"][plain[step]["targets"] > 0]))
   with pytest.raises(ValueError, match="train.pack"):
-    _train(dataset, "masked", max_len=16, pack_row_multiple=8)
+    _train(dataset, "window", max_len=16, pack_row_multiple=8)
 
 
 def test_eval_lengths():

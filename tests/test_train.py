@@ -61,9 +61,10 @@ def test_one_step_is_the_same_on_one_and_four_devices():
                params_1, params_4)
 
 
-def test_packed_step_matches_the_unpacked_step():
+@pytest.mark.parametrize("model", ["sasrec", "bert4rec"])
+def test_packed_step_matches_the_unpacked_step(model):
   """Packing users into shared rows changes neither the loss nor the update (no dropout)."""
-  config = tiny.get_config("sasrec")
+  config = tiny.get_config(model)
   config.data.max_len = 40  # longer than most synthetic histories: rows to spare
   config.model.dropout_rate = 0.0
   outputs = []

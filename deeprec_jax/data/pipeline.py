@@ -97,7 +97,7 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
     epoch: the epoch (0-based); each epoch has its own order and draws.
     num_targets: T, next items per window example ('window' only).
     mask_prob: masking probability ('masked' only).
-    pack_row_multiple: if > 0 ('autoregressive' only), each global batch is
+    pack_row_multiple: if > 0 (not for 'window'), each global batch is
       packed (``pack_batch``) into a number of rows that is a multiple of this
       and of ``process_count`` (e.g. lcm(8, data-parallel devices)); the rows
       are the same whatever the number of processes, each loading its share.
@@ -117,9 +117,9 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
   users, starts = _examples(dataset, task, num_targets)
   steps_per_epoch(dataset, task=task, global_batch_size=global_batch_size, max_len=max_len,
                   num_targets=num_targets)
-  if pack_row_multiple and task != "autoregressive":
-    raise ValueError(f"config key train.pack: packing needs the 'autoregressive' task, "
-                     f"not {task!r}.")
+  if pack_row_multiple and task == "window":
+    raise ValueError("config key train.pack: packing needs a sequence task ('autoregressive' "
+                     "or 'masked'), not 'window'.")
   if task == "window":
     build = functools.partial(
         _window_batch, table=_WindowTable.load(dataset), users=users, starts=starts,
@@ -132,7 +132,9 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
   if pack_row_multiple:
     # Every example's input length: each process computes the global batch's
     # layout and loads the users of its own rows.
-    input_lengths = np.minimum(_lengths(dataset)[users] - 3, max_len)
+    # The training part is len - 2 items; autoregressive inputs drop its last.
+    input_lengths = np.minimum(_lengths(dataset)[users] - (3 if task == "autoregressive" else 2),
+                               max_len)
     make_batch = functools.partial(
         _packed_train_batch, make_batch=functools.partial(build, rows=slice(None)),
         input_lengths=input_lengths, max_len=max_len, row_multiple=pack_row_multiple,
@@ -353,15 +355,15 @@ def pack_layout(lengths: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarr
 
 
 def pack_batch(batch: Mapping[str, np.ndarray], num_rows: int) -> dict[str, np.ndarray]:
-  """Packs an 'autoregressive' batch's left-padded rows side by side into fewer rows.
+  """Packs a sequence batch's left-padded rows side by side into fewer rows.
 
   Most users' histories are shorter than L (on ML-1M at L = 200 half of the
   batch is padding), so sequences share rows: each keeps its items, targets and
   negatives, gets a segment id (attention stays within a segment) and keeps
   the positional rows it had alone (right-aligned), so that a model honouring
-  ``segment_ids`` and ``positions`` (``sasrec.Model``) gives every position
-  the output it would have unpacked, and the loss (a mean over targets) is
-  unchanged.
+  ``segment_ids`` and ``positions`` (those with ``PACKABLE``: SASRec,
+  BERT4Rec) gives every position the output it would have unpacked, and the
+  loss (a mean over targets) is unchanged.
 
   Args:
     batch: ``item_seq int32[B, L]``, ``targets int32[B, L]``, ``negatives

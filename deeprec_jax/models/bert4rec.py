@@ -37,6 +37,8 @@ import jax.numpy as jnp
 from deeprec_jax.models import layers
 
 TASK = "masked"
+# Accepts packed rows (segment_ids, positions): train.pack may apply.
+PACKABLE = True
 
 
 class Model(nn.Module):
@@ -83,7 +85,9 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, item_seq: jax.Array, *, user: jax.Array | None = None,
-               train: bool = False, last_only: bool = False) -> jax.Array:
+               train: bool = False, last_only: bool = False,
+               segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
     """Encodes left-padded item sequences that may contain the mask token.
 
     Args:
@@ -93,6 +97,13 @@ class Model(nn.Module):
       train: enables dropout (needs the ``'dropout'`` RNG).
       last_only: return the last position (the mask slot at evaluation)
         only; the last block then computes that one row.
+      segment_ids: ``int32[batch, seq_len]`` for packed rows (several users'
+        sequences side by side, ``pipeline.pack_batch``): 0 at padding, and
+        positions attend only within their own segment.
+      positions: ``int32[batch, seq_len]`` positional-embedding rows of packed
+        rows (each segment keeps the right-aligned rows it would have alone).
+        Given together with ``segment_ids``, every segment's outputs equal
+        those of the sequence on its own row.
 
     Returns:
       ``float32[batch, seq_len, dim]`` (``[batch, 1, dim]`` with
@@ -114,7 +125,7 @@ class Model(nn.Module):
     x = nn.Embed(self.num_items + 2, self.dim, embedding_init=init, name="item_embed")(item_seq)
     if self.positional:
       x = x + layers.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
-                                         name="pos_embed")(item_seq.shape[1])
+                                         name="pos_embed")(item_seq.shape[1], positions)
     x = layer_norm("embed_ln")(x.astype(dtype))
     x = layers.Dropout(self.dropout_rate)(x, deterministic=not train) * valid_f
 
@@ -124,7 +135,7 @@ class Model(nn.Module):
     for i in range(self.num_blocks):
       last = last_only and i == self.num_blocks - 1
       x = layers.SelfAttentionBlock(**block_kwargs, name=f"block_{i}")(
-          x, valid, deterministic=not train, last_only=last)
+          x, valid, deterministic=not train, last_only=last, segment_ids=segment_ids)
     if last_only:
       x, valid_f = x[:, -1:], valid_f[:, -1:]
     x = layer_norm("final_ln")(x)
