@@ -56,6 +56,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, record: dict[str
   manager.wait_until_finished()
 
 
+def restore_record(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The JSON record saved at ``step``, without reading the state."""
+  restored = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+  return dict(restored["record"])
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any
             ) -> tuple[Any, dict[str, Any]]:
   """Restores ``(state, record)`` at ``step`` with the shardings of ``abstract_state``."""

@@ -182,6 +182,43 @@ def pad_item_table(params: Any, mesh: Mesh) -> Any:
   return _with_item_table(params, jnp.pad(table, ((0, padding), (0, 0))))
 
 
+def padded_rows(rows: int, mesh: Mesh) -> int:
+  """Rows of an item table of ``rows`` rows once padded for ``mesh`` (``pad_item_table``)."""
+  return -(-rows // mesh.shape[MODEL_AXIS]) * mesh.shape[MODEL_AXIS]
+
+
+def with_item_table_rows(abstract_tree: Any, rows: int, mesh: Mesh) -> Any:
+  """``abstract_tree`` with every item-table leaf (table, moments) of ``rows`` rows.
+
+  Those leaves are replicated: a checkpoint written under another ``'model'``
+  axis may hold a row count that this mesh cannot split.
+  """
+  def rule(path, leaf):
+    if not _is_item_table(path, leaf):
+      return leaf
+    return jax.ShapeDtypeStruct((rows,) + tuple(leaf.shape[1:]), leaf.dtype,
+                                sharding=replicated(mesh))
+
+  return jax.tree_util.tree_map_with_path(rule, abstract_tree)
+
+
+def repad_item_tables(tree: Any, rows: int, mesh: Mesh) -> Any:
+  """Cuts every item-table leaf to its ``rows`` real rows and pads it again for ``mesh``.
+
+  The padding rows are zero in the table and in its moments (their gradient
+  is zero), so nothing is lost; the result is placed by ``param_shardings``.
+  """
+  target = padded_rows(rows, mesh)
+
+  def rule(path, leaf):
+    if not _is_item_table(path, leaf):
+      return leaf
+    leaf = jax.device_get(leaf)[:rows]
+    return np.pad(leaf, ((0, target - rows), (0, 0)))
+
+  return shard(jax.tree_util.tree_map_with_path(rule, tree), mesh)
+
+
 def unpad_item_table(params: Any, rows: int) -> Any:
   """The model's own view of ``params``: the first ``rows`` rows of the item table.
 

@@ -36,6 +36,9 @@ SCHEDULES = ("constant", "cosine")
 # Evaluation batches are built once per split and kept (host memory) up to this
 # many users: ~1.3 s of host work per ML-1M pass, ~60 MB.
 _CACHED_EVAL_USERS = 200_000
+# Checkpoint record key: rows of the saved (padded) item table, so that a run
+# can resume or be evaluated under another train.model_parallel.
+_TABLE_ROWS_KEY = "item_table_rows"
 
 
 def learning_rate_schedule(train_config: ml_collections.ConfigDict,
@@ -170,6 +173,11 @@ class Trainer:
         out_shardings=parallel.replicated(self.mesh))
 
   @property
+  def table_rows(self) -> int:
+    """Rows of the item table in the train state: ``item_rows`` padded for the mesh."""
+    return parallel.padded_rows(self.item_rows, self.mesh)
+
+  @property
   def is_trainable(self) -> bool:
     return self.config.model.name != "popularity"
 
@@ -237,6 +245,27 @@ def _abstract(state: State) -> State:
                       state)
 
 
+def restore_state(trainer: Trainer, manager, step: int) -> tuple[State, dict[str, Any]]:
+  """Restores ``(state, record)`` at ``step`` in ``trainer``'s layout.
+
+  The item table (and its optimizer moments) is padded to the 'model' axis it
+  was trained with; the record says how many rows it was saved with
+  (``item_table_rows``), and a checkpoint from another ``train.model_parallel``
+  is cut to its real rows and padded again for this mesh. Records written
+  before that key are taken to match.
+  """
+  abstract = _abstract(trainer.init_state())
+  saved_rows = checkpoints.restore_record(manager, step).get(_TABLE_ROWS_KEY)
+  if saved_rows is None or saved_rows == trainer.table_rows:
+    return checkpoints.restore(manager, step, abstract)
+  logging.info("checkpoint %d holds a %d-row item table; re-padding it to %d rows for "
+               "train.model_parallel=%d", step, saved_rows, trainer.table_rows,
+               trainer.mesh.shape[parallel.MODEL_AXIS])
+  state, record = checkpoints.restore(
+      manager, step, parallel.with_item_table_rows(abstract, saved_rows, trainer.mesh))
+  return parallel.repad_item_tables(state, trainer.item_rows, trainer.mesh), record
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
 
@@ -261,8 +290,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = trainer.init_state()
   record = {"epoch": 0, "best": None, "evals_without_improvement": 0}
   if manager.latest_step() is not None:
-    state, record = checkpoints.restore(manager, manager.latest_step(), _abstract(state))
+    state, record = restore_state(trainer, manager, manager.latest_step())
     logging.info("resumed from step %d in %s", int(state["step"]), workdir)
+  record[_TABLE_ROWS_KEY] = trainer.table_rows  # How the saves below lay the table out.
 
   try:
     if trainer.is_trainable:
@@ -352,7 +382,7 @@ def _final_evaluation(trainer: Trainer, manager, writer, workdir: str,
   best = manager.best_step()
   if best is None:
     best = manager.latest_step()
-  state, _ = checkpoints.restore(manager, best, _abstract(trainer.init_state()))
+  state, _ = restore_state(trainer, manager, best)
   results = {}
   for split in ("valid", "test"):
     split_metrics = trainer.evaluate(state["params"], split)
@@ -370,6 +400,29 @@ def _final_evaluation(trainer: Trainer, manager, writer, workdir: str,
 def _format(metrics: dict[str, float]) -> str:
   keys = [k for k in metrics if k.endswith("@10")] or list(metrics)
   return " ".join(f"{k}={metrics[k]:.4f}" for k in sorted(keys))
+
+
+def _fit_to_devices(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with a mesh this machine can build, to evaluate a run trained elsewhere.
+
+  A run trained on 8 devices with ``train.model_parallel=2`` evaluates on a
+  1-device machine with ``num_devices=0`` (all) and ``model_parallel=1``; the
+  checkpoint is re-padded on restore (``restore_state``). The metrics do not
+  depend on the mesh.
+  """
+  devices = jax.device_count()
+  num_devices = config.train.get("num_devices", 0)
+  model_parallel = config.train.get("model_parallel", 1)
+  fits = num_devices <= devices and (num_devices or devices) % model_parallel == 0
+  fits = fits and config.eval.batch_size % ((num_devices or devices) // model_parallel) == 0
+  if fits:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.train.num_devices, config.train.model_parallel = 0, 1
+  logging.warning("the run's mesh (train.num_devices=%d, train.model_parallel=%d) does not fit "
+                  "the %d devices here: evaluating with all of them and model_parallel=1.",
+                  num_devices, model_parallel, devices)
+  return config
 
 
 def load_trained(workdir: str, config: ml_collections.ConfigDict | None = None
@@ -401,7 +454,7 @@ def load_trained(workdir: str, config: ml_collections.ConfigDict | None = None
     step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first.")
-  trainer = Trainer(config, builders.load(config.data))
-  state, _ = checkpoints.restore(manager, step, _abstract(trainer.init_state()))
+  trainer = Trainer(_fit_to_devices(config), builders.load(config.data))
+  state, _ = restore_state(trainer, manager, step)
   manager.close()
   return trainer, state["params"], step

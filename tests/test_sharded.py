@@ -171,3 +171,47 @@ def test_sharded_top_k_keeps_values_ids_and_tie_order(num_columns, k):
   expected_items, expected_values = metrics.top_k_items(scores, exclude, k)
   np.testing.assert_array_equal(items, expected_items)
   np.testing.assert_array_equal(values, expected_values)
+
+
+def test_checkpoints_move_between_model_axes(tmp_path):
+  """A run saved with the table split 4 ways resumes split 2 ways and evaluates unsplit."""
+  config = tiny.get_config("sasrec")
+  config.train.model_parallel = 4
+  config.train.num_epochs = 1
+  workdir = str(tmp_path / "run")
+  final = train.train_and_evaluate(config, workdir)
+
+  trainer, params, step = train.load_trained(workdir, config)  # The run's own layout.
+  table = jax.device_get(params["item_embed"]["embedding"])
+  for model_parallel in (2, 1):
+    config.train.model_parallel = model_parallel
+    other = train.Trainer(config, trainer.dataset)
+    manager = train.checkpoints.create_manager(workdir, keep=config.train.keep_checkpoints,
+                                               best_metric=config.train.best_metric)
+    state, record = train.restore_state(other, manager, step)
+    manager.close()
+    assert record["item_table_rows"] == trainer.table_rows
+    tables = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+              if jax.tree_util.keystr(path).endswith("['item_embed']['embedding']")]
+    assert len(tables) == 3  # The table and Adam's two moments.
+    for leaf in tables:
+      assert leaf.shape[0] == other.table_rows and leaf.shape[0] % model_parallel == 0
+      np.testing.assert_array_equal(jax.device_get(leaf)[other.item_rows:], 0.0)
+    restored = jax.device_get(state["params"]["item_embed"]["embedding"])
+    np.testing.assert_array_equal(restored[:other.item_rows], table[:other.item_rows])
+    metrics = other.evaluate(state["params"], "test")
+    np.testing.assert_allclose(metrics["ndcg@10"], final["test/ndcg@10"], rtol=1e-5)
+
+  # A run from a machine with 8 devices (4 x 2-way split) evaluates on these 4.
+  config.train.num_devices, config.train.model_parallel = 8, 2
+  trainer, params, _ = train.load_trained(workdir, config)
+  assert trainer.mesh.shape[parallel.MODEL_AXIS] == 1 and trainer.mesh.devices.size == 4
+  np.testing.assert_allclose(trainer.evaluate(params, "test")["ndcg@10"],
+                             final["test/ndcg@10"], rtol=1e-5)
+
+  # Resuming the run on the 2-way split trains on from the 4-way checkpoint.
+  config.train.num_devices = 0
+  config.train.model_parallel = 2
+  config.train.num_epochs = 2
+  resumed = train.train_and_evaluate(config, workdir)
+  assert resumed["best_step"] >= final["best_step"]
