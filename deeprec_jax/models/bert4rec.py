@@ -97,13 +97,9 @@ class Model(nn.Module):
       train: enables dropout (needs the ``'dropout'`` RNG).
       last_only: return the last position (the mask slot at evaluation)
         only; the last block then computes that one row.
-      segment_ids: ``int32[batch, seq_len]`` for packed rows (several users'
-        sequences side by side, ``pipeline.pack_batch``): 0 at padding, and
-        positions attend only within their own segment.
-      positions: ``int32[batch, seq_len]`` positional-embedding rows of packed
-        rows (each segment keeps the right-aligned rows it would have alone).
-        Given together with ``segment_ids``, every segment's outputs equal
-        those of the sequence on its own row.
+      segment_ids: packed rows' segment ids, as in ``sasrec.Model``.
+      positions: packed rows' positional rows, as in ``sasrec.Model``; with
+        both, every segment's outputs equal those of its sequence alone.
 
     Returns:
       ``float32[batch, seq_len, dim]`` (``[batch, 1, dim]`` with
