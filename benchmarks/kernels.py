@@ -423,9 +423,9 @@ def _objective(model: nn.Module, config: ml_collections.ConfigDict, train_mode: 
   loss_fn = losses.loss_fn(config.train.loss)
 
   def objective(params, batch, rng):
-    packing = {key: batch[key] for key in ("segment_ids", "positions") if key in batch}
     hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
-                         train=train_mode, rngs={"dropout": rng}, **packing)
+                         train=train_mode, rngs={"dropout": rng},
+                         **pipeline.packing_kwargs(batch))
     return loss_fn(hidden, models.item_table(params, inputs.ML1M_ITEMS), batch["targets"],
                    batch["negatives"])
 

@@ -110,10 +110,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss:
     def objective(params):
       if item_rows is not None:
         params = parallel.unpad_item_table(params, item_rows)
-      # Packed batches (pipeline.pack_batch) carry segment ids and positions.
-      packing = {key: batch[key] for key in ("segment_ids", "positions") if key in batch}
       hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
-                           train=True, rngs={"dropout": dropout_rng}, **packing)
+                           train=True, rngs={"dropout": dropout_rng},
+                           **pipeline.packing_kwargs(batch))
       return loss_fn(hidden, models.item_table(params, num_items), batch["targets"],
                      batch["negatives"])
 

@@ -354,6 +354,11 @@ def pack_layout(lengths: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarr
   return row, end, num_rows
 
 
+def packing_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """The model kwargs of a packed batch (``segment_ids``, ``positions``); {} if unpacked."""
+  return {key: batch[key] for key in ("segment_ids", "positions") if key in batch}
+
+
 def pack_batch(batch: Mapping[str, np.ndarray], num_rows: int) -> dict[str, np.ndarray]:
   """Packs a sequence batch's left-padded rows side by side into fewer rows.
 
