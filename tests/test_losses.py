@@ -220,14 +220,13 @@ def test_catalogue_logsumexp_equals_plain_logsumexp():
   table = rng.normal(size=(N + 1, D)).astype(np.float32)
   active = rng.random((4, 9)) < 0.3
   active[1] = False  # A sequence without any: its blocks are skipped.
+  want = [[_np_lse(table[1:] @ h) if a else 0.0 for h, a in zip(hs, acts, strict=True)]
+          for hs, acts in zip(np.float64(hidden), active, strict=True)]
   for row_chunk in (1, 8, 512):
-    got = losses.catalogue_logsumexp(hidden, table, active, row_chunk)
-    want = [[_np_lse(table[1:] @ h) if a else 0.0 for h, a in zip(hs, acts, strict=True)]
-            for hs, acts in zip(np.float64(hidden), active, strict=True)]
-    np.testing.assert_allclose(got, want, rtol=1e-6)
-    grad = jax.grad(lambda h, c=row_chunk: jnp.sum(
-        losses.catalogue_logsumexp(h, table, active, c)))(hidden)
+    fn = jax.jit(lambda h, c=row_chunk: losses.catalogue_logsumexp(h, table, active, c))
+    np.testing.assert_allclose(fn(hidden), want, rtol=1e-6)
+    grad = jax.jit(jax.grad(lambda h, fn=fn: jnp.sum(fn(h))))(hidden)
     np.testing.assert_array_equal(grad[~active], 0.0)
-  everything = losses.catalogue_logsumexp(hidden, table)
+  everything = jax.jit(losses.catalogue_logsumexp)(hidden, table)
   np.testing.assert_allclose(everything[1, 0], _np_lse(table[1:] @ np.float64(hidden[1, 0])),
                              rtol=1e-6)
