@@ -3,7 +3,10 @@
 This must run before anything imports jax, which is why it lives here.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Four host devices so that multi-device tests run on a 2-core machine.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
@@ -11,6 +14,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 # NPROC >= 2 * num_devices (measured, see ../shared/design.md).
 os.environ.setdefault("NPROC", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session and the binaries its tests
+# start: many tests compile the same tiny programs (the same train step in
+# test_train, test_sharded, test_binaries and every subprocess).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="deeprec_jax_test_cache_")
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402  (after the environment set-up above, on purpose)
 
