@@ -176,7 +176,7 @@ def pad_item_table(params: Any, mesh: Mesh) -> Any:
     ``params`` with a table of ``ceil(rows / m) * m`` rows (m = model axis size).
   """
   table = params[ITEM_TABLE[0]][ITEM_TABLE[1]]
-  padding = -table.shape[0] % mesh.shape[MODEL_AXIS]
+  padding = padded_rows(table.shape[0], mesh) - table.shape[0]
   if not padding:
     return params
   return _with_item_table(params, jnp.pad(table, ((0, padding), (0, 0))))
