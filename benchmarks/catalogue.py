@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from deeprec_jax import evaluate, models, parallel, train
+from deeprec_jax import evaluate, models, sharding, train
 from experiments.configs import default
 
 _NUM_ITEMS = flags.DEFINE_list("num_items", ["100000", "1000000", "10000000"],
@@ -113,18 +113,18 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
   config.model.update(dim=dim, num_blocks=1, dropout_rate=0.0)
   config.train.update(loss="sampled_softmax", num_negatives=spec["num_negatives"],
                       model_parallel=model_axis)
-  mesh = parallel.make_mesh(data * model_axis, model_axis)
+  mesh = sharding.make_mesh(data * model_axis, model_axis)
   model = models.create_model(config.model, num_items=num_items, num_users=1, max_len=max_len)
   tx = train.create_optimizer(config.train, total_steps=1000)
 
   def init_state():
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, max_len), jnp.int32))["params"]
-    params = parallel.pad_item_table(params, mesh)
+    params = sharding.pad_item_table(params, mesh)
     rng = jax.random.key_data(jax.random.key(1, impl=train.DROPOUT_RNG_IMPL))
     return dict(params=params, opt_state=tx.init(params), step=jnp.int32(0), rng=rng)
 
   abstract = jax.eval_shape(init_state)
-  shardings = parallel.param_shardings(abstract, mesh)
+  shardings = sharding.param_shardings(abstract, mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, shardings)
   item_rows = num_items + 1
@@ -133,23 +133,23 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
   rng = np.random.default_rng(0)
   items = lambda *shape: rng.integers(1, num_items + 1, size=shape).astype(np.int32)
-  train_batch = parallel.to_global(dict(
+  train_batch = sharding.to_global(dict(
       item_seq=items(batch, max_len), targets=items(batch, max_len),
       negatives=items(batch, max_len, spec["num_negatives"]),
       user=np.zeros((batch,), np.int32)), mesh)
-  eval_batch = parallel.to_global(dict(
+  eval_batch = sharding.to_global(dict(
       item_seq=items(batch, max_len), target=items(batch), exclude=items(batch, 32),
       sampled_negatives=items(batch, 100), user=np.zeros((batch,), np.int32),
       weight=np.ones((batch,), np.float32)), mesh)
 
   step = jax.jit(train.make_train_step(model, tx, loss="sampled_softmax", num_items=num_items,
                                        item_rows=item_rows),
-                 in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   eval_fn = evaluate.make_eval_step(model, num_items, (10,))
-  eval_step = jax.jit(lambda params, b: eval_fn(parallel.unpad_item_table(params, item_rows), b),
-                      in_shardings=(shardings["params"], parallel.batch_sharding(mesh)),
-                      out_shardings=parallel.replicated(mesh))
+  eval_step = jax.jit(lambda params, b: eval_fn(sharding.unpad_item_table(params, item_rows), b),
+                      in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
+                      out_shardings=sharding.replicated(mesh))
   start = time.perf_counter()
   compiled_step = step.lower(abstract, train_batch).compile()
   compiled_eval = eval_step.lower(abstract["params"], eval_batch).compile()

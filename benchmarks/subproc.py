@@ -105,12 +105,12 @@ def _train_step(spec: dict[str, Any]) -> dict[str, Any]:
   import jax
 
   from benchmarks import harness, kernels
-  from deeprec_jax import parallel
+  from deeprec_jax import sharding
 
   devices = int(spec.get("devices", 1))
   if jax.device_count() < devices:
     raise RuntimeError(f"asked for {devices} devices, jax sees {jax.device_count()}.")
-  mesh = parallel.make_mesh(devices)
+  mesh = sharding.make_mesh(devices)
   config = kernels.ml1m_config("sasrec")
   config.data.max_len = int(spec.get("max_len", config.data.max_len))
   config.model.dropout_rate = float(spec.get("dropout_rate", config.model.dropout_rate))
@@ -120,8 +120,8 @@ def _train_step(spec: dict[str, Any]) -> dict[str, Any]:
                                      name=spec.get("name", f"sasrec_{devices}dev"))
   # As train.py jits the step: state replicated (a 'model' axis of size 1),
   # batch split over 'data', state donated.
-  kernel.in_shardings = (parallel.replicated(mesh), parallel.batch_sharding(mesh))
-  kernel.out_shardings = parallel.replicated(mesh)
+  kernel.in_shardings = (sharding.replicated(mesh), sharding.batch_sharding(mesh))
+  kernel.out_shardings = sharding.replicated(mesh)
   row = harness.measure(kernel, repeats=int(spec.get("repeats", 10)),
                         warmup=1 if spec.get("quick") else 2)
   row["params"].update(devices=devices, per_device_batch=int(spec["per_device_batch"]),

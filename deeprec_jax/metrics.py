@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from deeprec_jax import parallel
+from deeprec_jax import sharding
 
 Array = jax.Array
 TIES = ("pessimistic", "optimistic")
@@ -149,7 +149,7 @@ def top_k_items(scores: Array, exclude: Array | None, k: int, *,
     scores: ``float[B, N + 1]`` over all items, column 0 = padding.
     exclude: ``int[B, H]`` items never to recommend (0-padded), or ``None``.
     k: how many items to return.
-    mesh: the run's mesh (``parallel.make_mesh``) when the item axis of
+    mesh: the run's mesh (``sharding.make_mesh``) when the item axis of
       ``scores`` is split over its ``'model'`` axis (``train.model_parallel >
       1``): then each device takes the top ``k`` of its own items and only
       those candidates are gathered (``sharded_top_k``). ``None`` or a model
@@ -160,7 +160,7 @@ def top_k_items(scores: Array, exclude: Array | None, k: int, *,
   """
   batch_size, num_columns = scores.shape
   masked = jnp.where(excluded_mask(num_columns, exclude, batch_size), -jnp.inf, scores)
-  if mesh is None or mesh.shape[parallel.MODEL_AXIS] == 1:
+  if mesh is None or mesh.shape[sharding.MODEL_AXIS] == 1:
     top_scores, items = jax.lax.top_k(masked, k)
   else:
     top_scores, items = sharded_top_k(masked, k, mesh)
@@ -189,25 +189,25 @@ def sharded_top_k(scores: Array, k: int, mesh: Mesh) -> tuple[Array, Array]:
   batch_size, num_columns = scores.shape
   if not 1 <= k <= num_columns:
     raise ValueError(f"top k={k} must lie in [1, {num_columns}] (the number of items + 1).")
-  shards = mesh.shape[parallel.MODEL_AXIS]
+  shards = mesh.shape[sharding.MODEL_AXIS]
   padding = -num_columns % shards
   scores = jnp.pad(scores, ((0, 0), (0, padding)), constant_values=-jnp.inf)
   width = scores.shape[1] // shards
   local_k = min(k, width)
   # Split rows over 'data' too when they divide, else every data row of the
   # mesh ranks the whole batch (recommendation batches have any size).
-  rows = parallel.DATA_AXIS if batch_size % mesh.shape[parallel.DATA_AXIS] == 0 else None
+  rows = sharding.DATA_AXIS if batch_size % mesh.shape[sharding.DATA_AXIS] == 0 else None
 
   def local_top_k(local_scores):
     values, ids = jax.lax.top_k(local_scores, local_k)
-    ids = ids + jax.lax.axis_index(parallel.MODEL_AXIS) * width  # Global column ids.
-    values = jax.lax.all_gather(values, parallel.MODEL_AXIS, axis=1, tiled=True)
-    ids = jax.lax.all_gather(ids, parallel.MODEL_AXIS, axis=1, tiled=True)
+    ids = ids + jax.lax.axis_index(sharding.MODEL_AXIS) * width  # Global column ids.
+    values = jax.lax.all_gather(values, sharding.MODEL_AXIS, axis=1, tiled=True)
+    ids = jax.lax.all_gather(ids, sharding.MODEL_AXIS, axis=1, tiled=True)
     values, positions = jax.lax.top_k(values, k)
     return values, jnp.take_along_axis(ids, positions, axis=1)
 
   # check_vma=False: the merged result is the same on every 'model' device
   # (it is computed from all-gathered inputs), which the type check cannot
   # see through lax.all_gather.
-  return jax.shard_map(local_top_k, mesh=mesh, in_specs=PartitionSpec(rows, parallel.MODEL_AXIS),
+  return jax.shard_map(local_top_k, mesh=mesh, in_specs=PartitionSpec(rows, sharding.MODEL_AXIS),
                        out_specs=PartitionSpec(rows, None), check_vma=False)(scores)

@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from flax import linen as nn
 
-from deeprec_jax import checkpoints, evaluate, losses, models, parallel, writers
+from deeprec_jax import checkpoints, evaluate, losses, models, sharding, writers
 from deeprec_jax.data import builders, pipeline
 from deeprec_jax.models import popularity
 
@@ -99,7 +99,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss:
   Dropout's RNG is ``fold_in(state['rng'], step)``, computed inside the step,
   so it depends on the step alone, not on how the run was split or resumed.
   ``item_rows`` is the number of rows of the model's own item table when the
-  state keeps it padded for sharding (``parallel.pad_item_table``).
+  state keeps it padded for sharding (``sharding.pad_item_table``).
   """
   loss_fn = losses.loss_fn(loss)
 
@@ -109,7 +109,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss:
 
     def objective(params):
       if item_rows is not None:
-        params = parallel.unpad_item_table(params, item_rows)
+        params = sharding.unpad_item_table(params, item_rows)
       hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
                            train=True, rngs={"dropout": dropout_rng},
                            **pipeline.packing_kwargs(batch))
@@ -141,7 +141,7 @@ class Trainer:
     self.model = models.create_model(config.model, num_items=dataset.num_items,
                                      num_users=dataset.num_users, max_len=config.data.max_len)
     # .get: configs saved before the 'model' axis existed have no such key.
-    self.mesh = parallel.make_mesh(config.train.num_devices,
+    self.mesh = sharding.make_mesh(config.train.num_devices,
                                    config.train.get("model_parallel", 1))
     self.num_targets = config.model.get("num_targets", 1)
     self.mask_prob = config.model.get("mask_prob", 0.2)
@@ -150,14 +150,14 @@ class Trainer:
     self.pack = bool(config.train.get("pack", False)
                      and getattr(models.get_module(config.model.name), "PACKABLE", False))
     if self.is_trainable:
-      parallel.check_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
+      sharding.check_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
       self.steps_per_epoch = pipeline.steps_per_epoch(
           dataset, task=self.task, global_batch_size=config.train.batch_size,
           max_len=config.data.max_len, num_targets=self.num_targets)
       self.total_steps = config.train.num_steps or self.steps_per_epoch * config.train.num_epochs
     else:
       self.steps_per_epoch, self.total_steps = 1, 0
-    parallel.check_batch_size(config.eval.batch_size, self.mesh, "eval.batch_size")
+    sharding.check_batch_size(config.eval.batch_size, self.mesh, "eval.batch_size")
     self.tx = create_optimizer(config.train, max(self.total_steps, 1))
     # Rows of the model's own item table; the state's copy may be padded.
     self.item_rows = jax.eval_shape(self._init_params, jax.random.PRNGKey(0))[
@@ -165,16 +165,16 @@ class Trainer:
     eval_step = evaluate.make_eval_step(self.model, dataset.num_items, tuple(config.eval.ks),
                                         exclude_history=config.eval.exclude_history)
     self._eval_step = jax.jit(
-        lambda params, batch: eval_step(parallel.unpad_item_table(params, self.item_rows),
+        lambda params, batch: eval_step(sharding.unpad_item_table(params, self.item_rows),
                                         batch),
         # None: params keep the shardings they come with (state or restored).
-        in_shardings=(None, parallel.batch_sharding(self.mesh)),
-        out_shardings=parallel.replicated(self.mesh))
+        in_shardings=(None, sharding.batch_sharding(self.mesh)),
+        out_shardings=sharding.replicated(self.mesh))
 
   @property
   def table_rows(self) -> int:
     """Rows of the item table in the train state: ``item_rows`` padded for the mesh."""
-    return parallel.padded_rows(self.item_rows, self.mesh)
+    return sharding.padded_rows(self.item_rows, self.mesh)
 
   @property
   def is_trainable(self) -> bool:
@@ -185,7 +185,7 @@ class Trainer:
     return self.model.init(rng, item_seq, user=jnp.zeros((1,), jnp.int32), train=False)["params"]
 
   def init_state(self) -> State:
-    """Fresh parameters and optimizer state, placed by ``parallel.param_shardings``.
+    """Fresh parameters and optimizer state, placed by ``sharding.param_shardings``.
 
     The item table is padded to split evenly over the mesh's 'model' axis.
     """
@@ -197,16 +197,16 @@ class Trainer:
       params = self._init_params(init_rng)
     else:
       params = popularity.fit_params(pipeline.train_item_counts(self.dataset))
-    params = parallel.pad_item_table(params, self.mesh)
+    params = sharding.pad_item_table(params, self.mesh)
     state = dict(params=params, opt_state=self.tx.init(params), step=jnp.int32(0),
                  rng=train_rng)
-    return parallel.shard(state, self.mesh)
+    return sharding.shard(state, self.mesh)
 
   def train_batches(self, epoch: int):
-    block, num_blocks = parallel.batch_block(self.mesh)  # This process's rows.
+    block, num_blocks = sharding.batch_block(self.mesh)  # This process's rows.
     # Packed rows split evenly over the data-parallel devices; a multiple of 8
     # keeps the number of distinct shapes (compilations) small.
-    pack_row_multiple = math.lcm(8, self.mesh.shape[parallel.DATA_AXIS]) if self.pack else 0
+    pack_row_multiple = math.lcm(8, self.mesh.shape[sharding.DATA_AXIS]) if self.pack else 0
     return pipeline.train_batches(
         self.dataset, task=self.task, max_len=self.config.data.max_len,
         global_batch_size=self.config.train.batch_size,
@@ -224,10 +224,10 @@ class Trainer:
       if self.dataset.num_users <= _CACHED_EVAL_USERS:
         batches = self._eval_cache[split] = list(batches)
     return evaluate.evaluate(self._eval_step, params,
-                             (parallel.to_global(b, self.mesh) for b in batches))
+                             (sharding.to_global(b, self.mesh) for b in batches))
 
   def _eval_batches(self, split: str):
-    block, num_blocks = parallel.batch_block(self.mesh)
+    block, num_blocks = sharding.batch_block(self.mesh)
     return pipeline.eval_batches(
         self.dataset, split=split, task=self.task, max_len=self.config.data.max_len,
         batch_size=self.config.eval.batch_size // num_blocks,
@@ -259,10 +259,10 @@ def restore_state(trainer: Trainer, manager, step: int) -> tuple[State, dict[str
     return checkpoints.restore(manager, step, abstract)
   logging.info("checkpoint %d holds a %d-row item table; re-padding it to %d rows for "
                "train.model_parallel=%d", step, saved_rows, trainer.table_rows,
-               trainer.mesh.shape[parallel.MODEL_AXIS])
+               trainer.mesh.shape[sharding.MODEL_AXIS])
   state, record = checkpoints.restore(
-      manager, step, parallel.with_item_table_rows(abstract, saved_rows, trainer.mesh))
-  return parallel.repad_item_tables(state, trainer.item_rows, trainer.mesh), record
+      manager, step, sharding.with_item_table_rows(abstract, saved_rows, trainer.mesh))
+  return sharding.repad_item_tables(state, trainer.item_rows, trainer.mesh), record
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -310,12 +310,12 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
                 is_writer: bool) -> None:
   """Runs from ``state['step']`` to the end (or early stop), checkpointing each eval."""
   config = trainer.config.train
-  state_shardings = parallel.param_shardings(state, trainer.mesh)
+  state_shardings = sharding.param_shardings(state, trainer.mesh)
   train_step = jax.jit(
       make_train_step(trainer.model, trainer.tx, loss=config.loss,
                       num_items=trainer.dataset.num_items, item_rows=trainer.item_rows),
-      in_shardings=(state_shardings, parallel.batch_sharding(trainer.mesh)),
-      out_shardings=(state_shardings, parallel.replicated(trainer.mesh)), donate_argnums=0)
+      in_shardings=(state_shardings, sharding.batch_sharding(trainer.mesh)),
+      out_shardings=(state_shardings, sharding.replicated(trainer.mesh)), donate_argnums=0)
   all_finite = jax.jit(_all_finite)
   step = int(state["step"])
   spe = trainer.steps_per_epoch
@@ -333,7 +333,7 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
     batches = trainer.train_batches(epoch)
     end = min(spe, offset + trainer.total_steps - step)
     for index in range(offset, end):
-      batch = parallel.to_global(batches[index], trainer.mesh)
+      batch = sharding.to_global(batches[index], trainer.mesh)
       if first_step:
         first_step = False
         start = time.perf_counter()
@@ -436,7 +436,7 @@ def load_trained(workdir: str, config: ml_collections.ConfigDict | None = None
     ``(trainer, params, step)`` of the best checkpoint (the latest if no
     checkpoint recorded metrics). ``params`` are laid out as in training:
     with ``train.model_parallel > 1`` the item table may end in zero rows;
-    ``parallel.unpad_item_table(params, trainer.item_rows)`` inside a jitted
+    ``sharding.unpad_item_table(params, trainer.item_rows)`` inside a jitted
     function gives the model's own shapes.
   """
   if config is None:

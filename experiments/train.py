@@ -14,7 +14,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deeprec_jax import parallel, train
+from deeprec_jax import sharding, train
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 config_flags.DEFINE_config_file(
@@ -30,7 +30,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's id in a mul
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   results = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
   logging.info("final metrics: %s", results)
   print(json.dumps(results, indent=2, sort_keys=True))

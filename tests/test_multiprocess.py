@@ -81,7 +81,7 @@ def test_two_processes_train_what_one_does_and_their_checkpoint_restores(one_pro
 
 def test_item_table_split_across_processes(one_process, tmp_path):
   # One device per process and model_parallel=2: the 'model' axis spans the
-  # two processes, which both feed the whole batch (parallel.batch_block).
+  # two processes, which both feed the whole batch (sharding.batch_block).
   workdir = str(tmp_path / "split_table")
   metrics = _launch(workdir, 1, "--config.train.model_parallel=2")
   trainer, params, step = train.load_trained(workdir)

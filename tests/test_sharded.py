@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from deeprec_jax import evaluate, losses, metrics, models, parallel, train
+from deeprec_jax import evaluate, losses, metrics, models, sharding, train
 from experiments.configs import tiny
 
 
@@ -37,7 +37,7 @@ def _gathered_shapes(hlo: str) -> list[list[int]]:
 
 def _assert_table_never_gathered(hlo: str, trainer: train.Trainer) -> None:
   """No all-gather yields an array with the table's rows (the table, or all scores)."""
-  split = trainer.mesh.shape[parallel.MODEL_AXIS]
+  split = trainer.mesh.shape[sharding.MODEL_AXIS]
   rows = {trainer.item_rows, trainer.dataset.num_items + 1, -(-trainer.item_rows // split) * split}
   for shape in _gathered_shapes(hlo):
     assert not rows & set(shape), f"all-gather of shape {shape} (table rows {rows})"
@@ -51,7 +51,7 @@ def test_only_the_item_table_and_its_moments_are_split():
   assert table.shape[0] % 4 == 0 and table.shape[0] - trainer.item_rows < 4
   np.testing.assert_array_equal(jax.device_get(table)[trainer.item_rows:], 0.0)
 
-  split = PartitionSpec(parallel.MODEL_AXIS, None)
+  split = PartitionSpec(sharding.MODEL_AXIS, None)
   specs = jax.tree_util.tree_flatten_with_path(
       jax.tree.map(lambda x: x.sharding.spec, state))[0]
   names = {jax.tree_util.keystr(path): spec for path, spec in specs}
@@ -75,21 +75,21 @@ def test_loss_and_gradients_match_unsharded(loss):
   for model_parallel in (1, 2):
     trainer = _trainer(model_parallel, loss)
     state = trainer.init_state()
-    batch = parallel.to_global(trainer.train_batches(epoch=0)[0], trainer.mesh)
+    batch = sharding.to_global(trainer.train_batches(epoch=0)[0], trainer.mesh)
     num_items = trainer.dataset.num_items
 
     def loss_and_grads(params, batch, trainer=trainer, num_items=num_items):
       def objective(params):
-        params = parallel.unpad_item_table(params, trainer.item_rows)
+        params = sharding.unpad_item_table(params, trainer.item_rows)
         hidden = trainer.model.apply({"params": params}, batch["item_seq"], user=batch["user"])
         return losses.compute(loss, hidden, models.item_table(params, num_items),
                               batch["targets"], batch["negatives"])
       return jax.value_and_grad(objective)(params)
 
-    shardings = parallel.param_shardings(state["params"], trainer.mesh)
+    shardings = sharding.param_shardings(state["params"], trainer.mesh)
     step = jax.jit(loss_and_grads,
-                   in_shardings=(shardings, parallel.batch_sharding(trainer.mesh)),
-                   out_shardings=(parallel.replicated(trainer.mesh), shardings))
+                   in_shardings=(shardings, sharding.batch_sharding(trainer.mesh)),
+                   out_shardings=(sharding.replicated(trainer.mesh), shardings))
     compiled = step.lower(state["params"], batch).compile()
     if model_parallel > 1:
       _assert_table_never_gathered(compiled.as_text(), trainer)
@@ -109,17 +109,17 @@ def test_train_step_and_evaluation_match_unsharded():
   for model_parallel in (1, 4):
     trainer = _trainer(model_parallel)
     state = trainer.init_state()
-    shardings = parallel.param_shardings(state, trainer.mesh)
+    shardings = sharding.param_shardings(state, trainer.mesh)
     step = jax.jit(train.make_train_step(trainer.model, trainer.tx, loss="bce",
                                          num_items=trainer.dataset.num_items,
                                          item_rows=trainer.item_rows),
-                   in_shardings=(shardings, parallel.batch_sharding(trainer.mesh)),
-                   out_shardings=(shardings, parallel.replicated(trainer.mesh)))
-    batch = parallel.to_global(trainer.train_batches(epoch=0)[0], trainer.mesh)
+                   in_shardings=(shardings, sharding.batch_sharding(trainer.mesh)),
+                   out_shardings=(shardings, sharding.replicated(trainer.mesh)))
+    batch = sharding.to_global(trainer.train_batches(epoch=0)[0], trainer.mesh)
     state, _ = step(state, batch)
     table = jax.device_get(state["params"]["item_embed"]["embedding"])
     np.testing.assert_array_equal(table[trainer.item_rows:], 0.0)  # Still zero.
-    params.append(jax.device_get(parallel.unpad_item_table(state["params"], trainer.item_rows)))
+    params.append(jax.device_get(sharding.unpad_item_table(state["params"], trainer.item_rows)))
     results.append(trainer.evaluate(state["params"], "valid"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *params)
   assert results[0].keys() == results[1].keys()
@@ -133,7 +133,7 @@ def test_evaluation_never_gathers_the_table():
   local = next(train.pipeline.eval_batches(
       trainer.dataset, split="valid", task=trainer.task, max_len=trainer.config.data.max_len,
       batch_size=trainer.config.eval.batch_size))
-  batch = parallel.to_global(local, trainer.mesh)
+  batch = sharding.to_global(local, trainer.mesh)
   _assert_table_never_gathered(trainer._eval_step.lower(state["params"], batch).compile()
                                .as_text(), trainer)
 
@@ -147,7 +147,7 @@ def test_top_k_matches_unsharded():
       batch_size=8))
 
   def top_k(params, item_seq, exclude, mesh):
-    params = parallel.unpad_item_table(params, trainer.item_rows)
+    params = sharding.unpad_item_table(params, trainer.item_rows)
     return evaluate.top_k(trainer.model, params, num_items, item_seq, exclude, k, mesh=mesh)
 
   sharded = jax.jit(lambda *args: top_k(*args, mesh=trainer.mesh))
@@ -163,7 +163,7 @@ def test_top_k_matches_unsharded():
 
 @pytest.mark.parametrize("num_columns,k", [(41, 5), (41, 41), (9, 7), (1001, 20)])
 def test_sharded_top_k_keeps_values_ids_and_tie_order(num_columns, k):
-  mesh = parallel.make_mesh(4, model_parallel=4)
+  mesh = sharding.make_mesh(4, model_parallel=4)
   rng = np.random.default_rng(num_columns)
   scores = rng.integers(0, 4, size=(6, num_columns)).astype(np.float32)  # Many ties.
   exclude = rng.integers(0, num_columns, size=(6, 3)).astype(np.int32)
@@ -186,7 +186,7 @@ def test_checkpoints_move_between_model_axes(tmp_path):
   # A run from a machine with 8 devices (4 x 2-way split) evaluates on these 4, unsplit.
   config.train.num_devices, config.train.model_parallel = 8, 2
   other, _, _ = train.load_trained(workdir, config)
-  assert other.mesh.shape[parallel.MODEL_AXIS] == 1 and other.mesh.devices.size == 4
+  assert other.mesh.shape[sharding.MODEL_AXIS] == 1 and other.mesh.devices.size == 4
   manager = train.checkpoints.create_manager(workdir, keep=config.train.keep_checkpoints,
                                              best_metric=config.train.best_metric)
   state, record = train.restore_state(other, manager, step)

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from deeprec_jax import checkpoints, parallel, train
+from deeprec_jax import checkpoints, sharding, train
 from experiments.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def test_one_step_is_the_same_on_one_and_four_devices():
     trainer = train.Trainer(config, train.builders.load(config.data))
     step = jax.jit(train.make_train_step(trainer.model, trainer.tx, loss=config.train.loss,
                                          num_items=trainer.dataset.num_items))
-    batch = parallel.to_global(trainer.train_batches(epoch=0)[0], trainer.mesh)
+    batch = sharding.to_global(trainer.train_batches(epoch=0)[0], trainer.mesh)
     state, metrics = step(trainer.init_state(), batch)
     outputs.append(jax.device_get((state["params"], metrics["loss"])))
   (params_1, loss_1), (params_4, loss_4) = outputs
@@ -76,7 +76,7 @@ def test_packed_step_matches_the_unpacked_step(model):
     local = trainer.train_batches(epoch=0)[0]
     assert ("segment_ids" in local) == pack
     outputs.append((local["item_seq"].shape[0], jax.device_get(
-        step(trainer.init_state(), parallel.to_global(local, trainer.mesh)))))
+        step(trainer.init_state(), sharding.to_global(local, trainer.mesh)))))
   (rows, (state, metrics)), (packed_rows, (packed_state, packed_metrics)) = outputs
   assert packed_rows < rows and packed_rows % 8 == 0
   np.testing.assert_allclose(packed_metrics["loss"], metrics["loss"], rtol=1e-5)

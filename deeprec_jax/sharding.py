@@ -271,8 +271,3 @@ def to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   sharding = batch_sharding(mesh)
   return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
           for name, value in local_batch.items()}
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places a pytree on every device of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
