@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from deeprec_jax import ablation
+from deeprec_jax.ablation import run
 
 config_flags.DEFINE_config_file("config", None, "Ablation config file[:dataset].",
                                 lock_config=True)
@@ -34,8 +34,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  outcome = ablation.run_ablation(flags.FLAGS.config, _WORKDIR.value, parallel=_PARALLEL.value,
-                                  dry_run=_DRY_RUN.value, compilation_cache=_CACHE.value)
+  outcome = run.run_ablation(flags.FLAGS.config, _WORKDIR.value, parallel=_PARALLEL.value,
+                             dry_run=_DRY_RUN.value, compilation_cache=_CACHE.value)
   print(outcome.text)
   failed = [row for row in outcome.rows if row["status"] != "ok"]
   if failed:

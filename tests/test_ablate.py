@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from deeprec_jax import ablation, ablation_plan, ablation_report
+from deeprec_jax.ablation import plan, report, run
 from experiments.configs.ablations import tiny_grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def fake_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def _counting(calls: list) -> ablation.TrainFn:
+def _counting(calls: list) -> run.TrainFn:
   def train_fn(config, workdir):
     calls.append(workdir)
     return fake_train(config, workdir)
@@ -88,7 +88,7 @@ def _parse_markdown(path: str) -> list[list[str]]:
 
 
 def test_grid_expands_in_axis_order_with_seeds_inner():
-  points = ablation_plan.expand_points(_tiny())
+  points = plan.expand_points(_tiny())
   assert len(points) == 8
   assert [(p.label, p.seed) for p in points[:3]] == [
       ("attention=dot_product, num_blocks=1", 0), ("attention=dot_product, num_blocks=1", 1),
@@ -97,55 +97,55 @@ def test_grid_expands_in_axis_order_with_seeds_inner():
   assert points[-1].overrides == {"model.attention": "additive", "model.num_blocks": 2,
                                   "train.num_epochs": 1}
   assert {p.base for p in points} == {"experiments/configs/tiny.py:sasrec"}
-  config = ablation_plan.build_config(points[-1])
+  config = plan.build_config(points[-1])
   assert (config.model.attention, config.model.num_blocks, config.seed) == ("additive", 2, 1)
   assert config.train.num_epochs == 1
 
 
 def test_explicit_points_switch_base_and_overrides_win():
-  families = ablation_plan.load_config(f"{ABLATIONS}/families.py")
-  points = ablation_plan.expand_points(families)
-  models = [ablation_plan.build_config(p).model.name for p in points]
+  families = plan.load_config(f"{ABLATIONS}/families.py")
+  points = plan.expand_points(families)
+  models = [plan.build_config(p).model.name for p in points]
   assert models == ["popularity", "caser", "rnn", "sasrec", "sasrec", "bert4rec"]
   # The placeholder override is unset: each family keeps its own budget...
-  assert ablation_plan.build_config(points[1]).train.num_epochs == 10
-  assert ablation_plan.build_config(points[3]).train.num_epochs == 200
-  assert ablation_plan.build_config(points[3]).data.max_len == 200  # ML-1M setting
+  assert plan.build_config(points[1]).train.num_epochs == 10
+  assert plan.build_config(points[3]).train.num_epochs == 200
+  assert plan.build_config(points[3]).data.max_len == 200  # ML-1M setting
   # ...until the command line sets it for every point.
   families.overrides.train.num_epochs = 1
-  assert {ablation_plan.build_config(p).train.num_epochs
-          for p in ablation_plan.expand_points(families)} == {1}
+  assert {plan.build_config(p).train.num_epochs
+          for p in plan.expand_points(families)} == {1}
 
 
 @pytest.mark.parametrize("name,count", [("families", 6), ("attention", 36), ("rnn_cell", 18),
                                         ("caser", 9), ("loss", 9), ("tiny_grid", 8)])
 def test_every_shipped_ablation_builds_every_run(tmp_path, name, count):
-  runs = ablation_plan.plan_runs(ablation_plan.load_config(f"{ABLATIONS}/{name}.py"), str(tmp_path))
+  runs = plan.plan_runs(plan.load_config(f"{ABLATIONS}/{name}.py"), str(tmp_path))
   assert len(runs) == count
-  assert len({run.workdir for run in runs}) == count
-  for run in runs:
-    for key, value in run.point.values.items():
+  assert len({r.workdir for r in runs}) == count
+  for r in runs:
+    for key, value in r.point.values.items():
       if key != "base":
-        assert ablation_plan.get_value(run.config, key) == value, (run.point.label, key)
+        assert plan.get_value(r.config, key) == value, (r.point.label, key)
 
 
 def test_loss_points_pair_negatives_with_loss(tmp_path):
-  runs = ablation_plan.plan_runs(ablation_plan.load_config(f"{ABLATIONS}/loss.py"), str(tmp_path))
+  runs = plan.plan_runs(plan.load_config(f"{ABLATIONS}/loss.py"), str(tmp_path))
   pairs = {(r.config.train.loss, r.config.train.num_negatives) for r in runs}
   assert pairs == {("bce", 1), ("sampled_softmax", 100), ("softmax", 1)}
 
 
 def test_apply_overrides_sets_keys_and_names_unknown_ones():
-  base = ablation_plan.load_config("experiments/configs/tiny.py:sasrec")
-  config = ablation_plan.apply_overrides(base, {"model.num_blocks": 3, "eval.ks": [1, 10]})
+  base = plan.load_config("experiments/configs/tiny.py:sasrec")
+  config = plan.apply_overrides(base, {"model.num_blocks": 3, "eval.ks": [1, 10]})
   assert config.model.num_blocks == 3 and config.eval.ks == (1, 10)
   assert base.model.num_blocks == 1  # the base is not modified
   with pytest.raises(ValueError, match=r"'model\.atention'.*Did you mean model\.attention"):
-    ablation_plan.apply_overrides(base, {"model.atention": "additive"})
+    plan.apply_overrides(base, {"model.atention": "additive"})
   with pytest.raises(ValueError, match=r"'modle\.attention'.*'modle' is not a section"):
-    ablation_plan.apply_overrides(base, {"modle.attention": "additive"})
+    plan.apply_overrides(base, {"modle.attention": "additive"})
   with pytest.raises(ValueError, match=r"'model\.num_blocks' cannot be set to 'two'"):
-    ablation_plan.apply_overrides(base, {"model.num_blocks": "two"})
+    plan.apply_overrides(base, {"model.num_blocks": "two"})
 
 
 @pytest.mark.parametrize("change,message", [
@@ -160,21 +160,21 @@ def test_bad_ablation_configs_fail_at_planning(tmp_path, change, message):
   config = _tiny()
   change(config)
   with pytest.raises(ValueError, match=message):
-    ablation_plan.plan_runs(config, str(tmp_path))
+    plan.plan_runs(config, str(tmp_path))
 
 
 def test_axis_fixed_in_overrides_is_refused(tmp_path):
   config = _tiny()
   config.overrides.model = ml_collections.ConfigDict({"num_blocks": 2})
   with pytest.raises(ValueError, match="'model.num_blocks' is both an axis and fixed"):
-    ablation_plan.plan_runs(config, str(tmp_path))
+    plan.plan_runs(config, str(tmp_path))
 
 
 def test_duplicate_point_labels_are_refused(tmp_path):
   config = _points_config({"label": "x", "model.num_blocks": 1},
                           {"label": "x", "model.num_blocks": 2})
   with pytest.raises(ValueError, match="duplicate labels"):
-    ablation_plan.plan_runs(config, str(tmp_path))
+    plan.plan_runs(config, str(tmp_path))
 
 
 def test_unknown_axis_key_fails_before_training(tmp_path):
@@ -182,7 +182,7 @@ def test_unknown_axis_key_fails_before_training(tmp_path):
   config.axes = (("model.atention", ("dot_product", "additive")),)
   calls = []
   with pytest.raises(ValueError, match="model.atention"):
-    ablation.run_ablation(config, str(tmp_path / "sweep"), train_fn=_counting(calls))
+    run.run_ablation(config, str(tmp_path / "sweep"), train_fn=_counting(calls))
   assert not calls and not os.path.exists(tmp_path / "sweep")
 
   result = _ablate(f"--config={ABLATIONS}/tiny_grid.py", f"--workdir={tmp_path / 'cli'}",
@@ -195,7 +195,7 @@ def test_unknown_axis_key_fails_before_training(tmp_path):
 
 def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path):
   calls = []
-  outcome = ablation.run_ablation(_tiny(), str(tmp_path / "sweep"), dry_run=True,
+  outcome = run.run_ablation(_tiny(), str(tmp_path / "sweep"), dry_run=True,
                                   train_fn=_counting(calls))
   assert not calls and outcome.rows == [] and not os.path.exists(tmp_path / "sweep")
   assert outcome.text.count("_seed") == 8
@@ -219,7 +219,7 @@ def test_failed_point_is_recorded_and_retried_on_rerun(tmp_path):
                           {"label": "broken", "model.attention": "linear"},
                           {"label": "additive", "model.attention": "additive"}, seeds=(0, 1))
   calls = []
-  outcome = ablation.run_ablation(config, str(tmp_path), train_fn=_counting(calls))
+  outcome = run.run_ablation(config, str(tmp_path), train_fn=_counting(calls))
   assert len(calls) == 6
   status = {(row["label"], row["seed"]): row["status"] for row in outcome.rows}
   assert status == {("good", 0): "ok", ("good", 1): "ok", ("broken", 0): "failed",
@@ -230,14 +230,14 @@ def test_failed_point_is_recorded_and_retried_on_rerun(tmp_path):
   assert "failed" in outcome.text  # the table cell of the point that never finished
 
   rerun_calls = []
-  ablation.run_ablation(config, str(tmp_path), train_fn=_counting(rerun_calls))
+  run.run_ablation(config, str(tmp_path), train_fn=_counting(rerun_calls))
   assert sorted(rerun_calls) == sorted(row["workdir"] for row in broken)
 
 
 def test_parallel_runs_match_sequential_ones(tmp_path):
   config = _tiny()
-  sequential = ablation.run_ablation(config, str(tmp_path / "seq"), train_fn=fake_train).rows
-  parallel = ablation.run_ablation(config, str(tmp_path / "par"), parallel=2,
+  sequential = run.run_ablation(config, str(tmp_path / "seq"), train_fn=fake_train).rows
+  parallel = run.run_ablation(config, str(tmp_path / "par"), parallel=2,
                                    train_fn=fake_train).rows
   assert [r["label"] for r in parallel] == [r["label"] for r in sequential]
   for name in METRICS:
@@ -246,9 +246,9 @@ def test_parallel_runs_match_sequential_ones(tmp_path):
 
 
 def test_changed_config_in_the_same_workdir_is_refused(tmp_path):
-  ablation.run_ablation(_tiny(), str(tmp_path), train_fn=fake_train)
+  run.run_ablation(_tiny(), str(tmp_path), train_fn=fake_train)
   with pytest.raises(ValueError, match=r"train\.num_epochs: 1 -> 3"):
-    ablation.run_ablation(_tiny(epochs=3), str(tmp_path), train_fn=fake_train)
+    run.run_ablation(_tiny(epochs=3), str(tmp_path), train_fn=fake_train)
 
 
 # ----------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def _rows():
 
 
 def test_summarize_takes_mean_and_sample_std_of_finished_seeds():
-  summaries = ablation_report.summarize(_rows(), ["hr@10", "ndcg@10"], ["model.num_blocks"])
+  summaries = report.summarize(_rows(), ["hr@10", "ndcg@10"], ["model.num_blocks"])
   assert [s.label for s in summaries] == ["a", "b", "c", "d"]
   a, b, c, d = summaries
   assert a.mean["hr@10"] == pytest.approx(0.3)
@@ -281,8 +281,8 @@ def test_summarize_takes_mean_and_sample_std_of_finished_seeds():
 
 
 def test_markdown_bolds_the_best_and_marks_missing_seeds():
-  summaries = ablation_report.summarize(_rows(), ["hr@10", "ndcg@10"], ["model.num_blocks"])
-  text = ablation_report.render_markdown(summaries, ["hr@10", "ndcg@10"], "Caption.",
+  summaries = report.summarize(_rows(), ["hr@10", "ndcg@10"], ["model.num_blocks"])
+  text = report.render_markdown(summaries, ["hr@10", "ndcg@10"], "Caption.",
                                          ["model.num_blocks"])
   lines = text.splitlines()
   assert lines[0] == "| num_blocks | HR@10 | NDCG@10 |"
@@ -297,8 +297,8 @@ def test_latex_escapes_labels_and_bolds_ties():
   rows = [{"label": "x_1 & y", "seed": 0, "status": "ok", "hr@10": 0.5},
           {"label": "z%", "seed": 0, "status": "ok", "hr@10": 0.5},
           {"label": "w", "seed": 0, "status": "ok", "hr@10": 0.25}]
-  summaries = ablation_report.summarize(rows, ["hr@10"])
-  tex = ablation_report.render_latex(summaries, ["hr@10"], "One seed (0): no std.")
+  summaries = report.summarize(rows, ["hr@10"])
+  tex = report.render_latex(summaries, ["hr@10"], "One seed (0): no std.")
   assert r"\begin{tabular}{lc}" in tex and r"\end{tabular}" in tex
   assert tex.count(r"\begin{") == tex.count(r"\end{") == 2
   assert r"x\_1 \& y & $\mathbf{0.5000}$ \\" in tex
@@ -308,13 +308,13 @@ def test_latex_escapes_labels_and_bolds_ties():
 
 def test_caption_states_dataset_split_protocol_and_seeds():
   config = _tiny()
-  summaries = ablation_report.summarize(_rows(), ["hr@10"])
-  text = ablation_report.caption_text(config, summaries)
+  summaries = report.summarize(_rows(), ["hr@10"])
+  text = report.caption_text(config, summaries)
   for part in ("tiny synthetic", "test split", "full ranking", "leave-one-out",
                "over 2 seeds (0, 1)", "ddof=1", "bold", "†", "no seed finished"):
     assert part in text, part
   config.seeds = (3,)
-  assert "One seed (3): no std" in ablation_report.caption_text(config, summaries)
+  assert "One seed (3): no std" in report.caption_text(config, summaries)
 
 
 def test_plots_lines_for_numeric_axes_and_bars_otherwise(tmp_path):
@@ -326,10 +326,10 @@ def test_plots_lines_for_numeric_axes_and_bars_otherwise(tmp_path):
                      "model.num_blocks": blocks, "seed": seed, "status": "ok",
                      "hr@10": 0.1 * blocks + 0.01 * seed})
   keys = ["model.attention", "model.num_blocks"]
-  lines = ablation_report.plot(ablation_report.summarize(rows, ["hr@10"], keys), ["hr@10"],
+  lines = report.plot(report.summarize(rows, ["hr@10"], keys), ["hr@10"],
                                str(tmp_path / "lines"), keys)
   metrics = ["hr@10", "ndcg@10"]
-  bars = ablation_report.plot(ablation_report.summarize(_rows(), metrics), metrics,
+  bars = report.plot(report.summarize(_rows(), metrics), metrics,
                               str(tmp_path / "bars"))
   assert [os.path.basename(p) for p in lines] == ["hr_at_10.png"]
   assert len(bars) == 2
@@ -354,7 +354,7 @@ def tiny_sweep(tmp_path_factory):
 
 def test_tiny_grid_writes_a_row_per_run(tiny_sweep):
   workdir = tiny_sweep["workdir"]
-  rows = ablation_report.read_csv(os.path.join(workdir, "results.csv"))
+  rows = report.read_csv(os.path.join(workdir, "results.csv"))
   assert len(rows) == 8
   assert all(row["status"] == "ok" for row in rows), [row["error"] for row in rows]
   columns = list(rows[0])
@@ -374,7 +374,7 @@ def test_tiny_grid_writes_a_row_per_run(tiny_sweep):
 
 def test_table_mean_and_std_match_numpy_over_results_csv(tiny_sweep):
   workdir = tiny_sweep["workdir"]
-  rows = ablation_report.read_csv(os.path.join(workdir, "results.csv"))
+  rows = report.read_csv(os.path.join(workdir, "results.csv"))
   table = _parse_markdown(os.path.join(workdir, "table.md"))
   assert len(table) == 4
   for cells in table:
@@ -407,7 +407,7 @@ def test_rerun_skips_finished_runs(tiny_sweep):
             for name in sorted(os.listdir(os.path.join(workdir, "runs")))]
   before = [os.stat(path).st_mtime_ns for path in finals]
   calls = []
-  outcome = ablation.run_ablation(_tiny(), workdir, train_fn=_counting(calls))
+  outcome = run.run_ablation(_tiny(), workdir, train_fn=_counting(calls))
   assert not calls
   assert len(outcome.rows) == 8 and all(row["status"] == "ok" for row in outcome.rows)
   assert [os.stat(path).st_mtime_ns for path in finals] == before
@@ -431,7 +431,7 @@ def test_failing_point_is_recorded_and_the_others_finish(tiny_sweep, tmp_path):
                    cache_dir=tiny_sweep["cache"])  # 'good' is compiled already
   assert result.returncode == 1, result.stderr[-3000:]
   assert "1 of 2 runs failed" in result.stderr
-  good, broken = ablation_report.read_csv(os.path.join(workdir, "results.csv"))
+  good, broken = report.read_csv(os.path.join(workdir, "results.csv"))
   assert good["status"] == "ok" and float(good["hr@10"]) > 0
   assert broken["status"] == "failed" and "attention" in broken["error"]
   assert broken["error"].startswith("ValueError")

@@ -10,7 +10,7 @@ cores (ml-100k: 943 users, 7 steps per epoch at batch 128, max_len 50).
 
 import ml_collections
 
-from deeprec_jax import ablation_plan
+from deeprec_jax.ablation import plan
 
 
 def get_config(dataset: str = "ml-100k") -> ml_collections.ConfigDict:
@@ -33,6 +33,6 @@ def get_config(dataset: str = "ml-100k") -> ml_collections.ConfigDict:
   config.split = "test"  # reported split (valid picks the best checkpoint)
   config.caption = ml_collections.ConfigDict()
   config.caption.title = "SASRec: attention type, depth and positional embedding"  # table title
-  config.caption.dataset = ablation_plan.DATASET_NAMES.get(dataset, dataset)  # named in the caption
+  config.caption.dataset = plan.DATASET_NAMES.get(dataset, dataset)  # named in the caption
   config.caption.protocol = "full ranking, history excluded, leave-one-out"  # evaluation protocol
   return config

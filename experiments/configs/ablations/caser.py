@@ -11,7 +11,7 @@ its budget is counted in few epochs.
 
 import ml_collections
 
-from deeprec_jax import ablation_plan
+from deeprec_jax.ablation import plan
 
 
 def get_config(dataset: str = "ml-100k") -> ml_collections.ConfigDict:
@@ -34,6 +34,6 @@ def get_config(dataset: str = "ml-100k") -> ml_collections.ConfigDict:
   config.split = "test"  # reported split (valid picks the best checkpoint)
   config.caption = ml_collections.ConfigDict()
   config.caption.title = "Caser: horizontal and vertical convolutions"  # table title
-  config.caption.dataset = ablation_plan.DATASET_NAMES.get(dataset, dataset)  # named in the caption
+  config.caption.dataset = plan.DATASET_NAMES.get(dataset, dataset)  # named in the caption
   config.caption.protocol = "full ranking, history excluded, leave-one-out"  # evaluation protocol
   return config

@@ -13,7 +13,7 @@ instead (N=1 for a smoke test of the whole table), and
 
 import ml_collections
 
-from deeprec_jax import ablation_plan
+from deeprec_jax.ablation import plan
 
 
 def get_config(dataset: str = "ml-1m") -> ml_collections.ConfigDict:
@@ -55,6 +55,6 @@ def get_config(dataset: str = "ml-1m") -> ml_collections.ConfigDict:
   config.split = "test"  # reported split (valid picks the best checkpoint)
   config.caption = ml_collections.ConfigDict()
   config.caption.title = "Sequential recommender families"  # table title
-  config.caption.dataset = ablation_plan.DATASET_NAMES.get(dataset, dataset)  # named in the caption
+  config.caption.dataset = plan.DATASET_NAMES.get(dataset, dataset)  # named in the caption
   config.caption.protocol = "full ranking, history excluded, leave-one-out"  # evaluation protocol
   return config

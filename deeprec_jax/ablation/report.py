@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from deeprec_jax import ablation_plan
+from deeprec_jax.ablation import plan
 
 
 @dataclasses.dataclass
@@ -61,7 +61,7 @@ def collect_results(workdir: str, split: str = "test",
     root = os.path.join(workdir, "runs")
     names = sorted(os.listdir(root)) if os.path.isdir(root) else []
     infos = [(os.path.join(root, n),
-              ablation_plan.read_json(os.path.join(root, n, ablation_plan.POINT_FILE)))
+              plan.read_json(os.path.join(root, n, plan.POINT_FILE)))
              for n in names]
     infos = [(d, info) for d, info in infos if info]
     infos.sort(key=lambda item: (item[1].get("index", 0), item[1].get("seed", 0)))
@@ -69,17 +69,17 @@ def collect_results(workdir: str, split: str = "test",
   prefix = f"{split}/"
   rows = []
   for run_dir in run_dirs:
-    info = ablation_plan.read_json(os.path.join(run_dir, ablation_plan.POINT_FILE))
-    status = ablation_plan.read_json(os.path.join(run_dir, ablation_plan.STATUS_FILE))
-    final = ablation_plan.read_json(os.path.join(run_dir, ablation_plan.FINAL_METRICS))
+    info = plan.read_json(os.path.join(run_dir, plan.POINT_FILE))
+    status = plan.read_json(os.path.join(run_dir, plan.STATUS_FILE))
+    final = plan.read_json(os.path.join(run_dir, plan.FINAL_METRICS))
     row = {"label": info.get("label", os.path.basename(run_dir))}
     row.update(info.get("values", {}))
-    row.update(seed=info.get("seed"), status=ablation_plan.run_status(run_dir), split=split)
+    row.update(seed=info.get("seed"), status=plan.run_status(run_dir), split=split)
     row.update({k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)})
     row.update(train_seconds=status.get("train_seconds"), best_step=final.get("best_step"),
                workdir=run_dir, error=status.get("error", ""))
     if row["status"] == "failed" and not row["error"]:
-      with open(os.path.join(run_dir, ablation_plan.ERROR_FILE), encoding="utf-8") as f:
+      with open(os.path.join(run_dir, plan.ERROR_FILE), encoding="utf-8") as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
       row["error"] = lines[-1] if lines else "failed"
     rows.append(row)
@@ -119,7 +119,7 @@ def _csv_value(value: Any) -> Any:
   if isinstance(value, float):
     return repr(value)
   if isinstance(value, (list, tuple)):
-    return ablation_plan.format_value(value)
+    return plan.format_value(value)
   return value
 
 
@@ -232,9 +232,9 @@ def _cells(summaries: Sequence[Summary], metrics: Sequence[str], pm: str
 def _row_heads(summaries: Sequence[Summary], keys: Sequence[str]) -> tuple[list, list]:
   """Header and per-row identity cells: one column per axis, else the label."""
   if keys:
-    short = ablation_plan.short_names(list(keys))
+    short = plan.short_names(list(keys))
     return ([short[k] for k in keys],
-            [[ablation_plan.format_value(s.values.get(k)) for k in keys] for s in summaries])
+            [[plan.format_value(s.values.get(k)) for k in keys] for s in summaries])
   return ["point"], [[s.label] for s in summaries]
 
 
@@ -343,7 +343,7 @@ def plot(summaries: Sequence[Summary], metrics: Sequence[str], out_dir: str,
   if not shown:
     return []
   keys = list(keys)
-  short = ablation_plan.short_names(keys) if keys else {}
+  short = plan.short_names(keys) if keys else {}
   numeric = [k for k in keys if all(_is_number(s.values.get(k)) for s in shown)
              and len({s.values.get(k) for s in shown}) > 1]
   x_key = numeric[0] if numeric else (keys[0] if keys else None)
@@ -353,7 +353,7 @@ def plot(summaries: Sequence[Summary], metrics: Sequence[str], out_dir: str,
     return s.values.get(x_key) if x_key else s.label
 
   def series_of(s: Summary) -> str:
-    return ", ".join(f"{short[k]}={ablation_plan.format_value(s.values.get(k))}" for k in others)
+    return plan.settings_text({k: s.values.get(k) for k in others}, short)
 
   series = list(dict.fromkeys(series_of(s) for s in shown))
   xs = list(dict.fromkeys(x_of(s) for s in shown))
@@ -377,10 +377,10 @@ def plot(summaries: Sequence[Summary], metrics: Sequence[str], out_dir: str,
     if numeric:
       ax.set_xticks(xs)
     else:
-      ax.set_xticks(np.arange(len(xs)), [ablation_plan.format_value(x) for x in xs],
-                    rotation=20 if any(len(ablation_plan.format_value(x)) > 10 for x in xs) else 0,
-                    ha="right" if any(len(ablation_plan.format_value(x)) > 10 for x in xs)
-                    else "center")
+      ticks = [plan.format_value(x) for x in xs]
+      long_ticks = any(len(t) > 10 for t in ticks)
+      ax.set_xticks(np.arange(len(xs)), ticks, rotation=20 if long_ticks else 0,
+                    ha="right" if long_ticks else "center")
     ax.set_xlabel(short.get(x_key, "point") if x_key else "point")
     with_std = any(s.count[metric] > 1 for s in shown)
     ax.set_ylabel(metric_title(metric) + (" (mean ± std over seeds)" if with_std else ""))
@@ -389,7 +389,7 @@ def plot(summaries: Sequence[Summary], metrics: Sequence[str], out_dir: str,
     if any(series):
       ax.legend(fontsize="small")
     fig.tight_layout()
-    path = os.path.join(out_dir, f"{ablation_plan.slug(metric.replace('@', '_at_'))}.png")
+    path = os.path.join(out_dir, f"{plan.slug(metric.replace('@', '_at_'))}.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     paths.append(path)
@@ -412,8 +412,8 @@ def write_report(ablation_config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The markdown table.
   """
-  keys = ablation_plan.varied_keys(ablation_config)
-  axis_keys = [k for k, _ in ablation_plan.axes_of(ablation_config)]
+  keys = plan.varied_keys(ablation_config)
+  axis_keys = [k for k, _ in plan.axes_of(ablation_config)]
   metrics = list(ablation_config.metrics)
   write_csv(rows, os.path.join(workdir, "results.csv"), keys, metrics)
   summaries = summarize(rows, metrics, keys)

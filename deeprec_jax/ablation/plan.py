@@ -1,12 +1,9 @@
 """Ablation plans: an ablation config expanded into runs, each with its config.
 
-An ablation config (``experiments/configs/ablations/*.py``) names a ``base``
-experiment config, the keys to vary (a grid of ``axes`` or explicit
-``points``), the ``seeds`` and the ``metrics`` to report. ``plan_runs`` expands
-it into one ``Run`` per point and seed, with its built config and its
-sub-workdir ``workdir/runs/<slug>_seed<k>``, and checks everything that can be
-checked before anything trains. ``ablation`` trains the runs and
-``ablation_report`` turns their results into tables and plots.
+``plan_runs`` expands an ablation config into one ``Run`` per point and seed,
+with its built config and its sub-workdir ``workdir/runs/<slug>_seed<k>``, and
+checks everything that can be checked before anything trains. The run
+directory's file names and JSON helpers here serve ``run`` and ``report`` too.
 
 Order of precedence for a run's config: the base file (the point's own
 ``base`` if it has one), then the point's values, then the ablation's
@@ -29,7 +26,7 @@ from absl import logging
 
 # Where relative base-config paths are looked up when the working directory
 # is not the repository root.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FINAL_METRICS = "final_metrics.json"  # written last by train.train_and_evaluate
 POINT_FILE = "point.json"  # what this run is: label, varied values, seed, full config
 STATUS_FILE = "status.json"  # ok | failed, train_seconds, one-line error
@@ -182,6 +179,16 @@ def format_value(value: Any) -> str:
   return str(value)
 
 
+def settings_text(values: Mapping[str, Any], names: Mapping[str, str] | None = None) -> str:
+  """'key=value, ...' in the order of ``values``; ``names`` renames keys (e.g. short_names)."""
+  names = names or {}
+  return ", ".join(f"{names.get(k, k)}={format_value(v)}" for k, v in values.items())
+
+
+def _repeated(items: Sequence[Any]) -> list[Any]:
+  return sorted({item for item in items if items.count(item) > 1})
+
+
 def axes_of(ablation_config: ml_collections.ConfigDict) -> list[tuple[str, list[Any]]]:
   """The grid axes as ``[(dotted key, values)]`` in the order written.
 
@@ -201,8 +208,7 @@ def axes_of(ablation_config: ml_collections.ConfigDict) -> list[tuple[str, list[
     if not values:
       raise ValueError(f"axes: {key!r} has no values.")
     result.append((key, values))
-  keys = [k for k, _ in result]
-  duplicates = sorted({k for k in keys if keys.count(k) > 1})
+  duplicates = _repeated([k for k, _ in result])
   if duplicates:
     raise ValueError(f"axes: {', '.join(duplicates)} appear more than once.")
   return result
@@ -246,18 +252,14 @@ def expand_points(ablation_config: ml_collections.ConfigDict) -> list[Point]:
     specs = []
     for combo in itertools.product(*(values for _, values in axes)):
       values = {k: v for (k, _), v in zip(axes, combo, strict=True)}
-      label = ", ".join(f"{short[k]}={format_value(v)}" for k, v in values.items())
-      specs.append((label, values))
+      specs.append((settings_text(values, short), values))
   else:
     specs = []
     for point in points:
       values = {k: v for k, v in dict(point).items() if k != "label"}
-      short = short_names(list(values))
-      label = point.get("label") or ", ".join(
-          f"{short[k]}={format_value(v)}" for k, v in values.items()) or "base"
+      label = point.get("label") or settings_text(values, short_names(list(values))) or "base"
       specs.append((label, values))
-  labels = [label for label, _ in specs]
-  duplicates = sorted({label for label in labels if labels.count(label) > 1})
+  duplicates = _repeated([label for label, _ in specs])
   if duplicates:
     raise ValueError(f"points: duplicate labels {duplicates}; give each point a unique 'label'.")
 
@@ -358,8 +360,7 @@ def _check_same_config(run: Run) -> None:
   path = os.path.join(run.workdir, POINT_FILE)
   if not os.path.exists(path):
     return
-  with open(path, encoding="utf-8") as f:
-    before = flatten(json.load(f).get("config", {}))
+  before = flatten(read_json(path).get("config", {}))
   now = flatten(config_json(run.config))
   changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
   if changed:

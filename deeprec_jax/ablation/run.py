@@ -1,20 +1,10 @@
-"""Paper-style ablations: sweeps of configs x seeds, then tables and plots.
+"""Ablation runs: trains the planned runs, resuming and recording failures.
 
-An ablation config (``experiments/configs/ablations/*.py``) names a ``base``
-experiment config, the keys to vary (a grid of ``axes`` or explicit
-``points``), the ``seeds`` and the ``metrics`` to report. Three modules, one
-step each:
-
-  runs = ablation_plan.plan_runs(ablation_config, workdir)  # validates everything
-  ablation.execute(runs, parallel=2)                         # skips finished runs
-  rows = ablation_report.collect_results(workdir, "test", [r.workdir for r in runs])
-  ablation_report.write_report(ablation_config, workdir, rows)  # csv, md, tex, png
-
-``run_ablation`` does all three. Each run is ``workdir/runs/<slug>_seed<k>``. A
-run is finished once its ``final_metrics.json`` exists
-(``train.train_and_evaluate`` writes it last), so rerunning a sweep trains
-only what is missing or failed. A failed run leaves ``error.txt`` (the
-traceback) and becomes a ``failed`` row; the others go on.
+Each run is ``workdir/runs/<slug>_seed<k>``. A run is finished once its
+``final_metrics.json`` exists (``train.train_and_evaluate`` writes it last), so
+rerunning a sweep trains only what is missing or failed. A failed run leaves
+``error.txt`` (the traceback) and becomes a ``failed`` row; the others go on.
+``run_ablation`` plans, trains what is missing and writes the report.
 """
 
 import concurrent.futures
@@ -28,7 +18,7 @@ from typing import Any, NamedTuple
 import ml_collections
 from absl import logging
 
-from deeprec_jax import ablation_plan, ablation_report
+from deeprec_jax.ablation import plan, report
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict[str, Any]]
 
@@ -44,32 +34,31 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, info: Mapping[str
     config: the run's experiment config.
     workdir: its own directory.
     info: written to ``workdir/point.json`` (label, values, seed, ...) so that
-      ``ablation_report.collect_results`` can rebuild the row from disk alone.
+      ``report.collect_results`` can rebuild the row from disk alone.
     train_fn: ``(config, workdir) -> metrics``; ``train.train_and_evaluate``
       by default.
 
   Returns:
     ``{'status': 'ok' | 'failed', 'skipped': bool, 'train_seconds', 'error'}``.
   """
-  if ablation_plan.run_status(workdir) == "ok":
-    status = ablation_plan.read_json(os.path.join(workdir, ablation_plan.STATUS_FILE))
+  if plan.run_status(workdir) == "ok":
+    status = plan.read_json(os.path.join(workdir, plan.STATUS_FILE))
     return {**status, "status": "ok", "skipped": True}
   if train_fn is None:
     from deeprec_jax import train  # Imported here: planning and reporting need no JAX.
     train_fn = train.train_and_evaluate
   os.makedirs(workdir, exist_ok=True)
   # A retry of a failed run starts clean.
-  for name in (ablation_plan.ERROR_FILE, ablation_plan.STATUS_FILE):
+  for name in (plan.ERROR_FILE, plan.STATUS_FILE):
     if os.path.exists(os.path.join(workdir, name)):
       os.remove(os.path.join(workdir, name))
-  ablation_plan.write_json(os.path.join(workdir, ablation_plan.POINT_FILE),
-                           {**info, "config": ablation_plan.config_json(config)})
+  _write_point(workdir, info, config)
   start = time.perf_counter()
   error = details = ""
   try:
     train_fn(config, workdir)
-    if ablation_plan.run_status(workdir) != "ok":  # else it would be retrained on every rerun
-      error = details = f"train_fn returned without writing {ablation_plan.FINAL_METRICS}"
+    if plan.run_status(workdir) != "ok":  # else it would be retrained on every rerun
+      error = details = f"train_fn returned without writing {plan.FINAL_METRICS}"
   except Exception as e:  # noqa: BLE001  (one failed point must not stop the sweep)
     error, details = f"{type(e).__name__}: {e}".replace("\n", " "), traceback.format_exc()
   status = {"status": "failed" if error else "ok", "error": error,
@@ -78,34 +67,41 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, info: Mapping[str
   return {**status, "skipped": False}
 
 
+def _write_point(workdir: str, info: Mapping[str, Any], config: ml_collections.ConfigDict
+                 ) -> None:
+  """point.json: ``info`` and the full config, all ``report`` needs to rebuild the row."""
+  plan.write_json(os.path.join(workdir, plan.POINT_FILE),
+                  {**info, "config": plan.config_json(config)})
+
+
 def _record(workdir: str, status: Mapping[str, Any], details: str = "") -> None:
   """Writes status.json, and error.txt (the traceback) for a failed run."""
   if status["status"] == "failed":
-    with open(os.path.join(workdir, ablation_plan.ERROR_FILE), "w", encoding="utf-8") as f:
+    with open(os.path.join(workdir, plan.ERROR_FILE), "w", encoding="utf-8") as f:
       f.write((details or status["error"]).rstrip("\n") + "\n")
-  ablation_plan.write_json(os.path.join(workdir, ablation_plan.STATUS_FILE), status)
+  plan.write_json(os.path.join(workdir, plan.STATUS_FILE), status)
 
 
-def _run_info(run: ablation_plan.Run) -> dict[str, Any]:
+def _run_info(run: plan.Run) -> dict[str, Any]:
   point = run.point
   return {"index": point.index, "label": point.label, "seed": point.seed, "base": point.base,
           "values": _effective_values(run)}
 
 
-def _effective_values(run: ablation_plan.Run) -> dict[str, Any]:
+def _effective_values(run: plan.Run) -> dict[str, Any]:
   """The varied keys' values as trained (overrides may have replaced a point's)."""
   values = {}
   for key in run.point.values:
-    values[key] = run.point.base if key == "base" else ablation_plan.get_value(run.config, key)
+    values[key] = run.point.base if key == "base" else plan.get_value(run.config, key)
   return values
 
 
-def execute(runs: Sequence[ablation_plan.Run], parallel: int = 1, train_fn: TrainFn | None = None
+def execute(runs: Sequence[plan.Run], parallel: int = 1, train_fn: TrainFn | None = None
             ) -> list[dict[str, Any]]:
   """Trains every unfinished run, in this process or in ``parallel`` subprocesses.
 
   Args:
-    runs: from ``ablation_plan.plan_runs``.
+    runs: from ``plan.plan_runs``.
     parallel: runs trained at once; 1 trains in this process, more use a
       spawn-started process pool (JAX does not survive fork).
     train_fn: see ``run_point``; must be picklable when ``parallel > 1``.
@@ -116,7 +112,7 @@ def execute(runs: Sequence[ablation_plan.Run], parallel: int = 1, train_fn: Trai
   total = len(runs)
   results = [None] * total
 
-  def report(i: int, result: dict[str, Any]) -> None:
+  def log_result(i: int, result: dict[str, Any]) -> None:
     results[i] = result
     run = runs[i]
     what = ("finished before, skipped" if result.get("skipped") else
@@ -127,14 +123,14 @@ def execute(runs: Sequence[ablation_plan.Run], parallel: int = 1, train_fn: Trai
 
   if parallel <= 1:
     for i, run in enumerate(runs):
-      report(i, run_point(run.config, run.workdir, _run_info(run), train_fn))
+      log_result(i, run_point(run.config, run.workdir, _run_info(run), train_fn))
     return results
   context = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(parallel, mp_context=context) as pool:
     futures = {}
     for i, run in enumerate(runs):
-      if ablation_plan.run_status(run.workdir) == "ok":  # no process start for finished runs
-        report(i, run_point(run.config, run.workdir, _run_info(run), train_fn))
+      if plan.run_status(run.workdir) == "ok":  # no process start for finished runs
+        log_result(i, run_point(run.config, run.workdir, _run_info(run), train_fn))
       else:
         futures[pool.submit(run_point, run.config, run.workdir, _run_info(run), train_fn)] = i
     try:
@@ -147,17 +143,16 @@ def execute(runs: Sequence[ablation_plan.Run], parallel: int = 1, train_fn: Trai
                     "skipped": False}
           run = runs[i]
           os.makedirs(run.workdir, exist_ok=True)
-          ablation_plan.write_json(os.path.join(run.workdir, ablation_plan.POINT_FILE),
-                      {**_run_info(run), "config": ablation_plan.config_json(run.config)})
+          _write_point(run.workdir, _run_info(run), run.config)
           _record(run.workdir, result)
-        report(i, result)
+        log_result(i, result)
     except KeyboardInterrupt:
       pool.shutdown(wait=False, cancel_futures=True)  # do not start the queued runs
       raise
   return results
 
 
-def describe_runs(runs: Sequence[ablation_plan.Run]) -> str:
+def describe_runs(runs: Sequence[plan.Run]) -> str:
   """The dry-run listing: one line per point, then one per seed with its status."""
   num_points = len({run.point.index for run in runs})
   seeds = sorted({run.point.seed for run in runs})
@@ -166,11 +161,10 @@ def describe_runs(runs: Sequence[ablation_plan.Run]) -> str:
   for run in runs:
     point = run.point
     if point.index != previous:
-      settings = ", ".join(f"{k}={ablation_plan.format_value(v)}"
-                           for k, v in point.overrides.items())
+      settings = plan.settings_text(point.overrides)
       lines.append(f"point {point.index}: {point.label}  [base {point.base}; {settings}]")
       previous = point.index
-    lines.append(f"  {ablation_plan.run_status(run.workdir):6} seed {point.seed}  {run.workdir}")
+    lines.append(f"  {plan.run_status(run.workdir):6} seed {point.seed}  {run.workdir}")
   return "\n".join(lines)
 
 
@@ -219,13 +213,12 @@ def run_ablation(ablation_config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     The dry-run listing, or the markdown table and the rows of results.csv.
   """
-  runs = ablation_plan.plan_runs(ablation_config, workdir)
+  runs = plan.plan_runs(ablation_config, workdir)
   if dry_run:
     return Outcome(describe_runs(runs), [])
   os.makedirs(workdir, exist_ok=True)
   if compilation_cache:
     use_compilation_cache(os.path.join(workdir, "jax_cache"))
   execute(runs, parallel=parallel, train_fn=train_fn)
-  rows = ablation_report.collect_results(workdir, ablation_config.split,
-                                         [run.workdir for run in runs])
-  return Outcome(ablation_report.write_report(ablation_config, workdir, rows), rows)
+  rows = report.collect_results(workdir, ablation_config.split, [run.workdir for run in runs])
+  return Outcome(report.write_report(ablation_config, workdir, rows), rows)
