@@ -24,7 +24,7 @@ import numpy as np
 
 from benchmarks import harness, inputs
 from deeprec_jax import evaluate, losses, metrics, models, train
-from deeprec_jax.data import pipeline
+from deeprec_jax.data import packing
 from deeprec_jax.models import layers, popularity, rnn
 from experiments.configs import bert4rec as bert4rec_config
 from experiments.configs import caser as caser_config
@@ -265,9 +265,9 @@ def train_batch(model_name: str, config: ml_collections.ConfigDict, batch_size: 
   batch = _unpacked_train_batch(model_name, config, batch_size, seed)
   if config.train.get("pack", False) and getattr(models.get_module(model_name), "PACKABLE",
                                                  False):
-    needed = pipeline.pack_layout(np.count_nonzero(batch["item_seq"], axis=1),
-                                  config.data.max_len)[2]
-    batch = pipeline.pack_batch(batch, -(-needed // row_multiple) * row_multiple)
+    needed = packing.pack_layout(np.count_nonzero(batch["item_seq"], axis=1),
+                                 config.data.max_len)[2]
+    batch = packing.pack_batch(batch, -(-needed // row_multiple) * row_multiple)
   return batch
 
 
@@ -425,7 +425,7 @@ def _objective(model: nn.Module, config: ml_collections.ConfigDict, train_mode: 
   def objective(params, batch, rng):
     hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
                          train=train_mode, rngs={"dropout": rng},
-                         **pipeline.packing_kwargs(batch))
+                         **packing.packing_kwargs(batch))
     return loss_fn(hidden, models.item_table(params, inputs.ML1M_ITEMS), batch["targets"],
                    batch["negatives"])
 

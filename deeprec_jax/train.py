@@ -23,7 +23,7 @@ from absl import logging
 from flax import linen as nn
 
 from deeprec_jax import checkpoints, evaluate, losses, models, sharding, writers
-from deeprec_jax.data import builders, pipeline
+from deeprec_jax.data import builders, packing, pipeline
 from deeprec_jax.models import popularity
 
 State = dict[str, Any]  # {'params', 'opt_state', 'step', 'rng'}
@@ -112,7 +112,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss:
         params = sharding.unpad_item_table(params, item_rows)
       hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
                            train=True, rngs={"dropout": dropout_rng},
-                           **pipeline.packing_kwargs(batch))
+                           **packing.packing_kwargs(batch))
       return loss_fn(hidden, models.item_table(params, num_items), batch["targets"],
                      batch["negatives"])
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from deeprec_jax import models
-from deeprec_jax.data import pipeline
+from deeprec_jax.data import packing
 from deeprec_jax.models import bert4rec, layers, sasrec
 from experiments.configs import default as default_config
 
@@ -565,14 +565,14 @@ def test_packed_rows_equal_separate_rows(name, attention):
   item_seq = _left_padded(lengths, seq_len, seed=9)
   batch = {"item_seq": item_seq, "targets": item_seq, "user": np.zeros(6, np.int32),
            "negatives": item_seq[..., None]}
-  packed = pipeline.pack_batch(batch, 4)
+  packed = packing.pack_batch(batch, 4)
   assert packed["item_seq"].shape == (4, seq_len)  # 70+30+20 | 120 | 5+1 | (empty)
   params = _random_params(model, item_seq[:1], seed=3)
   alone = np.asarray(model.apply({"params": params}, item_seq))
   together = np.asarray(model.apply({"params": params}, packed["item_seq"],
                                     segment_ids=packed["segment_ids"],
                                     positions=packed["positions"]))
-  row, end, _ = pipeline.pack_layout(np.asarray(lengths), seq_len)
+  row, end, _ = packing.pack_layout(np.asarray(lengths), seq_len)
   for i, n in enumerate(lengths):
     np.testing.assert_allclose(together[row[i], end[i] - n:end[i]], alone[i, seq_len - n:],
                                rtol=0, atol=2e-5)

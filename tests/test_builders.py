@@ -62,7 +62,7 @@ def _write(path, text):
 
 def _expected(config):
   return preprocess.preprocess(
-      sources.load_interactions(config), rating_threshold=config.rating_threshold,
+      builders.load_interactions(config), rating_threshold=config.rating_threshold,
       min_user_interactions=config.min_user_interactions,
       min_item_interactions=config.min_item_interactions, max_history=config.max_history,
       log=None)
@@ -90,7 +90,7 @@ def _versions(data_dir):
 def _forbid_parsing(monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("the raw data was parsed again")
-  monkeypatch.setattr(builders.sources, "load_interactions", fail)
+  monkeypatch.setattr(builders, "load_interactions", fail)
 
 
 def test_synthetic_round_trip(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deeprec_jax.data import builders, pipeline, preprocess
+from deeprec_jax.data import builders, packing, pipeline, preprocess
 from experiments.configs import default
 
 NUM_ITEMS = 40
@@ -303,7 +303,7 @@ def test_eval_layout_and_targets(split, task):
 @given(st.lists(st.integers(1, 12), min_size=1, max_size=30))
 def test_pack_layout_places_every_sequence_once(lengths):
   lengths = np.asarray(lengths)
-  row, end, num_rows = pipeline.pack_layout(lengths, 12)
+  row, end, num_rows = packing.pack_layout(lengths, 12)
   used = np.zeros((num_rows, 12), int)
   for r, e, n in zip(row, end, lengths, strict=True):
     used[r, e - n:e] += 1
@@ -317,9 +317,9 @@ def test_pack_layout_places_every_sequence_once(lengths):
 def test_pack_batch_keeps_every_token():
   dataset = _random_dataset(num_users=20, max_length=12)
   plain = _train(dataset, "autoregressive", max_len=16, global_batch_size=10)[0]
-  packed = pipeline.pack_batch(plain, 8)
+  packed = packing.pack_batch(plain, 8)
   lengths = np.count_nonzero(plain["item_seq"], axis=1)
-  row, end, _ = pipeline.pack_layout(lengths, 16)
+  row, end, _ = packing.pack_layout(lengths, 16)
   assert packed["item_seq"].shape == (8, 16) and packed["negatives"].shape == (8, 16, 3)
   for i, n in enumerate(lengths):
     cols = slice(end[i] - n, end[i])
@@ -332,7 +332,7 @@ def test_pack_batch_keeps_every_token():
   segments = set(zip(row.tolist(), packed["segment_ids"][row, end - 1].tolist(), strict=True))
   assert len(segments) == 10  # every sequence has its own (row, segment id)
   with pytest.raises(ValueError, match="needs"):
-    pipeline.pack_batch(plain, 1)
+    packing.pack_batch(plain, 1)
 
 
 @pytest.mark.parametrize("task", ["autoregressive", "masked"])

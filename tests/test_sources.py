@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from deeprec_jax.data import sources
+from deeprec_jax.data import builders, sources
 from experiments.configs import default
 
 # Real data lives outside the repository (license: no redistribution).
@@ -339,7 +339,7 @@ def test_load_interactions_dispatch(tmp_path):
   data = default.get_config().data
   with data.unlocked():
     data.synthetic.num_users = 20
-  synthetic = sources.load_interactions(data)
+  synthetic = builders.load_interactions(data)
   assert len(np.unique(synthetic.user)) == 20
 
   text = tmp_path / "seqs.txt"
@@ -352,22 +352,22 @@ def test_load_interactions_dispatch(tmp_path):
                              ("ml-100k", folder, 5), ("ml-1m", zip_path, 5)):
     data = default.data_config(name if name != "ml-1m" else "ml-1m-raw")
     data.path = str(path)
-    assert len(sources.load_interactions(data)) == length
+    assert len(builders.load_interactions(data)) == length
 
 
 def test_load_interactions_errors(tmp_path):
   data = default.data_config("ml-100k")
   data.path = str(tmp_path / "nowhere")
   with pytest.raises(sources.DataFormatError) as error:
-    sources.load_interactions(data)
+    builders.load_interactions(data)
   message = str(error.value)
   assert "data.path" in message and "download_movielens" in message
   assert sources.MOVIELENS_URLS["ml-100k"] in message
 
   with pytest.raises(ValueError, match="data.name='movielens'.*ml-100k"):
-    sources.load_interactions(ml_collections.ConfigDict({"name": "movielens", "path": ""}))
+    builders.load_interactions(ml_collections.ConfigDict({"name": "movielens", "path": ""}))
   with pytest.raises(ValueError, match="data.path"):
-    sources.load_interactions(default.data_config("sasrec_text"))
+    builders.load_interactions(default.data_config("sasrec_text"))
 
 
 def test_interactions_checks_column_lengths():

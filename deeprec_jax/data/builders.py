@@ -1,10 +1,12 @@
 """TFDS builders of per-user item sequences, and the `Dataset` the pipeline reads.
 
-Raw files are parsed (``sources``) and preprocessed (``preprocess``) once, then
-written as an array_record TFDS dataset: one record per user with the full
-chronological sequence in remapped ids ``1..num_items``. Later runs open it as
-a random-access ``data_source`` without touching the raw files, and without
-TensorFlow (TFDS needs TensorFlow only for ``as_dataset``/``tfds.load``).
+Raw files are parsed (``load_interactions`` picks the ``sources`` reader or the
+``synthetic`` generator that ``config.data`` names) and preprocessed
+(``preprocess``) once, then written as an array_record TFDS dataset: one record
+per user with the full chronological sequence in remapped ids
+``1..num_items``. Later runs open it as a random-access ``data_source`` without
+touching the raw files, and without TensorFlow (TFDS needs TensorFlow only for
+``as_dataset``/``tfds.load``).
 
 Versioning: the builder config name is a readable prefix plus a hash of every
 setting that changes the prepared sequences (source, absolute raw path, the raw
@@ -34,7 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from deeprec_jax.data import preprocess, sources
+from deeprec_jax.data import preprocess, sources, synthetic
 
 DEFAULT_DATA_DIR = "~/.cache/deeprec_jax/tfds"
 DATA_DIR_ENV = "DEEPREC_DATA_DIR"
@@ -42,6 +44,8 @@ DATA_DIR_ENV = "DEEPREC_DATA_DIR"
 NOT_PREPROCESSING = ("max_len", "data_dir")
 # Option blocks of config.data that only one source reads.
 SOURCE_OPTIONS = {"synthetic": "synthetic", "csv": "csv"}
+# The values of config.data.name that `load_interactions` reads.
+_DATASET_NAMES = ("synthetic", "ml-100k", "ml-1m", "sasrec_text", "csv")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -176,6 +180,48 @@ def fingerprint(path: str) -> str:
   return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
 
 
+def load_interactions(data_config: ml_collections.ConfigDict) -> sources.Interactions:
+  """Reads the raw interactions that `config.data` names.
+
+  Args:
+    data_config: the `config.data` block (see experiments/configs/default.py):
+      `name` picks the reader, `path` the file or folder; `synthetic.*` and
+      `csv.*` hold the generator's and the CSV reader's settings.
+
+  Returns:
+    The dataset's Interactions.
+
+  Raises:
+    ValueError: an unknown data.name, or no data.path where one is needed.
+    sources.DataFormatError: missing or malformed files (for MovieLens, the
+      message says where to put them and how to download them).
+  """
+  name, path = data_config.name, data_config.path
+  if name == "synthetic":
+    s = data_config.synthetic
+    return synthetic.generate(
+        num_users=s.num_users, num_items=s.num_items, num_clusters=s.num_clusters,
+        mean_length=s.mean_length, seed=s.seed)
+  if name not in _DATASET_NAMES:
+    raise ValueError(f"data.name={name!r} is unknown; expected one of {', '.join(_DATASET_NAMES)}.")
+  if name in sources.MOVIELENS_URLS:
+    if not path or not os.path.exists(path):
+      raise sources.DataFormatError(
+          f"data.path={path!r}: no such file or folder for {name}. Point data.path at the "
+          f"extracted folder (with {sources.RATINGS_FILE[name]}) or at {name}.zip from "
+          f"{sources.MOVIELENS_URLS[name]}; sources.download_movielens({name!r}, download_dir) "
+          "downloads it and returns that path.")
+    return sources.read_movielens(path, name)
+  if not path:
+    raise ValueError(f"data.path must name the input file for data.name={name!r}, got ''.")
+  if name == "sasrec_text":
+    return sources.read_sasrec_text(path)
+  c = data_config.csv
+  return sources.read_csv(
+      path, delimiter=c.delimiter, user_column=c.user_column, item_column=c.item_column,
+      time_column=c.time_column, rating_column=c.rating_column)
+
+
 @dataclasses.dataclass(eq=False, repr=False)
 class SequenceConfig(tfds.core.BuilderConfig):
   """A builder config carrying every preprocessing setting.
@@ -261,7 +307,7 @@ class SequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     del dl_manager  # Raw files are local; nothing is downloaded.
     config = self.builder_config
-    interactions = sources.load_interactions(self._data_config)
+    interactions = load_interactions(self._data_config)
     seq_data = preprocess.preprocess(
         interactions,
         rating_threshold=config.rating_threshold,

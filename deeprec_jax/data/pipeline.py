@@ -7,10 +7,11 @@ epoch's order is one global shuffle of all training examples, and every
 per-example random draw (negatives, BERT4Rec masks) is seeded by
 ``(seed, epoch, example index)``. Neither depends on the number of processes:
 P processes together see exactly the rows one process would. Window examples
-(Caser: ~1M per epoch on ML-1M) are built a whole batch at a time from
-every user's sequence held in memory (``_WindowTable``); their negatives are a
-counter-based hash of ``(seed, epoch, example index, slot, attempt)``, so they
-keep the same property without one generator per example.
+(Caser: ~1M per epoch on ML-1M) are built a whole batch at a time from every
+user's sequence held in memory (``negatives.WindowTable``); their negatives are
+a counter-based hash of ``(seed, epoch, example index, slot, attempt)``, so
+they keep the same property without one generator per example. Packing lives
+in ``packing``, negative sampling in ``negatives``.
 
 Leave-one-out: ``seq[-1]`` is the test target, ``seq[-2]`` the validation
 target; training examples only ever see ``preprocess.split_train(seq)``.
@@ -19,28 +20,20 @@ Batch layouts are documented in README.md ("Contracts between the pieces").
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-from deeprec_jax.data import builders, preprocess
+from deeprec_jax.data import builders, negatives, packing, preprocess
 
 TASKS = ("autoregressive", "window", "masked")
 SPLITS = ("valid", "test")
 SAMPLINGS = ("uniform", "popularity")
 # Salts that keep the random streams of different purposes apart.
 _SHUFFLE_SALT, _TRAIN_SALT, _EVAL_SALT, _WINDOW_SALT = 0, 1, 2, 3
-# Hashed redraws of a rejected window negative before the explicit complement
-# takes over (at >= 25% acceptance, 64 rejections in a row have p < 1e-8).
-_MAX_HASH_ATTEMPTS = 64
-# Below this fraction of allowed items (or allowed popularity mass), sample
-# from the explicit complement instead of rejecting draws.
-_REJECTION_MIN_ACCEPTANCE = 0.25
 
 
 def steps_per_epoch(dataset: builders.Dataset, *, task: str, global_batch_size: int,
@@ -98,9 +91,10 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
     num_targets: T, next items per window example ('window' only).
     mask_prob: masking probability ('masked' only).
     pack_row_multiple: if > 0 (not for 'window'), each global batch is
-      packed (``pack_batch``) into a number of rows that is a multiple of this
-      and of ``process_count`` (e.g. lcm(8, data-parallel devices)); the rows
-      are the same whatever the number of processes, each loading its share.
+      packed (``packing.pack_batch``) into a number of rows that is a
+      multiple of this and of ``process_count`` (e.g. lcm(8, data-parallel
+      devices)); the rows are the same whatever the number of processes, each
+      loading its share.
     process_index: this process, in ``[0, process_count)``.
     process_count: processes sharing each global batch.
 
@@ -110,7 +104,7 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
     global batch ``step``: ``item_seq int32[B, L]``, ``targets int32[B, L]``
     (``[B, T]`` for 'window'), ``negatives int32[B, L or T, k]``,
     ``user int32[B]``; packed, ``R <= B`` rows of each plus ``segment_ids``
-    and ``positions`` (see ``pack_batch``).
+    and ``positions`` (see ``packing.pack_batch``).
   """
   _check_choice("task", task, TASKS)
   local_batch = _local_batch_size(global_batch_size, process_index, process_count)
@@ -122,7 +116,7 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
                      "or 'masked'), not 'window'.")
   if task == "window":
     build = functools.partial(
-        _window_batch, table=_WindowTable.load(dataset), users=users, starts=starts,
+        _window_batch, table=_window_table(dataset), users=users, starts=starts,
         max_len=max_len, num_targets=num_targets, num_negatives=num_negatives, seed=seed,
         epoch=epoch)
   else:
@@ -136,7 +130,7 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
     input_lengths = np.minimum(_lengths(dataset)[users] - (3 if task == "autoregressive" else 2),
                                max_len)
     make_batch = functools.partial(
-        _packed_train_batch, make_batch=functools.partial(build, rows=slice(None)),
+        packing.packed_train_batch, make_batch=functools.partial(build, rows=slice(None)),
         input_lengths=input_lengths, max_len=max_len, row_multiple=pack_row_multiple,
         process_index=process_index, process_count=process_count)
   else:
@@ -274,10 +268,10 @@ def _eval_batch(dataset: builders.Dataset, users: np.ndarray, *, split: str, tas
     rng = np.random.default_rng(_entropy(seed, user, _EVAL_SALT))
     seen = np.unique(seq)
     if popularity_cdf is None:
-      negatives = _sample_uniform(rng, dataset.num_items, seen, (num_sampled_negatives,))
+      sampled = negatives.sample_uniform(rng, dataset.num_items, seen, (num_sampled_negatives,))
     else:
-      negatives = _sample_popular(rng, popularity_cdf, seen, (num_sampled_negatives,))
-    batch["sampled_negatives"][row] = negatives
+      sampled = negatives.sample_popular(rng, popularity_cdf, seen, (num_sampled_negatives,))
+    batch["sampled_negatives"][row] = sampled
     batch["weight"][row] = 1.0
   return batch
 
@@ -323,118 +317,6 @@ def train_item_counts(dataset: builders.Dataset) -> np.ndarray:
   return counts
 
 
-def pack_layout(lengths: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray, int]:
-  """Places sequences of ``lengths`` into rows of ``row_len`` (first-fit decreasing).
-
-  Args:
-    lengths: ``int[B]``, each in ``[1, row_len]``.
-    row_len: L.
-
-  Returns:
-    ``(row, end, num_rows)``: sequence i occupies columns
-    ``[end[i] - lengths[i], end[i])`` of row ``row[i]``. Each row is filled
-    from the right, so any unused columns are left padding.
-  """
-  lengths = np.asarray(lengths, np.int64)
-  if len(lengths) and (lengths.min() < 1 or lengths.max() > row_len):
-    raise ValueError(f"sequence lengths must be in [1, {row_len}]; got "
-                     f"{lengths.min()}..{lengths.max()}.")
-  row = np.zeros(len(lengths), np.int64)
-  end = np.zeros(len(lengths), np.int64)
-  free = np.zeros(len(lengths), np.int64)  # free columns of each opened row
-  num_rows = 0
-  for i in np.argsort(-lengths, kind="stable"):
-    fits = np.flatnonzero(free[:num_rows] >= lengths[i])
-    r = int(fits[0]) if len(fits) else num_rows
-    if r == num_rows:
-      free[r] = row_len
-      num_rows += 1
-    row[i], end[i] = r, free[r]
-    free[r] -= lengths[i]
-  return row, end, num_rows
-
-
-def packing_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
-  """The model kwargs of a packed batch (``segment_ids``, ``positions``); {} if unpacked."""
-  return {key: batch[key] for key in ("segment_ids", "positions") if key in batch}
-
-
-def pack_batch(batch: Mapping[str, np.ndarray], num_rows: int) -> dict[str, np.ndarray]:
-  """Packs a sequence batch's left-padded rows side by side into fewer rows.
-
-  Most users' histories are shorter than L (on ML-1M at L = 200 half of the
-  batch is padding), so sequences share rows: each keeps its items, targets and
-  negatives, gets a segment id (attention stays within a segment) and keeps
-  the positional rows it had alone (right-aligned), so that a model honouring
-  ``segment_ids`` and ``positions`` (those with ``PACKABLE``: SASRec,
-  BERT4Rec) gives every position the output it would have unpacked, and the
-  loss (a mean over targets) is unchanged.
-
-  Args:
-    batch: ``item_seq int32[B, L]``, ``targets int32[B, L]``, ``negatives
-      int32[B, L, k]``, ``user int32[B]``; every row non-empty.
-    num_rows: R, at least ``pack_layout``'s row count (extra rows are empty).
-
-  Returns:
-    ``item_seq``, ``targets``, ``negatives`` with R rows, ``segment_ids
-    int32[R, L]`` (0 at padding, 1.. within a row), ``positions int32[R, L]``
-    (the positional row: ``L - n + j`` for item j of a length-n sequence; 0 at
-    padding) and ``user int32[R]`` (zeros: a packed row has several users).
-  """
-  item_seq = np.asarray(batch["item_seq"])
-  row, end, needed = pack_layout(np.count_nonzero(item_seq, axis=1), item_seq.shape[1])
-  if num_rows < needed:
-    raise ValueError(f"pack_batch: the batch needs {needed} rows, got num_rows={num_rows}.")
-  return _place(batch, row, end, num_rows)
-
-
-def _place(batch: Mapping[str, np.ndarray], row: np.ndarray, end: np.ndarray,
-           num_rows: int) -> dict[str, np.ndarray]:
-  """Copies each row of ``batch`` to columns ``[end - n, end)`` of packed row ``row``."""
-  item_seq = np.asarray(batch["item_seq"])
-  row_len = item_seq.shape[1]
-  lengths = np.count_nonzero(item_seq, axis=1)
-  negatives = np.asarray(batch["negatives"])
-  packed = {
-      "item_seq": np.zeros((num_rows, row_len), np.int32),
-      "targets": np.zeros((num_rows, row_len), np.int32),
-      "negatives": np.zeros((num_rows, row_len, negatives.shape[-1]), np.int32),
-      "segment_ids": np.zeros((num_rows, row_len), np.int32),
-      "positions": np.zeros((num_rows, row_len), np.int32),
-      "user": np.zeros((num_rows,), np.int32),
-  }
-  segments_in_row = np.zeros(num_rows, np.int32)
-  for i in range(len(item_seq)):
-    n, r = int(lengths[i]), int(row[i])
-    cols = slice(int(end[i]) - n, int(end[i]))
-    segments_in_row[r] += 1
-    packed["item_seq"][r, cols] = item_seq[i, row_len - n:]
-    packed["targets"][r, cols] = batch["targets"][i, row_len - n:]
-    packed["negatives"][r, cols] = negatives[i, row_len - n:]
-    packed["segment_ids"][r, cols] = segments_in_row[r]
-    packed["positions"][r, cols] = np.arange(row_len - n, row_len)
-  return packed
-
-
-def _packed_train_batch(indices: np.ndarray, *, make_batch: Callable[..., dict[str, np.ndarray]],
-                        input_lengths: np.ndarray, max_len: int, row_multiple: int,
-                        process_index: int, process_count: int) -> dict[str, np.ndarray]:
-  """This process's rows of the packed global batch of example ``indices``.
-
-  The layout is computed over the whole global batch, so the packed rows do
-  not depend on how many processes share them; this process loads only the
-  examples that land in its rows.
-  """
-  indices = np.asarray(indices)
-  row, end, needed = pack_layout(input_lengths[indices], max_len)
-  multiple = math.lcm(row_multiple, process_count)
-  num_rows = -(-needed // multiple) * multiple
-  local_rows = num_rows // process_count
-  first = process_index * local_rows
-  mine = np.flatnonzero((row >= first) & (row < first + local_rows))
-  return _place(make_batch(indices[mine]), row[mine] - first, end[mine], local_rows)
-
-
 def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
                  users: np.ndarray, task: str, max_len: int, num_negatives: int,
                  mask_prob: float, seed: int, epoch: int) -> dict[str, np.ndarray]:
@@ -466,109 +348,14 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
     batch["item_seq"][row, max_len - len(inputs):] = inputs
     batch["targets"][row, max_len - len(targets):] = targets
     has_target = batch["targets"][row] != 0
-    batch["negatives"][row, has_target] = _sample_uniform(
+    batch["negatives"][row, has_target] = negatives.sample_uniform(
         rng, dataset.num_items, np.unique(seq), (int(has_target.sum()), num_negatives))
   return batch
 
 
-@dataclasses.dataclass(frozen=True)
-class _WindowTable:
-  """Every user's training part and seen items, for whole-batch window examples.
-
-  Attributes:
-    train_items: int64 ``[sum of training lengths]``, the users' training parts
-      (``preprocess.split_train``) one after another.
-    train_offsets: int64 ``[num_users]``, where each user's part starts.
-    seen_keys: sorted int64 ``user * (num_items + 1) + item`` for every item in
-      a user's whole sequence (held-out items included: never negatives).
-    num_seen: int64 ``[num_users]``, distinct items per user.
-    num_items: items ``1..num_items``.
-  """
-
-  train_items: np.ndarray
-  train_offsets: np.ndarray
-  seen_keys: np.ndarray
-  num_seen: np.ndarray
-  num_items: int
-
-  @classmethod
-  def load(cls, dataset: builders.Dataset) -> _WindowTable:
-    records = _read(dataset.source, np.arange(dataset.num_users))
-    sequences = [np.asarray(record["item_seq"], np.int64) for record in records]
-    trains = [preprocess.split_train(seq) for seq in sequences]
-    train_lengths = np.array([len(t) for t in trains], np.int64)
-    seen = [np.unique(seq) for seq in sequences]
-    stride = dataset.num_items + 1
-    seen_keys = np.concatenate(
-        [np.zeros(0, np.int64)] + [user * stride + items for user, items in enumerate(seen)])
-    return cls(train_items=np.concatenate([np.zeros(0, np.int64)] + trains),
-               train_offsets=np.cumsum(train_lengths) - train_lengths,
-               seen_keys=seen_keys, num_seen=np.array([len(s) for s in seen], np.int64),
-               num_items=dataset.num_items)
-
-  def is_seen(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Elementwise ``items[i] in sequence of users[i]`` (broadcasting)."""
-    return _contains(self.seen_keys, users * (self.num_items + 1) + items)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-  """SplitMix64's finaliser: a bijective avalanche of uint64 words (wrapping)."""
-  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-  return x ^ (x >> np.uint64(31))
-
-
-def _hash_words(key: int, *words: np.ndarray) -> np.ndarray:
-  """uint64 hash of ``key`` and the broadcast ``words`` (chained mixing)."""
-  with np.errstate(over="ignore"):
-    h = np.full(np.broadcast_shapes(*(np.shape(w) for w in words)), key, np.uint64)
-    for word in words:
-      h = _mix64(h + np.asarray(word).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
-  return h
-
-
-def _window_negatives(table: _WindowTable, users: np.ndarray, indices: np.ndarray,
-                      shape: tuple[int, int], key: int) -> np.ndarray:
-  """Uniform negatives outside each user's sequence: int64 ``[len(users), *shape]``.
-
-  Draw ``a`` of slot ``s`` of example ``i`` is ``1 + hash(key, i, s, a) % N``,
-  redrawn (``a + 1``) while the user has seen it. Users with under
-  ``_REJECTION_MIN_ACCEPTANCE`` of the catalogue left, and the rare draw still
-  rejected after ``_MAX_HASH_ATTEMPTS``, pick from the explicit complement;
-  a user who has seen every item gets 0 (no negative).
-  """
-  slots = np.arange(math.prod(shape)).reshape(shape)
-  user_grid = np.broadcast_to(users[:, None, None], (len(users),) + shape)
-  index_grid = indices[:, None, None]
-  num_items = table.num_items
-  draws = np.zeros(user_grid.shape, np.int64)
-  sparse = table.num_seen[users] > (1 - _REJECTION_MIN_ACCEPTANCE) * num_items
-  pending = np.broadcast_to(~sparse[:, None, None], draws.shape).copy()
-  for attempt in range(_MAX_HASH_ATTEMPTS):
-    if not pending.any():
-      break
-    where = np.nonzero(pending)
-    hashed = _hash_words(key, index_grid[where[0], 0, 0], slots[where[1:]], attempt)
-    candidate = 1 + (hashed % np.uint64(num_items)).astype(np.int64)
-    accepted = ~table.is_seen(user_grid[where], candidate)
-    draws[tuple(w[accepted] for w in where)] = candidate[accepted]
-    pending[tuple(w[accepted] for w in where)] = False
-  pending |= sparse[:, None, None]
-  for row in np.unique(np.nonzero(pending)[0]):  # The explicit complement.
-    seen = table.seen_keys[np.searchsorted(table.seen_keys, users[row] * (num_items + 1)):]
-    seen = seen[:table.num_seen[users[row]]] - users[row] * (num_items + 1)
-    allowed = np.setdiff1d(np.arange(1, num_items + 1), seen, assume_unique=True)
-    if not len(allowed):
-      draws[row][pending[row]] = 0
-      continue
-    hashed = _hash_words(key, indices[row], slots[pending[row]], _MAX_HASH_ATTEMPTS)
-    draws[row][pending[row]] = allowed[(hashed % np.uint64(len(allowed))).astype(np.int64)]
-  return draws
-
-
-def _window_batch(indices: np.ndarray, *, rows: slice, table: _WindowTable, users: np.ndarray,
-                  starts: np.ndarray, max_len: int, num_targets: int, num_negatives: int,
-                  seed: int, epoch: int) -> dict[str, np.ndarray]:
+def _window_batch(indices: np.ndarray, *, rows: slice, table: negatives.WindowTable,
+                  users: np.ndarray, starts: np.ndarray, max_len: int, num_targets: int,
+                  num_negatives: int, seed: int, epoch: int) -> dict[str, np.ndarray]:
   """This process's rows of one global batch of window examples, all at once.
 
   Example ``i`` of user ``u`` starting at ``s`` has the inputs
@@ -585,9 +372,16 @@ def _window_batch(indices: np.ndarray, *, rows: slice, table: _WindowTable, user
   targets = table.train_items[first_target[:, None] + np.arange(num_targets)]
   key = int(np.random.SeedSequence(_entropy(seed, epoch, _WINDOW_SALT))
             .generate_state(1, np.uint64)[0])
-  negatives = _window_negatives(table, user, indices, (num_targets, num_negatives), key)
+  drawn = negatives.window_negatives(table, user, indices, (num_targets, num_negatives), key)
   return {"item_seq": item_seq.astype(np.int32), "targets": targets.astype(np.int32),
-          "negatives": negatives.astype(np.int32), "user": user.astype(np.int32)}
+          "negatives": drawn.astype(np.int32), "user": user.astype(np.int32)}
+
+
+def _window_table(dataset: builders.Dataset) -> negatives.WindowTable:
+  """The `negatives.WindowTable` of every user's sequence in ``dataset``."""
+  records = _read(dataset.source, np.arange(dataset.num_users))
+  return negatives.WindowTable.from_sequences(
+      [np.asarray(record["item_seq"], np.int64) for record in records], dataset.num_items)
 
 
 def _mask(rng: np.random.Generator, items: np.ndarray, mask_prob: float,
@@ -639,62 +433,6 @@ def _lengths(dataset: builders.Dataset) -> np.ndarray:
     return np.asarray(dataset.lengths, np.int64)
   return np.array([len(dataset.source[i]["item_seq"]) for i in range(dataset.num_users)],
                   np.int64)
-
-
-def _contains(sorted_items: np.ndarray, items: np.ndarray) -> np.ndarray:
-  """Elementwise ``items in sorted_items`` for a sorted 1-D array."""
-  if not len(sorted_items):
-    return np.zeros(items.shape, bool)
-  pos = np.minimum(np.searchsorted(sorted_items, items), len(sorted_items) - 1)
-  return sorted_items[pos] == items
-
-
-def _sample_uniform(rng: np.random.Generator, num_items: int, seen: np.ndarray,
-                    shape: tuple[int, ...]) -> np.ndarray:
-  """Items drawn uniformly from ``1..num_items`` minus sorted ``seen`` (0 if none)."""
-  seen = seen[seen > 0]
-  num_allowed = num_items - len(seen)
-  if num_allowed <= 0:
-    return np.zeros(shape, np.int64)
-  if num_allowed < _REJECTION_MIN_ACCEPTANCE * num_items:
-    allowed = np.setdiff1d(np.arange(1, num_items + 1), seen, assume_unique=True)
-    return allowed[rng.integers(0, len(allowed), size=shape)]
-  draws = rng.integers(1, num_items + 1, size=shape)
-  rejected = _contains(seen, draws)
-  while rejected.any():
-    draws[rejected] = rng.integers(1, num_items + 1, size=int(rejected.sum()))
-    rejected = _contains(seen, draws)
-  return draws
-
-
-def _sample_popular(rng: np.random.Generator, cdf: np.ndarray, seen: np.ndarray,
-                    shape: tuple[int, ...]) -> np.ndarray:
-  """Items drawn proportionally to ``diff(cdf)`` outside sorted ``seen``.
-
-  ``cdf`` is the cumulative training count over ids ``0..num_items`` (item 0
-  has count 0, so it is never drawn). Falls back to uniform sampling when the
-  allowed items were never trained on.
-  """
-  counts = np.diff(cdf, prepend=0.0)
-  seen = seen[seen > 0]
-  total = cdf[-1]
-  allowed_mass = total - counts[seen].sum()
-  if allowed_mass <= 0:
-    return _sample_uniform(rng, len(cdf) - 1, seen, shape)
-  if allowed_mass < _REJECTION_MIN_ACCEPTANCE * total:
-    probs = counts.copy()
-    probs[seen] = 0.0
-    return rng.choice(len(probs), size=shape, p=probs / probs.sum())
-
-  def draw(size):
-    return np.searchsorted(cdf, rng.random(size) * total, side="right")
-
-  draws = draw(shape)
-  rejected = _contains(seen, draws)
-  while rejected.any():
-    draws[rejected] = draw(int(rejected.sum()))
-    rejected = _contains(seen, draws)
-  return draws
 
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:

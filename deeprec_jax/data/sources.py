@@ -2,7 +2,8 @@
 
 Every reader returns an `Interactions`: numpy columns in the source's own
 (original) ids, one row per interaction, in file order. Turning them into
-per-user sequences is `preprocess.py`'s job.
+per-user sequences is `preprocess.py`'s job; picking the reader that
+`config.data` names is `builders.load_interactions`'.
 
 Bad input raises `DataFormatError`, whose message names the file, the 1-based
 line and what was expected there, e.g.::
@@ -22,7 +23,6 @@ import os
 import zipfile
 from collections.abc import Sequence
 
-import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -32,7 +32,7 @@ MOVIELENS_URLS = {
     "ml-1m": "https://files.grouplens.org/datasets/movielens/ml-1m.zip",
 }
 # The interactions file of each variant; its presence identifies the variant.
-_RATINGS_FILE = {"ml-100k": "u.data", "ml-1m": "ratings.dat"}
+RATINGS_FILE = {"ml-100k": "u.data", "ml-1m": "ratings.dat"}
 # Optional side files, read when present.
 _SIDE_FILES = {"ml-100k": ("u.item", "u.genre"), "ml-1m": ("movies.dat",)}
 # The 19 genre flags of ML-100K's u.item, in flag order; used when u.genre is
@@ -43,7 +43,6 @@ _ML100K_GENRES = (
     "Romance", "Sci-Fi", "Thriller", "War", "Western",
 )
 _INT64_MIN, _INT64_MAX = np.iinfo(np.int64).min, np.iinfo(np.int64).max
-_DATASET_NAMES = ("synthetic", "ml-100k", "ml-1m", "sasrec_text", "csv")
 
 
 class DataFormatError(ValueError):
@@ -234,8 +233,8 @@ def _read_movielens_files(
     (variant, {file name: (name for messages, contents)}) for the ratings file
     and whichever side files exist.
   """
-  variants = [variant] if variant else list(_RATINGS_FILE)
-  wanted = " or ".join(_RATINGS_FILE[v] for v in variants)
+  variants = [variant] if variant else list(RATINGS_FILE)
+  wanted = " or ".join(RATINGS_FILE[v] for v in variants)
   if not os.path.exists(path):
     raise DataFormatError(
         f"{path}: no such file or folder; expected an extracted MovieLens folder "
@@ -246,9 +245,9 @@ def _read_movielens_files(
     for v in variants:
       # download_and_extract returns the folder that holds ml-100k/ or ml-1m/.
       for folder in (path, os.path.join(path, v)):
-        if os.path.isfile(os.path.join(folder, _RATINGS_FILE[v])):
+        if os.path.isfile(os.path.join(folder, RATINGS_FILE[v])):
           files = {}
-          for file_name in (_RATINGS_FILE[v], *_SIDE_FILES[v]):
+          for file_name in (RATINGS_FILE[v], *_SIDE_FILES[v]):
             file_path = os.path.join(folder, file_name)
             if os.path.isfile(file_path):
               files[file_name] = (file_path, _read_bytes(file_path, file_name))
@@ -261,11 +260,11 @@ def _read_movielens_files(
     with zipfile.ZipFile(path) as archive:
       members = [m for m in archive.namelist() if not m.endswith("/")]
       for v in variants:
-        found = sorted((m for m in members if os.path.basename(m) == _RATINGS_FILE[v]), key=len)
+        found = sorted((m for m in members if os.path.basename(m) == RATINGS_FILE[v]), key=len)
         if found:
-          prefix = found[0][: -len(_RATINGS_FILE[v])]
+          prefix = found[0][: -len(RATINGS_FILE[v])]
           files = {}
-          for file_name in (_RATINGS_FILE[v], *_SIDE_FILES[v]):
+          for file_name in (RATINGS_FILE[v], *_SIDE_FILES[v]):
             if prefix + file_name in members:
               files[file_name] = (f"{path}/{prefix}{file_name}", archive.read(prefix + file_name))
           return v, files
@@ -274,10 +273,10 @@ def _read_movielens_files(
   # A ratings file given directly: its variant comes from its name (or the
   # caller), its side files from the same folder.
   base_name = os.path.basename(path)
-  named = [v for v in variants if _RATINGS_FILE[v] == base_name]
+  named = [v for v in variants if RATINGS_FILE[v] == base_name]
   if named or variant:
     v = named[0] if named else variant
-    files = {_RATINGS_FILE[v]: (path, _read_bytes(path, _RATINGS_FILE[v]))}
+    files = {RATINGS_FILE[v]: (path, _read_bytes(path, RATINGS_FILE[v]))}
     for file_name in _SIDE_FILES[v]:
       file_path = os.path.join(os.path.dirname(path), file_name)
       if os.path.isfile(file_path):
@@ -362,10 +361,10 @@ def read_movielens(path: str, variant: str | None = None) -> Interactions:
     ValueError: an unknown variant.
     DataFormatError: missing or unrecognised files, or a malformed line.
   """
-  if variant is not None and variant not in _RATINGS_FILE:
-    raise ValueError(f"variant must be None or one of {', '.join(_RATINGS_FILE)}; got {variant!r}")
+  if variant is not None and variant not in RATINGS_FILE:
+    raise ValueError(f"variant must be None or one of {', '.join(RATINGS_FILE)}; got {variant!r}")
   variant, files = _read_movielens_files(path, variant)
-  name, data = files[_RATINGS_FILE[variant]]
+  name, data = files[RATINGS_FILE[variant]]
   fields = ("user", "item", "rating", "timestamp")
   if variant == "ml-100k":
     user, item, rating, timestamp = _parse_table(data, name, fields, "iifi")
@@ -402,7 +401,7 @@ def download_movielens(variant: str, download_dir: str) -> str:
   url = MOVIELENS_URLS[variant]
   folder = os.path.join(download_dir, variant)
   zip_path = os.path.join(download_dir, f"{variant}.zip")
-  if os.path.isfile(os.path.join(folder, _RATINGS_FILE[variant])):
+  if os.path.isfile(os.path.join(folder, RATINGS_FILE[variant])):
     return folder
   if os.path.isfile(zip_path):
     return zip_path
@@ -413,7 +412,7 @@ def download_movielens(variant: str, download_dir: str) -> str:
     raise DownloadError(
         f"Could not download MovieLens {variant} from {url}: {e!r}. Download it by hand and "
         f"either put the zip at {zip_path} or unzip it so that "
-        f"{os.path.join(folder, _RATINGS_FILE[variant])} exists, then set data.path to that "
+        f"{os.path.join(folder, RATINGS_FILE[variant])} exists, then set data.path to that "
         "folder or zip.") from e
   # The zips hold one folder named after the variant.
   inner = os.path.join(extracted, variant)
@@ -530,52 +529,3 @@ def read_csv(
   timestamp = columns.get("timestamp", np.arange(len(rows), dtype=np.int64))
   return Interactions(
       user=columns["user"], item=columns["item"], timestamp=timestamp, rating=columns.get("rating"))
-
-
-# ----------------------------------------------------------------------------
-# Config dispatch.
-
-
-def load_interactions(data_config: ml_collections.ConfigDict) -> Interactions:
-  """Reads the raw interactions that `config.data` names.
-
-  Args:
-    data_config: the `config.data` block (see experiments/configs/default.py):
-      `name` picks the reader, `path` the file or folder; `synthetic.*` and
-      `csv.*` hold the generator's and the CSV reader's settings.
-
-  Returns:
-    The dataset's Interactions.
-
-  Raises:
-    ValueError: an unknown data.name, or no data.path where one is needed.
-    DataFormatError: missing or malformed files (for MovieLens, the message
-      says where to put them and how to download them).
-  """
-  # Imported here: synthetic builds on Interactions, defined in this module.
-  from deeprec_jax.data import synthetic
-
-  name, path = data_config.name, data_config.path
-  if name == "synthetic":
-    s = data_config.synthetic
-    return synthetic.generate(
-        num_users=s.num_users, num_items=s.num_items, num_clusters=s.num_clusters,
-        mean_length=s.mean_length, seed=s.seed)
-  if name not in _DATASET_NAMES:
-    raise ValueError(f"data.name={name!r} is unknown; expected one of {', '.join(_DATASET_NAMES)}.")
-  if name in MOVIELENS_URLS:
-    if not path or not os.path.exists(path):
-      raise DataFormatError(
-          f"data.path={path!r}: no such file or folder for {name}. Point data.path at the "
-          f"extracted folder (with {_RATINGS_FILE[name]}) or at {name}.zip from "
-          f"{MOVIELENS_URLS[name]}; sources.download_movielens({name!r}, download_dir) "
-          "downloads it and returns that path.")
-    return read_movielens(path, name)
-  if not path:
-    raise ValueError(f"data.path must name the input file for data.name={name!r}, got ''.")
-  if name == "sasrec_text":
-    return read_sasrec_text(path)
-  c = data_config.csv
-  return read_csv(
-      path, delimiter=c.delimiter, user_column=c.user_column, item_column=c.item_column,
-      time_column=c.time_column, rating_column=c.rating_column)
