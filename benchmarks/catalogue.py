@@ -119,7 +119,6 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
   def init_state():
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, max_len), jnp.int32))["params"]
-    params = sharding.pad_item_table(params, mesh)
     rng = jax.random.key_data(jax.random.key(1, impl=train.DROPOUT_RNG_IMPL))
     return dict(params=params, opt_state=tx.init(params), step=jnp.int32(0), rng=rng)
 
@@ -127,7 +126,6 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
   shardings = sharding.param_shardings(abstract, mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, shardings)
-  item_rows = num_items + 1
   row = dict(spec, params_mb=_per_device_bytes(abstract["params"]) / _MB,
              state_mb=_per_device_bytes(abstract) / _MB)
 
@@ -142,12 +140,11 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
       sampled_negatives=items(batch, 100), user=np.zeros((batch,), np.int32),
       weight=np.ones((batch,), np.float32)), mesh)
 
-  step = jax.jit(train.make_train_step(model, tx, loss="sampled_softmax", num_items=num_items,
-                                       item_rows=item_rows),
+  step = jax.jit(train.make_train_step(model, tx, loss="sampled_softmax", num_items=num_items),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   eval_fn = evaluate.make_eval_step(model, num_items, (10,))
-  eval_step = jax.jit(lambda params, b: eval_fn(sharding.unpad_item_table(params, item_rows), b),
+  eval_step = jax.jit(eval_fn,
                       in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
                       out_shardings=sharding.replicated(mesh))
   start = time.perf_counter()

@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks import harness, inputs
 from deeprec_jax import evaluate, losses, metrics, models, train
 from deeprec_jax.data import packing
-from deeprec_jax.models import layers, popularity, rnn
+from deeprec_jax.models import layers, popularity, rnn, validation
 from experiments.configs import bert4rec as bert4rec_config
 from experiments.configs import caser as caser_config
 from experiments.configs import popularity as popularity_config
@@ -134,7 +134,7 @@ def attention_kernels(quick: bool) -> list[Kernel]:
   lengths = ATTENTION_LENGTHS[:1] if quick else ATTENTION_LENGTHS
   return [attention_kernel(kind, width, dim, heads, causal, seq_len, backward)
           for width, dim, heads, causal in ATTENTION_WIDTHS
-          for kind in layers.ATTENTION_KINDS
+          for kind in validation.ATTENTION_KINDS
           for seq_len in lengths
           for backward in (False, True)]
 
@@ -200,7 +200,7 @@ def caser_kernels(quick: bool) -> list[Kernel]:
   model = models.create_model(config.model, num_items=inputs.ML1M_ITEMS,
                               num_users=inputs.ML1M_USERS, max_len=config.data.max_len)
   batch = inputs.window_batch(batch=config.train.batch_size, window=config.data.max_len,
-                              num_targets=config.model.num_targets, num_items=inputs.ML1M_ITEMS,
+                              num_targets=config.task.num_targets, num_items=inputs.ML1M_ITEMS,
                               num_users=inputs.ML1M_USERS)
   params = model.init(_rng(0), batch["item_seq"][:1], user=batch["user"][:1])
   apply = lambda p, seq, user: model.apply(p, seq, user=user)
@@ -259,12 +259,11 @@ def train_batch(model_name: str, config: ml_collections.ConfigDict, batch_size: 
   """A synthetic training batch of the model's task, packed as the Trainer packs it.
 
   With ``config.train.pack`` and a packable model (SASRec, BERT4Rec) the rows are packed
-  (``pipeline.pack_batch``) into the fewest rows that hold them, rounded up to
+  (``packing.pack_batch``) into the fewest rows that hold them, rounded up to
   a multiple of ``row_multiple`` (the Trainer's multiple of 8).
   """
   batch = _unpacked_train_batch(model_name, config, batch_size, seed)
-  if config.train.get("pack", False) and getattr(models.get_module(model_name), "PACKABLE",
-                                                 False):
+  if config.train.pack and models.spec(model_name).packs:
     needed = packing.pack_layout(np.count_nonzero(batch["item_seq"], axis=1),
                                  config.data.max_len)[2]
     batch = packing.pack_batch(batch, -(-needed // row_multiple) * row_multiple)
@@ -273,15 +272,15 @@ def train_batch(model_name: str, config: ml_collections.ConfigDict, batch_size: 
 
 def _unpacked_train_batch(model_name: str, config: ml_collections.ConfigDict, batch_size: int,
                           seed: int) -> dict[str, np.ndarray]:
-  task = models.task(model_name)
+  task = models.spec(model_name).task
   common = dict(num_items=inputs.ML1M_ITEMS, num_users=inputs.ML1M_USERS, seed=seed,
                 num_negatives=config.train.num_negatives)
   if task == "window":
     return inputs.window_batch(batch=batch_size, window=config.data.max_len,
-                               num_targets=config.model.num_targets, **common)
+                               num_targets=config.task.num_targets, **common)
   if task == "masked":
     return inputs.masked_batch(batch=batch_size, max_len=config.data.max_len,
-                               mask_prob=config.model.mask_prob, **common)
+                               mask_prob=config.task.mask_prob, **common)
   return inputs.autoregressive_batch(batch=batch_size, max_len=config.data.max_len, **common)
 
 
@@ -306,7 +305,7 @@ def init_state(model: nn.Module, tx: Any, batch: dict[str, np.ndarray],
                rng: jax.Array | None = None) -> dict[str, Any]:
   """Parameters, optimizer state, step and dropout key, as ``Trainer.init_state``."""
   params = model.init(_rng(0), jnp.asarray(batch["item_seq"][:1]),
-                      user=jnp.asarray(batch["user"][:1]), train=False)["params"]
+                      user=jnp.asarray(batch["user"][:1]))["params"]
   rng = train_rng() if rng is None else rng
   return dict(params=params, opt_state=tx.init(params), step=jnp.int32(0), rng=rng)
 
@@ -354,13 +353,13 @@ def _eval_setup(model_name: str, batch_size: int):
                             num_items=inputs.ML1M_ITEMS, num_users=inputs.ML1M_USERS,
                             exclude_width=EVAL_EXCLUDE_WIDTH,
                             num_sampled_negatives=config.eval.num_sampled_negatives,
-                            masked=models.task(model_name) == "masked")
+                            masked=models.spec(model_name).task == "masked")
   if model_name == "popularity":
     counts = np.random.default_rng(0).integers(0, 1000, size=inputs.ML1M_ITEMS + 1)
     params = popularity.fit_params(counts)
   else:
     params = model.init(_rng(0), jnp.asarray(batch["item_seq"][:1]),
-                        user=jnp.asarray(batch["user"][:1]), train=False)["params"]
+                        user=jnp.asarray(batch["user"][:1]))["params"]
   step = evaluate.make_eval_step(model, inputs.ML1M_ITEMS, tuple(config.eval.ks),
                                  exclude_history=config.eval.exclude_history)
   return config, step, params, batch
@@ -424,7 +423,7 @@ def _objective(model: nn.Module, config: ml_collections.ConfigDict, train_mode: 
 
   def objective(params, batch, rng):
     hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
-                         train=train_mode, rngs={"dropout": rng},
+                         deterministic=not train_mode, rngs={"dropout": rng},
                          **packing.packing_kwargs(batch))
     return loss_fn(hidden, models.item_table(params, inputs.ML1M_ITEMS), batch["targets"],
                    batch["negatives"])

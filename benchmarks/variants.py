@@ -13,7 +13,7 @@ changes is how the step is generated or compiled:
   blocks that skip the keys after them (``layers.query_blocks``; same
   outputs);
 * one user per row (``train.pack=False``) instead of the library's packed
-  rows (``pipeline.pack_batch``: about 80 rows instead of 128 at ML-1M's
+  rows (``packing.pack_batch``: about 80 rows instead of 128 at ML-1M's
   lengths; same loss);
 * ``previous_library``: all three of the above, i.e. the step as it was
   before those changes;
@@ -121,7 +121,7 @@ class Variant:
   prng_impl: str | None = None  # None: the library's train.DROPOUT_RNG_IMPL
   flax_dropout: bool = False  # flax.linen.Dropout instead of layers.Dropout
   one_query_block: bool = False  # causal attention without query blocks
-  pack: bool = True  # train.pack: several users per row (pipeline.pack_batch)
+  pack: bool = True  # train.pack: several users per row (packing.pack_batch)
   dtype: str = "float32"
   dropout_rate: float | None = None
   donate: bool = True

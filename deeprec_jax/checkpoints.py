@@ -13,8 +13,14 @@ checkpoints untouched; the unfinished directory is removed on the next start.
 import os
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
+
+from deeprec_jax import sharding
+from deeprec_jax.models import item_embedding
 
 
 def create_manager(workdir: str, *, keep: int, best_metric: str) -> ocp.CheckpointManager:
@@ -64,7 +70,73 @@ def restore_record(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any
             ) -> tuple[Any, dict[str, Any]]:
-  """Restores ``(state, record)`` at ``step`` with the shardings of ``abstract_state``."""
+  """Restores ``(state, record)`` at ``step`` with the shapes and shardings of ``abstract_state``.
+
+  Checkpoints written before the item table was padded once at creation hold
+  it (and its optimizer moments) with another row count: those are read as
+  saved and converted to today's rows (``_convert_item_tables``).
+  """
+  saved_rows = _saved_item_table_rows(manager, step)
+  rows = _item_table_rows(abstract_state)
+  if saved_rows is None or saved_rows == rows:
+    return _restore(manager, step, abstract_state)
+  logging.info("checkpoint %d holds a %d-row item table: converting it to %d rows", step,
+               saved_rows, rows)
+  state, record = _restore(manager, step, _with_item_table_rows(abstract_state, saved_rows))
+  return _convert_item_tables(state, abstract_state), record
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any
+             ) -> tuple[Any, dict[str, Any]]:
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
-  return restored["state"], dict(restored["record"])
+  record = dict(restored["record"])
+  record.pop("item_table_rows", None)  # Written by older code; the shapes say it now.
+  return restored["state"], record
+
+
+def _is_item_table(path: tuple[Any, ...]) -> bool:
+  names = tuple(getattr(key, "key", None) for key in path[-2:])
+  return names == item_embedding.ITEM_TABLE
+
+
+def _item_table_rows(abstract_state: Any) -> int:
+  table, param = item_embedding.ITEM_TABLE
+  return abstract_state["params"][table][param].shape[0]
+
+
+def _saved_item_table_rows(manager: ocp.CheckpointManager, step: int) -> int | None:
+  path = os.path.join(str(manager.directory), str(step), "state")
+  tree = ocp.StandardCheckpointer().metadata(path).item_metadata
+  table, param = item_embedding.ITEM_TABLE
+  try:
+    return int(tree["params"][table][param].shape[0])
+  except (KeyError, TypeError, AttributeError):
+    return None
+
+
+def _with_item_table_rows(abstract_state: Any, rows: int) -> Any:
+  """``abstract_state`` with every item-table leaf (table, moments) of ``rows`` rows, replicated."""
+  def rule(path, leaf):
+    if not _is_item_table(path) or len(leaf.shape) != 2:
+      return leaf
+    return jax.ShapeDtypeStruct((rows, leaf.shape[1]), leaf.dtype,
+                                sharding=sharding.replicated(leaf.sharding.mesh))
+
+  return jax.tree_util.tree_map_with_path(rule, abstract_state)
+
+
+def _convert_item_tables(state: Any, abstract_state: Any) -> Any:
+  """Cuts or zero-pads every item-table leaf to the rows of ``abstract_state``.
+
+  Rows past the model's real ones are zero in a table and in its moments
+  (they never get a gradient), so nothing is lost either way.
+  """
+  def rule(path, leaf, target):
+    if not _is_item_table(path) or len(target.shape) != 2:
+      return leaf
+    leaf = np.asarray(leaf.addressable_data(0))[: target.shape[0]]  # Replicated.
+    leaf = np.pad(leaf, ((0, target.shape[0] - leaf.shape[0]), (0, 0)))
+    return jax.device_put(leaf, target.sharding)
+
+  return jax.tree_util.tree_map_with_path(rule, state, abstract_state)

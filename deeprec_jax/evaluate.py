@@ -10,7 +10,7 @@ up on device over an iterable of batches and divides once at the end.
 The caller decides how ``eval_step`` is compiled: plain ``jax.jit`` on one
 device, or ``jax.jit`` with ``in_shardings``/``out_shardings`` for data
 parallelism (batch split on its first axis, the item table replicated or
-split by rows over the mesh's 'model' axis, see ``parallel``; the sums, and
+split by rows over the mesh's 'model' axis, see ``sharding``; the sums, and
 with a split table the rank counts, then become all-reduces inside the
 compiled step, and the ``[B, N + 1]`` scores stay split by item).
 """
@@ -50,7 +50,7 @@ def score_items(model: nn.Module, params: Any, num_items: int, item_seq: Array, 
   Returns:
     ``float32[B, N + 1]``.
   """
-  hidden = model.apply({"params": params}, item_seq, user=user, train=False, last_only=True)
+  hidden = model.apply({"params": params}, item_seq, user=user, last_only=True)
   if hidden.ndim == 3:
     hidden = hidden[:, -1]
   table = models.item_table(params, num_items)

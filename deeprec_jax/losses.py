@@ -252,8 +252,8 @@ def catalogue_logsumexp(hidden: Array, table: Array, active: Array | None = None
   which is where BERT4Rec's ~80% of unmasked positions go. The backward pass
   recomputes each block's logits from ``hidden``, ``table`` and the saved
   ``[B, L]`` log-normalisers instead of keeping them: plain autodiff of the
-  same expression writes and reads ``[B, L, N + 1]`` several times over and
-  was ~3x slower on a 2-core CPU (benchmarks/README.md).
+  same expression writes and reads ``[B, L, N + 1]`` several times over
+  (benchmarks/README.md compares the two).
 
   Args:
     hidden: ``float32[B, L, D]``.

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deeprec_jax import evaluate, sharding
+from deeprec_jax import evaluate
 from deeprec_jax.data import pipeline
 
 
@@ -82,8 +82,6 @@ def recommend(trainer: Any, params: Any, histories: Sequence[np.ndarray], *, top
 
   @jax.jit
   def top_items(params, item_seq, exclude, user):
-    # Checkpoints hold the item table padded to the mesh; the model wants its own rows.
-    params = sharding.unpad_item_table(params, trainer.item_rows)
     return evaluate.top_k(trainer.model, params, dataset.num_items, item_seq, exclude, top_k,
                           user=user, mesh=trainer.mesh)
 

@@ -15,13 +15,9 @@ rank counts over ``'model'``), so the train and eval steps are written as if
 for one device. With the default model axis of size 1 this is plain data
 parallelism with replicated parameters.
 
-A jitted function can only take or return arrays whose sharded axes divide
-evenly, and catalogue sizes are whatever the data says: so with a model axis
-of size ``m > 1`` the training state stores the item table padded with zero
-rows to a multiple of ``m`` (``pad_item_table``), and the steps slice the
-model's own rows back out (``unpad_item_table``) inside the compiled
-function, where XLA keeps the slice sharded. The padding rows get zero
-gradients, so they stay zero and never reach a score.
+The table is created with its rows rounded up to a multiple of
+``item_embedding.ROW_MULTIPLE``, so every model axis that divides that
+multiple splits it evenly and nothing here pads or cuts it.
 
 Multi-process runs (``initialize_distributed``): the mesh spans the devices
 of all processes, ``'model'`` innermost so that its collectives stay within a
@@ -35,16 +31,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from deeprec_jax.models import item_embedding
+
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
-# Path of the item embedding table inside params (and inside optimizer states
-# that mirror params, such as Adam's moments).
-ITEM_TABLE = ("item_embed", "embedding")
 
 
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
@@ -102,6 +96,10 @@ def make_mesh(num_devices: int = 0, model_parallel: int = 1) -> Mesh:
     raise ValueError(f"config key train.model_parallel={model_parallel} must be a positive "
                      f"divisor of the {len(devices)} devices in the mesh "
                      f"(train.num_devices={num_devices}, 0 = all).")
+  if item_embedding.ROW_MULTIPLE % model_parallel:
+    raise ValueError(f"config key train.model_parallel={model_parallel} must divide "
+                     f"{item_embedding.ROW_MULTIPLE}, the multiple the item table's rows "
+                     "are padded to (models/item_embedding.py).")
   shape = (len(devices) // model_parallel, model_parallel)
   # jax.make_mesh orders devices for the physical topology (TPU rings, GPUs by
   # id); process-major on CPU and GPU, so 'model' stays within a process.
@@ -125,8 +123,9 @@ def item_table_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def _is_item_table(path: tuple[Any, ...], leaf: Any) -> bool:
-  names = tuple(getattr(key, "key", None) for key in path[-len(ITEM_TABLE):])
-  return names == ITEM_TABLE and len(np.shape(leaf)) == 2
+  table_path = item_embedding.ITEM_TABLE
+  names = tuple(getattr(key, "key", None) for key in path[-len(table_path):])
+  return names == table_path and len(np.shape(leaf)) == 2
 
 
 def param_shardings(tree: Any, mesh: Mesh) -> Any:
@@ -155,81 +154,6 @@ def shard(tree: Any, mesh: Mesh) -> Any:
   Every process must pass the same values (true of a seeded init).
   """
   return jax.device_put(tree, param_shardings(tree, mesh))
-
-
-def _with_item_table(params: Any, table: Any) -> Any:
-  item_embed = dict(params[ITEM_TABLE[0]])
-  item_embed[ITEM_TABLE[1]] = table
-  return {**params, ITEM_TABLE[0]: item_embed}
-
-
-def pad_item_table(params: Any, mesh: Mesh) -> Any:
-  """Appends zero rows to the item table until ``'model'`` splits it evenly.
-
-  A no-op when the model axis has size 1 or the rows already divide.
-
-  Args:
-    params: model parameters with ``['item_embed']['embedding']``.
-    mesh: from ``make_mesh``.
-
-  Returns:
-    ``params`` with a table of ``ceil(rows / m) * m`` rows (m = model axis size).
-  """
-  table = params[ITEM_TABLE[0]][ITEM_TABLE[1]]
-  padding = padded_rows(table.shape[0], mesh) - table.shape[0]
-  if not padding:
-    return params
-  return _with_item_table(params, jnp.pad(table, ((0, padding), (0, 0))))
-
-
-def padded_rows(rows: int, mesh: Mesh) -> int:
-  """Rows of an item table of ``rows`` rows once padded for ``mesh`` (``pad_item_table``)."""
-  return -(-rows // mesh.shape[MODEL_AXIS]) * mesh.shape[MODEL_AXIS]
-
-
-def with_item_table_rows(abstract_tree: Any, rows: int, mesh: Mesh) -> Any:
-  """``abstract_tree`` with every item-table leaf (table, moments) of ``rows`` rows.
-
-  Those leaves are replicated: a checkpoint written under another ``'model'``
-  axis may hold a row count that this mesh cannot split.
-  """
-  def rule(path, leaf):
-    if not _is_item_table(path, leaf):
-      return leaf
-    return jax.ShapeDtypeStruct((rows,) + tuple(leaf.shape[1:]), leaf.dtype,
-                                sharding=replicated(mesh))
-
-  return jax.tree_util.tree_map_with_path(rule, abstract_tree)
-
-
-def repad_item_tables(tree: Any, rows: int, mesh: Mesh) -> Any:
-  """Cuts every item-table leaf to its ``rows`` real rows and pads it again for ``mesh``.
-
-  The padding rows are zero in the table and in its moments (their gradient
-  is zero), so nothing is lost; the result is placed by ``param_shardings``.
-  """
-  target = padded_rows(rows, mesh)
-
-  def rule(path, leaf):
-    if not _is_item_table(path, leaf):
-      return leaf
-    leaf = jax.device_get(leaf)[:rows]
-    return np.pad(leaf, ((0, target - rows), (0, 0)))
-
-  return shard(jax.tree_util.tree_map_with_path(rule, tree), mesh)
-
-
-def unpad_item_table(params: Any, rows: int) -> Any:
-  """The model's own view of ``params``: the first ``rows`` rows of the item table.
-
-  Call it inside the jitted step (XLA keeps the slice sharded; outside jit
-  the result would be gathered onto every device). A no-op when the table
-  already has ``rows`` rows.
-  """
-  table = params[ITEM_TABLE[0]][ITEM_TABLE[1]]
-  if table.shape[0] == rows:
-    return params
-  return _with_item_table(params, table[:rows])
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, key: str) -> None:

@@ -22,9 +22,9 @@ import optax
 from absl import logging
 from flax import linen as nn
 
-from deeprec_jax import checkpoints, evaluate, losses, models, sharding, writers
+from deeprec_jax import checkpoints, evaluate, losses, models, run_config, sharding, writers
 from deeprec_jax.data import builders, packing, pipeline
-from deeprec_jax.models import popularity
+from deeprec_jax.models import validation
 
 State = dict[str, Any]  # {'params', 'opt_state', 'step', 'rng'}
 OPTIMIZERS = ("adam", "adamw")
@@ -36,9 +36,6 @@ SCHEDULES = ("constant", "cosine")
 # Evaluation batches are built once per split and kept (host memory) up to this
 # many users: ~1.3 s of host work per ML-1M pass, ~60 MB.
 _CACHED_EVAL_USERS = 200_000
-# Checkpoint record key: rows of the saved (padded) item table, so that a run
-# can resume or be evaluated under another train.model_parallel.
-_TABLE_ROWS_KEY = "item_table_rows"
 
 
 def learning_rate_schedule(train_config: ml_collections.ConfigDict,
@@ -92,14 +89,11 @@ def create_optimizer(train_config: ml_collections.ConfigDict,
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
-                    num_items: int, item_rows: int | None = None
-                    ) -> Callable[[State, dict], tuple[State, dict]]:
+                    num_items: int) -> Callable[[State, dict], tuple[State, dict]]:
   """Returns ``train_step(state, batch) -> (state, {'loss': ...})``.
 
   Dropout's RNG is ``fold_in(state['rng'], step)``, computed inside the step,
   so it depends on the step alone, not on how the run was split or resumed.
-  ``item_rows`` is the number of rows of the model's own item table when the
-  state keeps it padded for sharding (``sharding.pad_item_table``).
   """
   loss_fn = losses.loss_fn(loss)
 
@@ -108,10 +102,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss:
         jax.random.wrap_key_data(state["rng"], impl=DROPOUT_RNG_IMPL), state["step"])
 
     def objective(params):
-      if item_rows is not None:
-        params = sharding.unpad_item_table(params, item_rows)
       hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
-                           train=True, rngs={"dropout": dropout_rng},
+                           deterministic=False, rngs={"dropout": dropout_rng},
                            **packing.packing_kwargs(batch))
       return loss_fn(hidden, models.item_table(params, num_items), batch["targets"],
                      batch["negatives"])
@@ -137,58 +129,43 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, dataset: builders.Dataset):
     self.config = config
     self.dataset = dataset
-    self.task = models.task(config.model.name)
+    self.spec = models.spec(config.model.name)
+    self.task = self.spec.task
     self.model = models.create_model(config.model, num_items=dataset.num_items,
                                      num_users=dataset.num_users, max_len=config.data.max_len)
-    # .get: configs saved before the 'model' axis existed have no such key.
-    self.mesh = sharding.make_mesh(config.train.num_devices,
-                                   config.train.get("model_parallel", 1))
-    self.num_targets = config.model.get("num_targets", 1)
-    self.mask_prob = config.model.get("mask_prob", 0.2)
+    validation.validate_task(config.task)
+    self.mesh = sharding.make_mesh(config.train.num_devices, config.train.model_parallel)
     self._eval_cache: dict[str, list[dict[str, np.ndarray]]] = {}
-    # Several users per row (pipeline.pack_batch) where the model supports it.
-    self.pack = bool(config.train.get("pack", False)
-                     and getattr(models.get_module(config.model.name), "PACKABLE", False))
+    # Several users per row (packing.pack_batch) where the model supports it.
+    self.pack = bool(config.train.pack and self.spec.packs)
     if self.is_trainable:
       sharding.check_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
       self.steps_per_epoch = pipeline.steps_per_epoch(
           dataset, task=self.task, global_batch_size=config.train.batch_size,
-          max_len=config.data.max_len, num_targets=self.num_targets)
+          max_len=config.data.max_len, num_targets=config.task.num_targets)
       self.total_steps = config.train.num_steps or self.steps_per_epoch * config.train.num_epochs
     else:
       self.steps_per_epoch, self.total_steps = 1, 0
     sharding.check_batch_size(config.eval.batch_size, self.mesh, "eval.batch_size")
     self.tx = create_optimizer(config.train, max(self.total_steps, 1))
-    # Rows of the model's own item table; the state's copy may be padded.
-    self.item_rows = jax.eval_shape(self._init_params, jax.random.PRNGKey(0))[
-        "item_embed"]["embedding"].shape[0]
     eval_step = evaluate.make_eval_step(self.model, dataset.num_items, tuple(config.eval.ks),
                                         exclude_history=config.eval.exclude_history)
     self._eval_step = jax.jit(
-        lambda params, batch: eval_step(sharding.unpad_item_table(params, self.item_rows),
-                                        batch),
+        eval_step,
         # None: params keep the shardings they come with (state or restored).
         in_shardings=(None, sharding.batch_sharding(self.mesh)),
         out_shardings=sharding.replicated(self.mesh))
 
   @property
-  def table_rows(self) -> int:
-    """Rows of the item table in the train state: ``item_rows`` padded for the mesh."""
-    return sharding.padded_rows(self.item_rows, self.mesh)
-
-  @property
   def is_trainable(self) -> bool:
-    return self.config.model.name != "popularity"
+    return self.spec.trainable
 
   def _init_params(self, rng: jax.Array) -> Any:
     item_seq = jnp.zeros((1, self.config.data.max_len), jnp.int32)
-    return self.model.init(rng, item_seq, user=jnp.zeros((1,), jnp.int32), train=False)["params"]
+    return self.model.init(rng, item_seq, user=jnp.zeros((1,), jnp.int32))["params"]
 
   def init_state(self) -> State:
-    """Fresh parameters and optimizer state, placed by ``sharding.param_shardings``.
-
-    The item table is padded to split evenly over the mesh's 'model' axis.
-    """
+    """Fresh (or fitted) parameters and optimizer state, placed by ``sharding.param_shardings``."""
     init_rng, train_seed = jax.random.split(jax.random.PRNGKey(self.config.seed))
     # Raw key data (uint32), so that Orbax saves it like any other array.
     train_rng = jax.random.key_data(jax.random.key(
@@ -196,8 +173,7 @@ class Trainer:
     if self.is_trainable:
       params = self._init_params(init_rng)
     else:
-      params = popularity.fit_params(pipeline.train_item_counts(self.dataset))
-    params = sharding.pad_item_table(params, self.mesh)
+      params = self.spec.fit(pipeline.train_item_counts(self.dataset))
     state = dict(params=params, opt_state=self.tx.init(params), step=jnp.int32(0),
                  rng=train_rng)
     return sharding.shard(state, self.mesh)
@@ -211,8 +187,8 @@ class Trainer:
         self.dataset, task=self.task, max_len=self.config.data.max_len,
         global_batch_size=self.config.train.batch_size,
         num_negatives=self.config.train.num_negatives,
-        seed=self.config.seed, epoch=epoch, num_targets=self.num_targets,
-        mask_prob=self.mask_prob, pack_row_multiple=pack_row_multiple,
+        seed=self.config.seed, epoch=epoch, num_targets=self.config.task.num_targets,
+        mask_prob=self.config.task.mask_prob, pack_row_multiple=pack_row_multiple,
         process_index=block, process_count=num_blocks)
 
   def evaluate(self, params: Any, split: str) -> dict[str, float]:
@@ -233,8 +209,7 @@ class Trainer:
         batch_size=self.config.eval.batch_size // num_blocks,
         num_sampled_negatives=self.config.eval.num_sampled_negatives,
         sampling=self.config.eval.sampling, seed=self.config.seed,
-        # Configs saved before this key: the default (the metrics do not depend on it).
-        length_buckets=self.config.eval.get("length_buckets", 4),
+        length_buckets=self.config.eval.length_buckets,
         process_index=block, process_count=num_blocks)
 
 
@@ -245,24 +220,8 @@ def _abstract(state: State) -> State:
 
 
 def restore_state(trainer: Trainer, manager, step: int) -> tuple[State, dict[str, Any]]:
-  """Restores ``(state, record)`` at ``step`` in ``trainer``'s layout.
-
-  The item table (and its optimizer moments) is padded to the 'model' axis it
-  was trained with; the record says how many rows it was saved with
-  (``item_table_rows``), and a checkpoint from another ``train.model_parallel``
-  is cut to its real rows and padded again for this mesh. Records written
-  before that key are taken to match.
-  """
-  abstract = _abstract(trainer.init_state())
-  saved_rows = checkpoints.restore_record(manager, step).get(_TABLE_ROWS_KEY)
-  if saved_rows is None or saved_rows == trainer.table_rows:
-    return checkpoints.restore(manager, step, abstract)
-  logging.info("checkpoint %d holds a %d-row item table; re-padding it to %d rows for "
-               "train.model_parallel=%d", step, saved_rows, trainer.table_rows,
-               trainer.mesh.shape[sharding.MODEL_AXIS])
-  state, record = checkpoints.restore(
-      manager, step, sharding.with_item_table_rows(abstract, saved_rows, trainer.mesh))
-  return sharding.repad_item_tables(state, trainer.item_rows, trainer.mesh), record
+  """Restores ``(state, record)`` at ``step`` in ``trainer``'s layout and shardings."""
+  return checkpoints.restore(manager, step, _abstract(trainer.init_state()))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -291,7 +250,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if manager.latest_step() is not None:
     state, record = restore_state(trainer, manager, manager.latest_step())
     logging.info("resumed from step %d in %s", int(state["step"]), workdir)
-  record[_TABLE_ROWS_KEY] = trainer.table_rows  # How the saves below lay the table out.
 
   try:
     if trainer.is_trainable:
@@ -313,7 +271,7 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
   state_shardings = sharding.param_shardings(state, trainer.mesh)
   train_step = jax.jit(
       make_train_step(trainer.model, trainer.tx, loss=config.loss,
-                      num_items=trainer.dataset.num_items, item_rows=trainer.item_rows),
+                      num_items=trainer.dataset.num_items),
       in_shardings=(state_shardings, sharding.batch_sharding(trainer.mesh)),
       out_shardings=(state_shardings, sharding.replicated(trainer.mesh)), donate_argnums=0)
   all_finite = jax.jit(_all_finite)
@@ -405,13 +363,11 @@ def _fit_to_devices(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   """``config`` with a mesh this machine can build, to evaluate a run trained elsewhere.
 
   A run trained on 8 devices with ``train.model_parallel=2`` evaluates on a
-  1-device machine with ``num_devices=0`` (all) and ``model_parallel=1``; the
-  checkpoint is re-padded on restore (``restore_state``). The metrics do not
-  depend on the mesh.
+  1-device machine with ``num_devices=0`` (all) and ``model_parallel=1``. The
+  metrics do not depend on the mesh.
   """
   devices = jax.device_count()
-  num_devices = config.train.get("num_devices", 0)
-  model_parallel = config.train.get("model_parallel", 1)
+  num_devices, model_parallel = config.train.num_devices, config.train.model_parallel
   fits = num_devices <= devices and (num_devices or devices) % model_parallel == 0
   fits = fits and config.eval.batch_size % ((num_devices or devices) // model_parallel) == 0
   if fits:
@@ -430,22 +386,14 @@ def load_trained(workdir: str, config: ml_collections.ConfigDict | None = None
 
   Args:
     workdir: a directory written by ``train_and_evaluate``.
-    config: the run's config; by default read back from ``workdir/config.json``.
+    config: the run's config; by default read back from ``workdir/config.json``
+      (``run_config.load``).
 
   Returns:
     ``(trainer, params, step)`` of the best checkpoint (the latest if no
-    checkpoint recorded metrics). ``params`` are laid out as in training:
-    with ``train.model_parallel > 1`` the item table may end in zero rows;
-    ``sharding.unpad_item_table(params, trainer.item_rows)`` inside a jitted
-    function gives the model's own shapes.
+    checkpoint recorded metrics), params sharded as in training.
   """
-  if config is None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by "
-                              "experiments.train.")
-    with open(path, encoding="utf-8") as f:
-      config = ml_collections.ConfigDict(json.load(f))
+  config = run_config.load(workdir) if config is None else run_config.upgrade_config(config)
   manager = checkpoints.create_manager(workdir, keep=config.train.keep_checkpoints,
                                        best_metric=config.train.best_metric)
   step = manager.best_step()

@@ -18,7 +18,7 @@ import pytest
 
 from deeprec_jax import models
 from deeprec_jax.data import packing
-from deeprec_jax.models import bert4rec, layers, sasrec
+from deeprec_jax.models import bert4rec, item_embedding, layers, sasrec, validation
 from experiments.configs import default as default_config
 
 NUM_ITEMS = 13
@@ -336,10 +336,11 @@ def _expected_param_count(name, attention, positional, n, d, max_len, blocks):
   block = 2 * layer_norm + att + 2 * dense
   pos = max_len * d if positional else 0
   if name == "sasrec":
-    # item (N+1)d + pos Ld + blocks + final LN.
-    return (n + 1) * d + pos + blocks * block + layer_norm
+    # item (N+1)d (stored padded to table_rows) + pos Ld + blocks + final LN.
+    return item_embedding.table_rows(n + 1) * d + pos + blocks * block + layer_norm
   # item (N+2)d (mask token) + pos + embedding LN + blocks + final LN + head (dense + LN).
-  return (n + 2) * d + pos + layer_norm + blocks * block + layer_norm + dense + layer_norm
+  return (item_embedding.table_rows(n + 2) * d + pos + layer_norm + blocks * block
+          + layer_norm + dense + layer_norm)
 
 
 @pytest.mark.parametrize("positional", [True, False])
@@ -360,10 +361,8 @@ def test_registry_shapes_and_item_table(name):
   config.model.name = name
   config.model.dim = DIM
   config.model.num_heads = 2
-  if name == "bert4rec":
-    config.model.mask_prob = 0.2
   model = models.create_model(config.model, num_items=NUM_ITEMS, num_users=5, max_len=10)
-  assert models.task(name) == MODELS[name].TASK
+  assert models.spec(name).task == {"sasrec": "autoregressive", "bert4rec": "masked"}[name]
   seq = _left_padded([6, 4, 2], 6, seed=8)  # seq_len 6 < max_len 10
   if name == "bert4rec":
     seq[:, -1] = NUM_ITEMS + 1  # the mask token is a valid input
@@ -380,11 +379,20 @@ _BAD_FIELDS = [("attention", "multiplicative"), ("dtype", "float16"), ("num_head
 
 
 @pytest.mark.parametrize("name,field,value",
-                         [(name, *bad) for name in sorted(MODELS) for bad in _BAD_FIELDS]
-                         + [("bert4rec", "mask_prob", 0.0)])
+                         [(name, *bad) for name in sorted(MODELS) for bad in _BAD_FIELDS])
 def test_bad_fields_raise(name, field, value):
   with pytest.raises(ValueError, match=rf"model\.{field}"):
     _model(name, **{field: value})
+
+
+@pytest.mark.parametrize("field,value", [("mask_prob", 0.0), ("mask_prob", 1.0),
+                                         ("num_targets", 0)])
+def test_bad_task_fields_raise(field, value):
+  """The pipeline's settings (config.task) are checked where the trainer reads them."""
+  config = default_config.get_config()
+  config.task[field] = value
+  with pytest.raises(ValueError, match=rf"task\.{field}"):
+    validation.validate_task(config.task)
 
 
 def test_too_long_sequence_raises():
@@ -416,7 +424,7 @@ def test_jit_grad(name, attention, dtype):
   @jax.jit(compiler_options={"xla_backend_optimization_level": 0})
   def loss_and_grad(params, rng):
     def loss_fn(params):
-      hidden = model.apply({"params": params}, seq, train=True, rngs={"dropout": rng})
+      hidden = model.apply({"params": params}, seq, deterministic=False, rngs={"dropout": rng})
       logits = hidden @ models.item_table(params, NUM_ITEMS).T
       logp = jax.nn.log_softmax(logits)
       nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from deeprec_jax import evaluate, recommend, sharding, train
+from deeprec_jax import evaluate, recommend, train
 from deeprec_jax.data import pipeline
 from experiments.configs import tiny
 
@@ -109,9 +109,8 @@ def test_recommend_passes_user_ids_to_caser():
   for user, top in zip((0, 1), tops, strict=True):
     item_seq = pipeline.eval_input(history, task=trainer.task, max_len=config.data.max_len,
                                    num_items=trainer.dataset.num_items)[None]
-    model_params = sharding.unpad_item_table(params, trainer.item_rows)
     scores = np.array(jax.device_get(evaluate.score_items(
-        trainer.model, model_params, trainer.dataset.num_items, item_seq,
+        trainer.model, params, trainer.dataset.num_items, item_seq,
         user=np.array([user], np.int32))))[0]
     scores[0] = -np.inf
     expected = np.argsort(-scores, kind="stable")[:3]

@@ -22,8 +22,8 @@ class MeanPool(nn.Module):
   num_items: int
 
   @nn.compact
-  def __call__(self, item_seq, *, user=None, train=False, last_only=False):
-    del user, train, last_only  # [B, D] already
+  def __call__(self, item_seq, *, deterministic=True, user=None, last_only=False):
+    del user, deterministic, last_only  # [B, D] already
     # One extra row, like BERT4Rec's mask token: item_table must drop it.
     x = nn.Embed(self.num_items + 2, DIM, name="item_embed")(item_seq)
     mask = (item_seq > 0)[..., None]
@@ -39,8 +39,8 @@ class LastItem(nn.Module):
   num_items: int
 
   @nn.compact
-  def __call__(self, item_seq, *, user=None, train=False, last_only=False):
-    del user, train
+  def __call__(self, item_seq, *, deterministic=True, user=None, last_only=False):
+    del user, deterministic
     hidden = nn.Embed(self.num_items + 1, DIM, name="item_embed")(item_seq)
     return hidden[:, -1:] if last_only else hidden
 
@@ -234,7 +234,7 @@ def test_length_buckets_give_the_same_metrics(name):
   params = model.init(jax.random.key(0), jnp.ones((1, max_len), jnp.int32),
                       user=jnp.zeros((1,), jnp.int32))["params"]
   step = jax.jit(evaluate.make_eval_step(model, N, KS))
-  task = models.task(name)
+  task = models.spec(name).task
   results = []
   for buckets in (1, 3):
     batches = list(pipeline.eval_batches(dataset, split="test", task=task, max_len=max_len,

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deeprec_jax.models import caser, popularity, rnn
+from deeprec_jax import models
+from deeprec_jax.models import caser, item_embedding, popularity, rnn
 
 RTOL = 1e-5  # float32 model vs float64 reference, relative to the largest value
 
@@ -144,7 +145,7 @@ def rnn_param_count(cell: str, num_items: int, dim: int, num_layers: int) -> int
       # flax GRUCell: 3 input [d, d] + 3 biases d + 3 recurrent [d, d] + b_hn d
       "gru": 6 * dim * dim + 4 * dim,
   }[cell]
-  return (num_items + 1) * dim + num_layers * per_layer
+  return item_embedding.table_rows(num_items + 1) * dim + num_layers * per_layer
 
 
 @pytest.mark.parametrize("cell", rnn.CELLS)
@@ -186,10 +187,10 @@ def test_rnn_jit_grad_no_nan_float32_and_bfloat16(cell):
     params = init_params(model, seq)
 
     def loss_fn(params, model=model):
-      hidden = model.apply({"params": params}, seq, train=True,
+      hidden = model.apply({"params": params}, seq, deterministic=False,
                            rngs={"dropout": jax.random.key(1)})
       # Scored against real items only, as a ranker masks the padding row.
-      scores = hidden @ params["item_embed"]["embedding"][1:].T  # [B, L, N]
+      scores = hidden @ models.item_table(params, NUM_ITEMS)[1:].T  # [B, L, N]
       return jax.nn.logsumexp(scores, axis=-1).mean(), hidden
 
     # jit outside grad: one compiled program for forward and backward.
@@ -247,7 +248,7 @@ def caser_reference(params, item_seq, user, *, act_conv="relu", act_fc="relu"):
 
 def caser_param_count(num_items, num_users, length, dim, num_h, num_v) -> int:
   """Hand formula for Caser's parameters."""
-  embeddings = (num_items + 1) * dim + num_users * dim
+  embeddings = item_embedding.table_rows(num_items + 1) * dim + num_users * dim
   horizontal = num_h * dim * length * (length + 1) // 2 + num_h * length  # sum_h h*d*n_h + biases
   vertical = (length * num_v + num_v) if num_v else 0
   fc = (num_h * length + num_v * dim) * dim + dim
@@ -320,9 +321,10 @@ def test_caser_jit_grad_no_nan_float32_and_bfloat16():
     params = init_params(model, CASER_SEQ, user=CASER_USER)
 
     def loss_fn(params, model=model):
-      hidden = model.apply({"params": params}, CASER_SEQ, user=CASER_USER, train=True,
+      hidden = model.apply({"params": params}, CASER_SEQ, user=CASER_USER, deterministic=False,
                            rngs={"dropout": jax.random.key(1)})
-      return jax.nn.logsumexp(hidden @ params["item_embed"]["embedding"].T, -1).mean(), hidden
+      table = models.item_table(params, CASER_ITEMS)
+      return jax.nn.logsumexp(hidden @ table.T, -1).mean(), hidden
 
     # jit outside grad: one compiled program for forward and backward.
     (loss, hidden), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
@@ -354,12 +356,14 @@ def test_popularity_ranks_by_count_then_id():
   counts[[5, 9]] = [10**7 + 1, 10**7]  # float32 cannot tell their log1p apart
   counts[0] = 0
   params = popularity.fit_params(counts)
-  table = params["item_embed"]["embedding"]
-  assert table.shape == (301, 1) and table.dtype == np.float32
+  stored = params["item_embed"]["embedding"]
+  assert stored.shape == (item_embedding.table_rows(301), 1) and stored.dtype == np.float32
+  np.testing.assert_array_equal(stored[301:], 0.0)  # the table's padding rows
+  table = np.asarray(models.item_table(params, 300))
 
   model = popularity.Model(num_items=300, num_users=2, max_len=3)
   seq = jnp.array([[0, 4, 7]], jnp.int32)
-  assert count_params(init_params(model, seq)) == 301  # (N + 1) * 1
+  assert count_params(init_params(model, seq)) == item_embedding.table_rows(301)  # N + 1, padded
   hidden = model.apply({"params": params}, seq)
   assert hidden.shape == (1, 3, 1)
   scores = np.asarray(hidden[0, -1] @ jnp.asarray(table).T)  # scored as every model is

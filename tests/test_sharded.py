@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from deeprec_jax import evaluate, losses, metrics, models, sharding, train
+from deeprec_jax.models import item_embedding
 from experiments.configs import tiny
 
 
@@ -35,10 +36,13 @@ def _gathered_shapes(hlo: str) -> list[list[int]]:
   return shapes
 
 
+def _real_rows(trainer: train.Trainer) -> int:
+  return trainer.dataset.num_items + 1  # Padding row 0 and items 1..N (SASRec).
+
+
 def _assert_table_never_gathered(hlo: str, trainer: train.Trainer) -> None:
   """No all-gather yields an array with the table's rows (the table, or all scores)."""
-  split = trainer.mesh.shape[sharding.MODEL_AXIS]
-  rows = {trainer.item_rows, trainer.dataset.num_items + 1, -(-trainer.item_rows // split) * split}
+  rows = {_real_rows(trainer), item_embedding.table_rows(_real_rows(trainer))}
   for shape in _gathered_shapes(hlo):
     assert not rows & set(shape), f"all-gather of shape {shape} (table rows {rows})"
 
@@ -47,9 +51,9 @@ def test_only_the_item_table_and_its_moments_are_split():
   trainer = _trainer(model_parallel=4)
   state = trainer.init_state()
   table = state["params"]["item_embed"]["embedding"]
-  assert trainer.item_rows == trainer.dataset.num_items + 1
-  assert table.shape[0] % 4 == 0 and table.shape[0] - trainer.item_rows < 4
-  np.testing.assert_array_equal(jax.device_get(table)[trainer.item_rows:], 0.0)
+  assert table.shape[0] == item_embedding.table_rows(_real_rows(trainer))
+  assert table.shape[0] % 4 == 0 and table.shape[0] - _real_rows(trainer) < 128
+  np.testing.assert_array_equal(jax.device_get(table)[_real_rows(trainer):], 0.0)
 
   split = PartitionSpec(sharding.MODEL_AXIS, None)
   specs = jax.tree_util.tree_flatten_with_path(
@@ -80,7 +84,6 @@ def test_loss_and_gradients_match_unsharded(loss):
 
     def loss_and_grads(params, batch, trainer=trainer, num_items=num_items):
       def objective(params):
-        params = sharding.unpad_item_table(params, trainer.item_rows)
         hidden = trainer.model.apply({"params": params}, batch["item_seq"], user=batch["user"])
         return losses.compute(loss, hidden, models.item_table(params, num_items),
                               batch["targets"], batch["negatives"])
@@ -95,8 +98,7 @@ def test_loss_and_gradients_match_unsharded(loss):
       _assert_table_never_gathered(compiled.as_text(), trainer)
     value, grads = jax.device_get(compiled(state["params"], batch))
     table = grads["item_embed"]["embedding"]
-    np.testing.assert_array_equal(table[trainer.item_rows:], 0.0)  # Padding rows.
-    grads["item_embed"]["embedding"] = table[:trainer.item_rows]
+    np.testing.assert_array_equal(table[_real_rows(trainer):], 0.0)  # Padding rows.
     outputs.append((value, grads))
   (value_1, grads_1), (value_2, grads_2) = outputs
   np.testing.assert_allclose(value_2, value_1, rtol=1e-5)
@@ -111,15 +113,14 @@ def test_train_step_and_evaluation_match_unsharded():
     state = trainer.init_state()
     shardings = sharding.param_shardings(state, trainer.mesh)
     step = jax.jit(train.make_train_step(trainer.model, trainer.tx, loss="bce",
-                                         num_items=trainer.dataset.num_items,
-                                         item_rows=trainer.item_rows),
+                                         num_items=trainer.dataset.num_items),
                    in_shardings=(shardings, sharding.batch_sharding(trainer.mesh)),
                    out_shardings=(shardings, sharding.replicated(trainer.mesh)))
     batch = sharding.to_global(trainer.train_batches(epoch=0)[0], trainer.mesh)
     state, _ = step(state, batch)
     table = jax.device_get(state["params"]["item_embed"]["embedding"])
-    np.testing.assert_array_equal(table[trainer.item_rows:], 0.0)  # Still zero.
-    params.append(jax.device_get(sharding.unpad_item_table(state["params"], trainer.item_rows)))
+    np.testing.assert_array_equal(table[_real_rows(trainer):], 0.0)  # Still zero.
+    params.append(jax.device_get(state["params"]))
     results.append(trainer.evaluate(state["params"], "valid"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *params)
   assert results[0].keys() == results[1].keys()
@@ -147,7 +148,6 @@ def test_top_k_matches_unsharded():
       batch_size=8))
 
   def top_k(params, item_seq, exclude, mesh):
-    params = sharding.unpad_item_table(params, trainer.item_rows)
     return evaluate.top_k(trainer.model, params, num_items, item_seq, exclude, k, mesh=mesh)
 
   sharded = jax.jit(lambda *args: top_k(*args, mesh=trainer.mesh))
@@ -189,15 +189,16 @@ def test_checkpoints_move_between_model_axes(tmp_path):
   assert other.mesh.shape[sharding.MODEL_AXIS] == 1 and other.mesh.devices.size == 4
   manager = train.checkpoints.create_manager(workdir, keep=config.train.keep_checkpoints,
                                              best_metric=config.train.best_metric)
-  state, record = train.restore_state(other, manager, step)
+  state, _ = train.restore_state(other, manager, step)
   manager.close()
-  assert record["item_table_rows"] == trainer.table_rows > other.table_rows == other.item_rows
   tables = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
             if jax.tree_util.keystr(path).endswith("['item_embed']['embedding']")]
   assert len(tables) == 3  # The table and Adam's two moments.
-  assert all(leaf.shape[0] == other.item_rows for leaf in tables)
+  # One layout whatever the mesh: the table is padded once, at creation.
+  assert all(leaf.shape[0] == table.shape[0] == item_embedding.table_rows(_real_rows(trainer))
+             for leaf in tables)
   np.testing.assert_array_equal(jax.device_get(state["params"]["item_embed"]["embedding"]),
-                                table[:other.item_rows])
+                                table)
   np.testing.assert_allclose(other.evaluate(state["params"], "test")["ndcg@10"],
                              final["test/ndcg@10"], rtol=1e-5)
 
@@ -209,5 +210,5 @@ def test_checkpoints_move_between_model_axes(tmp_path):
   assert resumed["best_step"] >= final["best_step"]
   _, params, _ = train.load_trained(workdir, config)
   resumed_table = jax.device_get(params["item_embed"]["embedding"])
-  assert resumed_table.shape[0] % 2 == 0
-  np.testing.assert_array_equal(resumed_table[trainer.item_rows:], 0.0)
+  assert resumed_table.shape[0] == table.shape[0]
+  np.testing.assert_array_equal(resumed_table[_real_rows(trainer):], 0.0)

@@ -178,7 +178,7 @@ def use_compilation_cache(path: str) -> str:
   """JAX's persistent compilation cache for this process and its workers.
 
   All seeds of a point compile the same programs, so every seed after the
-  first loads them instead (~10 s -> ~1 s per tiny run on 2 CPU cores). Call it
+  first loads them instead of compiling again. Call it
   before anything compiles: JAX decides once per process whether to use it.
 
   Args:

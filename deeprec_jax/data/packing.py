@@ -55,7 +55,7 @@ def pack_batch(batch: Mapping[str, np.ndarray], num_rows: int) -> dict[str, np.n
   batch is padding), so sequences share rows: each keeps its items, targets and
   negatives, gets a segment id (attention stays within a segment) and keeps
   the positional rows it had alone (right-aligned), so that a model honouring
-  ``segment_ids`` and ``positions`` (those with ``PACKABLE``: SASRec,
+  ``segment_ids`` and ``positions`` (those whose spec ``packs``: SASRec,
   BERT4Rec) gives every position the output it would have unpacked, and the
   loss (a mean over targets) is unchanged.
 

@@ -170,11 +170,10 @@ def eval_batches(dataset: builders.Dataset, *, split: str, task: str, max_len: i
   to the shortest of ``eval_lengths(max_len, length_buckets)`` that holds its
   users' inputs (``task='window'`` inputs always keep ``max_len``). The
   models' outputs at the last position do not depend on the amount of left
-  padding (README, "Models"), so this only skips work on padding: on ML-1M
-  (L = 200, half the users under ~100 items) four lengths make evaluation
-  ~1.6x faster. Within a group users are ordered by history length (then
-  id), so that the ``exclude`` width grows batch by batch; the metrics are
-  sums, so the order does not matter.
+  padding, so this only skips work on padding (benchmarks/README.md). Within
+  a group users are ordered by history length (then id), so that the
+  ``exclude`` width grows batch by batch; the metrics are sums, so the order
+  does not matter.
 
   Global batch ``b`` holds ``G = batch_size * process_count`` consecutive
   users of that order (a batch never mixes lengths); this process yields its

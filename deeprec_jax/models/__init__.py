@@ -1,51 +1,115 @@
-"""Model zoo: one module per model, chosen by name from the config.
+"""The model contract: a registry of specs, the call signature, the shared item table.
 
-Every module in this package defines:
-  * ``Model``: a flax linen Module mapping ``item_seq int32[batch, seq_len]``
-    (0 = padding, left-padded) to hidden states ``[batch, seq_len, dim]``
-    (or ``[batch, dim]`` for window models); its item embedding submodule is
-    named ``item_embed`` so that scores are ``hidden @ item_table.T``.
-  * ``TASK``: which training examples it learns from, one of
-    ``'autoregressive'`` (targets are the next items), ``'window'`` (Caser: L
-    previous items -> T next items) or ``'masked'`` (BERT4Rec cloze).
+A model is a flax linen ``Module`` that maps left-padded item sequences
+``item_seq: int32[batch, seq_len]`` (0 = padding) to hidden states
+``float32[batch, seq_len, dim]`` (``[batch, dim]`` for window models), called
+as ``SequenceModel`` states. Its item vectors are the shared table
+(``item_embedding.ItemEmbedding`` at ``ITEM_TABLE``), and every score is
+``hidden @ item_table(params, num_items).T``; losses and metrics see nothing
+else. ``MODELS`` names each model's spec: its module, the training task the
+pipeline builds examples for, whether rows may be packed, and how it is fitted
+when it has no gradient training. A new model is one file, one entry here and
+one config; ``train.py`` names no model.
 """
 
-import importlib
-from types import ModuleType
-from typing import Any
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 
-MODEL_NAMES = ("popularity", "caser", "rnn", "sasrec", "bert4rec")
+from deeprec_jax.models import bert4rec, caser, item_embedding, popularity, rnn, sasrec
+
+# What the pipeline builds examples for: 'autoregressive' (targets are the
+# next items), 'window' (L previous items -> T next items, Caser) or 'masked'
+# (cloze, BERT4Rec).
+TASKS = ("autoregressive", "window", "masked")
+ITEM_TABLE = item_embedding.ITEM_TABLE
 
 
-def get_module(name: str) -> ModuleType:
-  """Returns the module ``deeprec_jax.models.<name>``."""
-  if name not in MODEL_NAMES:
+class SequenceModel(Protocol):
+  """The call every model accepts (``Module.apply(variables, item_seq, ...)``)."""
+
+  def __call__(self, item_seq: jax.Array, *, deterministic: bool = True,
+               user: jax.Array | None = None, last_only: bool = False,
+               segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Encodes item sequences.
+
+    Args:
+      item_seq: ``int32[batch, seq_len]`` item ids, 0 = padding, left-padded.
+      deterministic: False enables dropout (needs the ``'dropout'`` RNG).
+      user: ``int32[batch]`` user ids (required by Caser, ignored elsewhere).
+      last_only: return the last position only: ``[batch, 1, dim]``.
+      segment_ids: ``int32[batch, seq_len]`` for packed rows (``packs``
+        models only; others raise): segments never see each other.
+      positions: ``int32[batch, seq_len]`` positional rows of packed rows.
+
+    Returns:
+      ``float32[batch, seq_len, dim]`` (``[batch, dim]`` for window models),
+      zero at padding positions.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What the trainer needs to know about a model, and nothing model-specific.
+
+  Attributes:
+    module: the linen Module class; built as ``module(num_items=, num_users=,
+      max_len=, **config.model minus name)``.
+    task: one of ``TASKS``.
+    packs: rows may hold several users' sequences (``segment_ids``,
+      ``positions``) when ``train.pack`` is on.
+    fit: for a model without gradient training, ``fit(item_counts) ->
+      params`` from the training parts' counts ``int[num_items + 1]``; None
+      for gradient-trained models.
+  """
+
+  module: type[nn.Module]
+  task: str
+  packs: bool = False
+  fit: Callable[[np.ndarray], Any] | None = None
+
+  @property
+  def trainable(self) -> bool:
+    return self.fit is None
+
+
+MODELS: dict[str, ModelSpec] = {
+    "popularity": ModelSpec(popularity.Model, "autoregressive", fit=popularity.fit_params),
+    "caser": ModelSpec(caser.Model, "window"),
+    "rnn": ModelSpec(rnn.Model, "autoregressive"),
+    "sasrec": ModelSpec(sasrec.Model, "autoregressive", packs=True),
+    "bert4rec": ModelSpec(bert4rec.Model, "masked", packs=True),
+}
+
+
+def spec(name: str) -> ModelSpec:
+  """The spec of model ``name`` (``config.model.name``)."""
+  if name not in MODELS:
     raise ValueError(f"config key model.name: unknown model {name!r}; expected one of "
-                     f"{', '.join(MODEL_NAMES)}.")
-  return importlib.import_module(f"deeprec_jax.models.{name}")
+                     f"{', '.join(MODELS)}.")
+  return MODELS[name]
 
 
 def create_model(model_config: ml_collections.ConfigDict, *, num_items: int, num_users: int,
                  max_len: int) -> nn.Module:
-  """Builds ``Model`` from ``config.model`` (every key but ``name`` is a field)."""
+  """Builds the module of ``config.model`` (every key but ``name`` is a field)."""
   kwargs: dict[str, Any] = dict(model_config)
-  module = get_module(kwargs.pop("name"))
-  return module.Model(num_items=num_items, num_users=num_users, max_len=max_len, **kwargs)
-
-
-def task(name: str) -> str:
-  """Returns the training task of model ``name``."""
-  return get_module(name).TASK
+  model_spec = spec(kwargs.pop("name"))
+  return model_spec.module(num_items=num_items, num_users=num_users, max_len=max_len,
+                           **kwargs)
 
 
 def item_table(params: Any, num_items: int) -> jax.Array:
-  """The shared item embedding, rows 0..num_items: ``[num_items + 1, dim]``.
+  """The scored rows of the shared item table: ``[num_items + 1, dim]``.
 
-  Row 0 is padding and must be masked out by whoever ranks; extra rows after
-  ``num_items`` (BERT4Rec's mask token) are dropped.
+  Row 0 is padding and must be masked out by whoever ranks; the rows after
+  ``num_items`` (BERT4Rec's mask token, the padding to ``ROW_MULTIPLE``) are
+  dropped.
   """
-  return params["item_embed"]["embedding"][: num_items + 1]
+  return params[ITEM_TABLE[0]][ITEM_TABLE[1]][: num_items + 1]

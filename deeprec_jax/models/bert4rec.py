@@ -1,7 +1,7 @@
 """BERT4Rec: bidirectional self-attention with a cloze objective (Sun et al., CIKM 2019).
 
 Some items of the sequence are replaced by the mask token ``num_items + 1``
-(by the data pipeline, with probability ``mask_prob``) and the model predicts
+(by the data pipeline, with probability ``config.task.mask_prob``) and the model predicts
 them from both sides. At evaluation the last slot holds the mask token.
 
     x = Dropout(LN(E[item_seq] + P)) * valid        # E: N + 2 rows
@@ -27,18 +27,13 @@ Parameters (dot-product attention, N items, d = dim, L = max_len, B blocks):
 (additive attention: ``3 (d^2 + d)`` instead of ``4 (d^2 + d)`` per block).
 """
 
-import numbers
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeprec_jax.models import layers
-
-TASK = "masked"
-# Accepts packed rows (segment_ids, positions): train.pack may apply.
-PACKABLE = True
+from deeprec_jax.models import item_embedding, layers, validation
 
 
 class Model(nn.Module):
@@ -55,7 +50,6 @@ class Model(nn.Module):
     attention: 'dot_product' or 'additive'.
     positional: add the learned positional embedding.
     dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
-    mask_prob: cloze masking probability; read by the data pipeline only.
   """
 
   num_items: int
@@ -68,15 +62,10 @@ class Model(nn.Module):
   attention: str = "dot_product"
   positional: bool = True
   dtype: str = "float32"
-  mask_prob: float = 0.2
 
   def __post_init__(self) -> None:
     super().__post_init__()
-    layers.validate_encoder_fields(self)
-    if not (isinstance(self.mask_prob, numbers.Real) and not isinstance(self.mask_prob, bool)
-            and 0.0 < self.mask_prob < 1.0):
-      raise ValueError(f"config key model.mask_prob: expected a float in (0, 1); "
-                       f"got {self.mask_prob!r}.")
+    validation.check_attention_encoder(self)
 
   @property
   def mask_token(self) -> int:
@@ -84,8 +73,8 @@ class Model(nn.Module):
     return self.num_items + 1
 
   @nn.compact
-  def __call__(self, item_seq: jax.Array, *, user: jax.Array | None = None,
-               train: bool = False, last_only: bool = False,
+  def __call__(self, item_seq: jax.Array, *, deterministic: bool = True,
+               user: jax.Array | None = None, last_only: bool = False,
                segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
     """Encodes left-padded item sequences that may contain the mask token.
@@ -94,7 +83,7 @@ class Model(nn.Module):
       item_seq: ``int32[batch, seq_len]``: ids 1..num_items, 0 = padding,
         ``num_items + 1`` = [mask]; ``seq_len <= max_len``.
       user: ``int32[batch]``, ignored.
-      train: enables dropout (needs the ``'dropout'`` RNG).
+      deterministic: False enables dropout (needs the ``'dropout'`` RNG).
       last_only: return the last position (the mask slot at evaluation)
         only; the last block then computes that one row.
       segment_ids: packed rows' segment ids, as in ``sasrec.Model``.
@@ -110,7 +99,7 @@ class Model(nn.Module):
     if item_seq.ndim != 2 or item_seq.shape[1] > self.max_len:
       raise ValueError(f"item_seq must be [batch, seq_len] with seq_len <= max_len="
                        f"{self.max_len}; got shape {item_seq.shape}.")
-    dtype = layers.compute_dtype(self.dtype)
+    dtype = validation.compute_dtype(self.dtype)
     init = nn.initializers.truncated_normal(stddev=0.02)  # BERT's initializer_range
     layer_norm = lambda name: nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=dtype,
                                            use_fast_variance=False, name=name)
@@ -118,12 +107,13 @@ class Model(nn.Module):
     valid_f = valid[..., None].astype(dtype)
 
     # Row num_items + 1 is the [mask] token; models.item_table drops it.
-    x = nn.Embed(self.num_items + 2, self.dim, embedding_init=init, name="item_embed")(item_seq)
+    x = item_embedding.ItemEmbedding(self.num_items + 2, self.dim, embedding_init=init,
+                                     name=item_embedding.ITEM_TABLE[0])(item_seq)
     if self.positional:
       x = x + layers.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
                                          name="pos_embed")(item_seq.shape[1], positions)
     x = layer_norm("embed_ln")(x.astype(dtype))
-    x = layers.Dropout(self.dropout_rate)(x, deterministic=not train) * valid_f
+    x = layers.Dropout(self.dropout_rate)(x, deterministic=deterministic) * valid_f
 
     block_kwargs: dict[str, Any] = dict(
         attention=self.attention, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
@@ -131,7 +121,7 @@ class Model(nn.Module):
     for i in range(self.num_blocks):
       last = last_only and i == self.num_blocks - 1
       x = layers.SelfAttentionBlock(**block_kwargs, name=f"block_{i}")(
-          x, valid, deterministic=not train, last_only=last, segment_ids=segment_ids)
+          x, valid, deterministic=deterministic, last_only=last, segment_ids=segment_ids)
     if last_only:
       x, valid_f = x[:, -1:], valid_f[:, -1:]
     x = layer_norm("final_ln")(x)

@@ -35,13 +35,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from deeprec_jax.models import layers
+from deeprec_jax.models import item_embedding, layers, validation
 
-TASK = "window"
-
-DTYPES = ("float32", "bfloat16")
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "tanh": jnp.tanh,
@@ -54,36 +50,21 @@ Array = jax.Array
 
 def _validate(model: Any) -> None:
   """Raises ValueError naming ``model.<field>`` for bad hyper-parameters."""
-
-  def check(ok: bool, field: str, why: str) -> None:
-    if not ok:
-      raise ValueError(f"model.{field}: {why}, got {getattr(model, field)!r}.")
-
-  def is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-  check(is_int(model.num_items) and model.num_items >= 1, "num_items", "must be an int >= 1")
-  check(is_int(model.num_users) and model.num_users >= 1, "num_users",
-        "must be an int >= 1 (Caser embeds users)")
-  check(is_int(model.max_len) and model.max_len >= 1, "max_len",
-        "must be an int >= 1 (the window length L)")
-  check(is_int(model.dim) and model.dim >= 1, "dim", "must be an int >= 1")
-  check(is_int(model.num_horizontal) and model.num_horizontal >= 0, "num_horizontal",
-        "must be an int >= 0")
-  check(is_int(model.num_vertical) and model.num_vertical >= 0, "num_vertical",
-        "must be an int >= 0")
+  validation.check_sizes(model, needs_users=True)
+  validation.validate_fields(model, {
+      "dim": lambda m, f: validation.check_int(m, f, 1),
+      "num_horizontal": lambda m, f: validation.check_int(m, f, 0),
+      "num_vertical": lambda m, f: validation.check_int(m, f, 0),
+  })
   if model.num_horizontal == 0 and model.num_vertical == 0:
     raise ValueError("model.num_horizontal and model.num_vertical cannot both be 0: "
                      "Caser needs at least one kind of convolution.")
-  check(isinstance(model.dropout_rate, (int, float)) and 0.0 <= model.dropout_rate < 1.0,
-        "dropout_rate", "must be a float in [0, 1)")
-  check(model.activation_conv in ACTIVATIONS, "activation_conv",
-        f"must be one of {', '.join(ACTIVATIONS)}")
-  check(model.activation_fc in ACTIVATIONS, "activation_fc",
-        f"must be one of {', '.join(ACTIVATIONS)}")
-  check(is_int(model.num_targets) and model.num_targets >= 1, "num_targets",
-        "must be an int >= 1")
-  check(model.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+  validation.validate_fields(model, {
+      "dropout_rate": validation.check_fraction,
+      "activation_conv": lambda m, f: validation.check_choice(m, f, ACTIVATIONS),
+      "activation_fc": lambda m, f: validation.check_choice(m, f, ACTIVATIONS),
+  })
+  validation.compute_dtype(model.dtype)
 
 
 class Model(nn.Module):
@@ -99,8 +80,6 @@ class Model(nn.Module):
     dropout_rate: dropout on the concatenated convolution features.
     activation_conv: activation of the horizontal convolutions.
     activation_fc: activation of the fully-connected layer giving ``z``.
-    num_targets: ``T``, next items predicted per window; read by the data
-      pipeline, validated but unused here.
     dtype: computation dtype, ``'float32'`` or ``'bfloat16'``; parameters stay
       float32, the output is float32.
   """
@@ -114,7 +93,6 @@ class Model(nn.Module):
   dropout_rate: float = 0.5
   activation_conv: str = "relu"
   activation_fc: str = "relu"
-  num_targets: int = 3
   dtype: str = "float32"
 
   def __post_init__(self) -> None:
@@ -122,21 +100,25 @@ class Model(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, item_seq: Array, *, user: Array | None = None,
-               train: bool = False, last_only: bool = False) -> Array:
+  def __call__(self, item_seq: Array, *, deterministic: bool = True,
+               user: Array | None = None, last_only: bool = False,
+               segment_ids: Array | None = None, positions: Array | None = None) -> Array:
     """The window's hidden state.
 
     Args:
       item_seq: ``int32[B, L]``, the ``L = max_len`` most recent items, oldest
         first, left-padded with 0.
       user: ``int32[B]``, required.
-      train: enables dropout (needs the ``'dropout'`` RNG).
+      deterministic: False enables dropout (needs the ``'dropout'`` RNG).
       last_only: ignored: the output is one state per window already.
+      segment_ids: must be None (windows are not packed).
+      positions: must be None.
 
     Returns:
       ``hidden float32[B, dim]``; scores are ``hidden @ item_table.T``.
     """
     del last_only
+    layers.reject_packing("caser", segment_ids, positions)
     length = self.max_len
     if item_seq.ndim != 2 or item_seq.shape[1] != length:
       raise ValueError(f"item_seq must be [batch, model.max_len={length}] (Caser's window), "
@@ -147,8 +129,8 @@ class Model(nn.Module):
       raise ValueError(f"user must be [batch={item_seq.shape[0]}], got shape {user.shape}.")
     compute_dtype = jnp.dtype(self.dtype)
 
-    image = nn.Embed(self.num_items + 1, self.dim, dtype=compute_dtype,
-                     name="item_embed")(item_seq)  # [B, L, d]
+    image = item_embedding.ItemEmbedding(self.num_items + 1, self.dim, dtype=compute_dtype,
+                                         name=item_embedding.ITEM_TABLE[0])(item_seq)  # [B, L, d]
     # Zero the padding rows: left padding must read as zero rows for both
     # kinds of filter, whatever the padding embedding has learned.
     image = image * (item_seq > 0)[..., None].astype(compute_dtype)
@@ -169,7 +151,7 @@ class Model(nn.Module):
                        dtype=compute_dtype, name=f"horizontal_{height}")
         features.append(activation(conv(image)).max(axis=1))  # [B, n_h]
     features = jnp.concatenate(features, axis=-1)
-    features = layers.Dropout(self.dropout_rate)(features, deterministic=not train)
+    features = layers.Dropout(self.dropout_rate)(features, deterministic=deterministic)
     z = ACTIVATIONS[self.activation_fc](
         nn.Dense(self.dim, dtype=compute_dtype, name="fc")(features))  # [B, d]
 

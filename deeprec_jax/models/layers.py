@@ -13,7 +13,6 @@ Conventions used throughout:
   whole row.
 """
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -23,70 +22,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import random as jex_random
 
+from deeprec_jax.models import validation
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
 
-ATTENTION_KINDS = ("dot_product", "additive")
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 # SASRec's public code (TF `normalize` and the PyTorch port) uses 1e-8.
 LAYER_NORM_EPSILON = 1e-8
 
 
-# ----------------------------------------------------------------------------
-# Config validation shared by the attention models.
-# ----------------------------------------------------------------------------
-
-
-def _is_int(value: Any) -> bool:
-  # numbers.Integral also admits numpy ints (dataset sizes often are np.int64).
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check(ok: bool, field: str, expected: str, value: Any) -> None:
-  if not ok:
-    raise ValueError(f"config key model.{field}: expected {expected}; got {value!r}.")
-
-
-def compute_dtype(name: str) -> Dtype:
-  """Maps ``config.model.dtype`` ('float32' | 'bfloat16') to a jnp dtype."""
-  _check(name in COMPUTE_DTYPES, "dtype", f"one of {', '.join(COMPUTE_DTYPES)}", name)
-  return COMPUTE_DTYPES[name]
-
-
-def validate_encoder_fields(model: Any) -> None:
-  """Raises ValueError naming ``model.<field>`` for bad attention-model fields.
-
-  Args:
-    model: any object with the fields num_items, max_len, dim, num_blocks,
-      num_heads, dropout_rate, attention, positional and dtype (the SASRec and
-      BERT4Rec ``Model`` dataclasses).
-  """
-  # num_items and max_len come from the data, not from config.model.
-  if not (_is_int(model.num_items) and model.num_items >= 1):
-    raise ValueError(f"num_items must be a positive int (from the dataset); "
-                     f"got {model.num_items!r}.")
-  if not (_is_int(model.max_len) and model.max_len >= 1):
-    raise ValueError(f"max_len (config key data.max_len) must be a positive int; "
-                     f"got {model.max_len!r}.")
-  _check(_is_int(model.dim) and model.dim >= 1, "dim", "a positive int", model.dim)
-  _check(_is_int(model.num_blocks) and model.num_blocks >= 0, "num_blocks",
-         "an int >= 0", model.num_blocks)
-  _check(_is_int(model.num_heads) and model.num_heads >= 1
-         and model.dim % model.num_heads == 0, "num_heads",
-         f"a positive int dividing model.dim={model.dim}", model.num_heads)
-  _check(_is_real(model.dropout_rate) and 0.0 <= model.dropout_rate < 1.0, "dropout_rate",
-         "a float in [0, 1)", model.dropout_rate)
-  _check(model.attention in ATTENTION_KINDS, "attention",
-         f"one of {', '.join(ATTENTION_KINDS)}", model.attention)
-  _check(isinstance(model.positional, (bool, np.bool_)), "positional", "True or False",
-         model.positional)
-  compute_dtype(model.dtype)
+def reject_packing(model_name: str, segment_ids: Array | None,
+                   positions: Array | None) -> None:
+  """Raises unless both packing inputs are None (for models that do not pack)."""
+  if segment_ids is not None or positions is not None:
+    raise ValueError(f"model {model_name!r} does not take packed rows (segment_ids, "
+                     "positions); set train.pack=False.")
 
 
 # ----------------------------------------------------------------------------
@@ -111,7 +64,7 @@ def attention_mask(valid: Array, *, causal: bool, segment_ids: Array | None = No
     valid: ``bool[batch, seq_len]``, True at real (non-padding) positions.
     causal: also forbid attending to later positions (SASRec).
     segment_ids: ``int[batch, seq_len]`` for rows that pack several sequences
-      (``pipeline.pack_batch``): positions attend only within their segment.
+      (``packing.pack_batch``): positions attend only within their segment.
 
   Returns:
     True where query i may attend to key j: j is real (and j <= i if causal,
@@ -225,8 +178,7 @@ class Dropout(nn.Module):
 
 # Causal attention runs in query blocks of about this many rows (at most
 # _MAX_QUERY_BLOCKS): a block never reads the keys after its last query, which
-# skips most of the masked upper triangle. 4 blocks at L = 200 made the SASRec
-# ML-1M step 1.23x faster on CPU; 8 were slower (benchmarks/README.md).
+# skips most of the masked upper triangle (figures: benchmarks/README.md).
 _QUERY_BLOCK_ROWS = 50
 _MAX_QUERY_BLOCKS = 4
 
@@ -587,8 +539,8 @@ class SelfAttentionBlock(nn.Module):
       ``[batch, seq_len, dim]`` in ``dtype`` (``[batch, 1, dim]`` with
       ``last_only``), zero at padding positions.
     """
-    if self.attention not in ATTENTION_KINDS:
-      raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}; "
+    if self.attention not in validation.ATTENTION_KINDS:
+      raise ValueError(f"attention must be one of {', '.join(validation.ATTENTION_KINDS)}; "
                        f"got {self.attention!r}.")
     layer_norm = lambda name: nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype,
                                            param_dtype=self.param_dtype,

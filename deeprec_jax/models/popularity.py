@@ -1,7 +1,7 @@
 """Most-popular baseline: every user gets the same ranking, by training count.
 
 It fits the model contract with ``dim = 1``: ``hidden`` is all ones and the
-item table ``item_embed [num_items + 1, 1]`` holds each item's score, so
+item table (``[num_items + 1, 1]`` real rows) holds each item's score, so
 ``hidden @ item_table.T`` ranks items by that score for everyone. The scores
 are not learned by gradient descent but set by ``fit_params`` from the item
 counts of the training parts (the model can still be trained; it then learns
@@ -15,9 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TASK = "autoregressive"
-
-DTYPES = ("float32", "bfloat16")
+from deeprec_jax.models import item_embedding, layers, validation
 
 # Bit pattern of the smallest normal float32 (about 1.18e-38), minus one: keys
 # below skip the subnormals, which XLA on CPU may flush to zero (ties again).
@@ -61,7 +59,8 @@ def fit_params(item_counts: np.ndarray) -> dict[str, Any]:
       training parts; ``item_counts[0]`` (padding) is ignored.
 
   Returns:
-    ``{'item_embed': {'embedding': float32[num_items + 1, 1]}}``.
+    ``{'item_embed': {'embedding': float32[table_rows(num_items + 1), 1]}}``,
+    the scores followed by the table's zero padding rows.
   """
   counts = np.asarray(item_counts)
   if counts.ndim != 1 or counts.shape[0] < 2:
@@ -80,7 +79,8 @@ def fit_params(item_counts: np.ndarray) -> dict[str, Any]:
   embedding = np.empty((counts.shape[0], 1), np.float32)
   embedding[order, 0] = _key_to_float32(keys)
   embedding[0, 0] = _key_to_float32(keys[-1:] - 1)[0]
-  return {"item_embed": {"embedding": embedding}}
+  table, param = item_embedding.ITEM_TABLE
+  return {table: {param: item_embedding.pad_rows(embedding)}}
 
 
 class Model(nn.Module):
@@ -99,24 +99,26 @@ class Model(nn.Module):
   dtype: str = "float32"
 
   def __post_init__(self) -> None:
-    if not isinstance(self.num_items, (int, np.integer)) or self.num_items < 1:
-      raise ValueError(f"model.num_items: must be an int >= 1, got {self.num_items!r}.")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"model.dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+    validation.check(validation.is_int(self.num_items) and self.num_items >= 1,
+                     "model.num_items (from the dataset)", "an int >= 1", self.num_items)
+    validation.compute_dtype(self.dtype)
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, item_seq: jax.Array, *, user: jax.Array | None = None,
-               train: bool = False, last_only: bool = False) -> jax.Array:
-    """Args: ``item_seq int32[B, L]``; ``last_only`` keeps L = 1; the rest is ignored.
+  def __call__(self, item_seq: jax.Array, *, deterministic: bool = True,
+               user: jax.Array | None = None, last_only: bool = False,
+               segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Args: ``item_seq int32[B, L]``; ``last_only`` keeps L = 1; no packing; the rest is ignored.
 
     Returns:
       ``hidden float32[B, L, 1]`` of ones.
     """
-    del user, train
+    del user, deterministic
+    layers.reject_packing("popularity", segment_ids, positions)
     if last_only:
       item_seq = item_seq[:, -1:]
-    embed = nn.Embed(self.num_items + 1, 1, name="item_embed")
+    embed = item_embedding.ItemEmbedding(self.num_items + 1, 1, name=item_embedding.ITEM_TABLE[0])
     # The table is only read by the scorer; touching it creates the parameter.
     _ = embed.embedding
     return jnp.ones(item_seq.shape + (1,), jnp.float32)

@@ -3,7 +3,7 @@
 The model embeds the left-padded item sequence, runs ``num_layers`` stacked
 recurrent layers over it and returns the hidden state at every position;
 ``hidden[:, t]`` summarises items ``0..t`` and is scored against the shared
-item table to predict item ``t + 1`` (``TASK = 'autoregressive'``).
+item table to predict item ``t + 1`` (the ``'autoregressive'`` task).
 
 Left padding: batches are padded with item 0 at the *front*, so
 ``nn.RNN(seq_lengths=...)`` (which assumes right padding) does not apply.
@@ -20,15 +20,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.linen import dtypes as flax_dtypes
 
-from deeprec_jax.models import layers
-
-TASK = "autoregressive"
+from deeprec_jax.models import item_embedding, layers, validation
 
 CELLS = ("peephole_lstm", "lstm", "gru")
-DTYPES = ("float32", "bfloat16")
 
 # Gate blocks of PeepholeLSTMCell's fused kernels and bias, in this order.
 GATE_ORDER = ("i", "f", "c", "o")
@@ -199,24 +195,14 @@ class MaskedStep(nn.Module):
 
 def _validate(model: Any) -> None:
   """Raises ValueError naming ``model.<field>`` for bad hyper-parameters."""
-
-  def check(ok: bool, field: str, why: str) -> None:
-    if not ok:
-      raise ValueError(f"model.{field}: {why}, got {getattr(model, field)!r}.")
-
-  def is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-  check(is_int(model.num_items) and model.num_items >= 1, "num_items", "must be an int >= 1")
-  check(is_int(model.num_users) and model.num_users >= 0, "num_users", "must be an int >= 0")
-  check(is_int(model.max_len) and model.max_len >= 1, "max_len", "must be an int >= 1")
-  check(is_int(model.dim) and model.dim >= 1, "dim", "must be an int >= 1")
-  check(model.cell in CELLS, "cell", f"must be one of {', '.join(CELLS)}")
-  check(is_int(model.num_layers) and model.num_layers >= 1, "num_layers",
-        "must be an int >= 1")
-  check(isinstance(model.dropout_rate, (int, float)) and 0.0 <= model.dropout_rate < 1.0,
-        "dropout_rate", "must be a float in [0, 1)")
-  check(model.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+  validation.check_sizes(model)
+  validation.validate_fields(model, {
+      "dim": lambda m, f: validation.check_int(m, f, 1),
+      "cell": lambda m, f: validation.check_choice(m, f, CELLS),
+      "num_layers": lambda m, f: validation.check_int(m, f, 1),
+      "dropout_rate": validation.check_fraction,
+  })
+  validation.compute_dtype(model.dtype)
 
 
 class Model(nn.Module):
@@ -250,15 +236,18 @@ class Model(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, item_seq: Array, *, user: Array | None = None,
-               train: bool = False, last_only: bool = False) -> Array:
+  def __call__(self, item_seq: Array, *, deterministic: bool = True,
+               user: Array | None = None, last_only: bool = False,
+               segment_ids: Array | None = None, positions: Array | None = None) -> Array:
     """Hidden states for next-item prediction.
 
     Args:
       item_seq: ``int32[B, L]``, left-padded with 0.
       user: ``int32[B]``, ignored.
-      train: enables dropout (needs the ``'dropout'`` RNG).
+      deterministic: False enables dropout (needs the ``'dropout'`` RNG).
       last_only: return the last position only (the scan still runs over all).
+      segment_ids: must be None: the recurrence does not pack rows.
+      positions: must be None.
 
     Returns:
       ``hidden float32[B, L, dim]`` (``[B, 1, dim]`` with ``last_only``);
@@ -266,12 +255,14 @@ class Model(nn.Module):
       where ``item_seq`` is padding.
     """
     del user  # A session model: the history is the user.
+    layers.reject_packing("rnn", segment_ids, positions)
     if item_seq.ndim != 2:
       raise ValueError(f"item_seq must be [batch, seq_len], got shape {item_seq.shape}.")
     compute_dtype = jnp.dtype(self.dtype)
     mask = item_seq > 0  # [B, L]
-    x = nn.Embed(self.num_items + 1, self.dim, dtype=compute_dtype, name="item_embed")(item_seq)
-    x = layers.Dropout(self.dropout_rate)(x, deterministic=not train)
+    x = item_embedding.ItemEmbedding(self.num_items + 1, self.dim, dtype=compute_dtype,
+                                     name=item_embedding.ITEM_TABLE[0])(item_seq)
+    x = layers.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
     # nn.scan (the lifted scan under nn.RNN) over time, with the mask as a
     # second scanned input: one compiled step whatever the length.
@@ -279,7 +270,7 @@ class Model(nn.Module):
                            split_rngs={"params": False}, in_axes=1, out_axes=1)
     for layer in range(self.num_layers):
       if layer > 0:
-        x = layers.Dropout(self.dropout_rate)(x, deterministic=not train)
+        x = layers.Dropout(self.dropout_rate)(x, deterministic=deterministic)
       # Unbound cell, only to build the initial carry (zeros, float32).
       carry = make_cell(self.cell, self.dim, compute_dtype, parent=None).initialize_carry(
           jax.random.key(0), x[:, 0].shape)

@@ -25,11 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeprec_jax.models import layers
-
-TASK = "autoregressive"
-# Accepts packed rows (segment_ids, positions): train.pack may apply.
-PACKABLE = True
+from deeprec_jax.models import item_embedding, layers, validation
 
 
 class Model(nn.Module):
@@ -62,11 +58,11 @@ class Model(nn.Module):
   def __post_init__(self) -> None:
     super().__post_init__()
     # Fail at construction (create_model), not at the first trace.
-    layers.validate_encoder_fields(self)
+    validation.check_attention_encoder(self)
 
   @nn.compact
-  def __call__(self, item_seq: jax.Array, *, user: jax.Array | None = None,
-               train: bool = False, last_only: bool = False,
+  def __call__(self, item_seq: jax.Array, *, deterministic: bool = True,
+               user: jax.Array | None = None, last_only: bool = False,
                segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
     """Encodes left-padded item sequences.
@@ -75,11 +71,11 @@ class Model(nn.Module):
       item_seq: ``int32[batch, seq_len]`` item ids, 0 = padding, with
         ``seq_len <= max_len``.
       user: ``int32[batch]``, ignored.
-      train: enables dropout (needs the ``'dropout'`` RNG).
+      deterministic: False enables dropout (needs the ``'dropout'`` RNG).
       last_only: return the last position only; the last block then computes
         that one row (``layers.SelfAttentionBlock``).
       segment_ids: ``int32[batch, seq_len]`` for packed rows (several users'
-        sequences side by side, ``pipeline.pack_batch``): 0 at padding, and
+        sequences side by side, ``packing.pack_batch``): 0 at padding, and
         positions attend only within their own segment.
       positions: ``int32[batch, seq_len]`` positional-embedding rows of packed
         rows (each segment keeps the right-aligned rows it would have alone).
@@ -95,17 +91,18 @@ class Model(nn.Module):
     if item_seq.ndim != 2 or item_seq.shape[1] > self.max_len:
       raise ValueError(f"item_seq must be [batch, seq_len] with seq_len <= max_len="
                        f"{self.max_len}; got shape {item_seq.shape}.")
-    dtype = layers.compute_dtype(self.dtype)
+    dtype = validation.compute_dtype(self.dtype)
     init = nn.initializers.xavier_uniform()
     valid = item_seq != 0  # [batch, seq_len]: SASRec's "timeline mask"
 
     # Embeddings are summed in float32 (param dtype), then cast for compute.
-    x = nn.Embed(self.num_items + 1, self.dim, embedding_init=init, name="item_embed")(item_seq)
+    x = item_embedding.ItemEmbedding(self.num_items + 1, self.dim, embedding_init=init,
+                                     name=item_embedding.ITEM_TABLE[0])(item_seq)
     x = x * (self.dim**0.5)  # scaled as in the SASRec code
     if self.positional:
       x = x + layers.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
                                          name="pos_embed")(item_seq.shape[1], positions)
-    x = layers.Dropout(self.dropout_rate)(x.astype(dtype), deterministic=not train)
+    x = layers.Dropout(self.dropout_rate)(x.astype(dtype), deterministic=deterministic)
     x = x * valid[..., None].astype(dtype)
 
     block_kwargs: dict[str, Any] = dict(
@@ -114,7 +111,7 @@ class Model(nn.Module):
     for i in range(self.num_blocks):
       last = last_only and i == self.num_blocks - 1
       x = layers.SelfAttentionBlock(**block_kwargs, name=f"block_{i}")(
-          x, valid, deterministic=not train, last_only=last, segment_ids=segment_ids)
+          x, valid, deterministic=deterministic, last_only=last, segment_ids=segment_ids)
     if last_only:
       x, valid = x[:, -1:], valid[:, -1:]
 

@@ -2,24 +2,23 @@
 
 import ml_collections
 
-from experiments.configs import default, sasrec
+from experiments.configs import default
 
 
 def model_config() -> ml_collections.ConfigDict:
-  """SASRec's fields (documented in sasrec.py) plus the cloze mask rate."""
-  model = sasrec.model_config()
+  """SASRec's fields (documented in default.py) with BERT4Rec's sizes."""
+  model = default.model_config()
   model.name = "bert4rec"  # module in deeprec_jax/models/
   model.dim = 64  # BERT4Rec's width
   model.num_heads = 2  # BERT4Rec's heads
   model.dropout_rate = 0.1  # BERT4Rec's dropout
-  model.mask_prob = 0.2  # fraction of training items replaced by [mask]
   return model
 
 
 def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config = default.get_config(dataset)
   config.model = model_config()
-  # The cloze task learns from ~mask_prob of positions per pass, so it needs
+  # The cloze task learns from ~task.mask_prob of positions per pass, so it needs
   # full softmax and more epochs than SASRec to converge.
   config.train.loss = "softmax"
   config.train.num_epochs = 40

@@ -14,7 +14,6 @@ def model_config() -> ml_collections.ConfigDict:
   model.dropout_rate = 0.5  # dropout before the fully-connected layer
   model.activation_conv = "relu"  # activation of the horizontal convolutions
   model.activation_fc = "relu"  # activation of the fully-connected layer
-  model.num_targets = 3  # T: next items predicted from each window
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
   return model
 
@@ -23,6 +22,7 @@ def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config = default.get_config(dataset)
   config.model = model_config()
   config.data.max_len = 5  # L: the window of most recent items
+  config.task.num_targets = 3  # T: next items predicted from each window
   config.train.num_negatives = 3  # Caser samples 3 negatives per target
   config.train.batch_size = 512  # one example per window: many more examples than users
   config.train.num_epochs = 10

@@ -55,21 +55,31 @@ def data_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   return data
 
 
+def model_config() -> ml_collections.ConfigDict:
+  """The ``config.model`` block of the default model, SASRec (fields of sasrec.Model)."""
+  model = ml_collections.ConfigDict()
+  model.name = "sasrec"  # a key of deeprec_jax.models.MODELS
+  model.dim = 50  # embedding and hidden width
+  model.num_blocks = 2  # self-attention blocks
+  model.num_heads = 1  # attention heads (each additive head has its own b, v)
+  model.dropout_rate = 0.2  # dropout on embeddings, attention and FFN
+  model.attention = "dot_product"  # dot_product | additive
+  model.positional = True  # learned positional embedding on/off
+  model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  return model
+
+
 def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   """Returns the default config (SASRec) for ``dataset``."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # one seed for init, dropout, negatives and data order
   config.data = data_config(dataset)
+  config.model = model_config()
 
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "sasrec"  # module in deeprec_jax/models/
-  config.model.dim = 50  # embedding and hidden width
-  config.model.num_blocks = 2  # self-attention blocks
-  config.model.num_heads = 1  # attention heads (each additive head has its own b, v)
-  config.model.dropout_rate = 0.2  # dropout on embeddings, attention and FFN
-  config.model.attention = "dot_product"  # dot_product | additive
-  config.model.positional = True  # learned positional embedding on/off
-  config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  # Settings of the training task the model's spec names (models.MODELS).
+  config.task = ml_collections.ConfigDict()
+  config.task.mask_prob = 0.2  # masked task (BERT4Rec): fraction of items replaced by [mask]
+  config.task.num_targets = 1  # window task (Caser): next items predicted per window
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # global batch (split across devices)

@@ -26,7 +26,7 @@ def get_config(model: str = "sasrec") -> ml_collections.ConfigDict:
   if "num_horizontal" in config.model:
     config.model.num_horizontal = 2
     config.model.num_vertical = 2
-    config.model.num_targets = 2
+    config.task.num_targets = 2
   config.train.batch_size = 16  # divisible by 1, 2 and 4 devices
   config.train.num_epochs = 2
   config.train.log_every_steps = 2

@@ -1,0 +1,52 @@
+"""Saved run configs: a workdir's ``config.json``, read back in today's layout.
+
+Every reader of a saved config goes through ``upgrade_config``, so keys that
+moved or appeared since a run was written get their place and default here
+and nowhere else.
+"""
+
+import json
+import os
+
+import ml_collections
+
+# Keys added after the first runs were written, with the value that
+# reproduces what those runs did.
+_ADDED = {
+    ("train", "model_parallel"): 1,
+    ("train", "num_devices"): 0,
+    ("train", "pack"): False,
+    ("eval", "length_buckets"): 4,  # The metrics do not depend on it.
+}
+# Pipeline settings that were model fields: (old model key, task key, default).
+_MOVED_TO_TASK = (("mask_prob", "mask_prob", 0.2), ("num_targets", "num_targets", 1))
+
+
+def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Returns a copy of a saved ``config`` in today's layout.
+
+  ``model.mask_prob`` and ``model.num_targets`` move to ``config.task``;
+  keys added since (``_ADDED``) get the value older runs used.
+  """
+  tree = config.to_dict()
+  task = tree.setdefault("task", {})
+  for old_key, key, default in _MOVED_TO_TASK:
+    value = tree["model"].pop(old_key, default)
+    task.setdefault(key, value)
+  for (block, key), default in _ADDED.items():
+    tree.setdefault(block, {}).setdefault(key, default)
+  return ml_collections.ConfigDict(tree)
+
+
+def load(workdir: str) -> ml_collections.ConfigDict:
+  """Reads ``workdir/config.json`` (written by ``train.train_and_evaluate``), upgraded."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by "
+                            "experiments.train.")
+  with open(path, encoding="utf-8") as f:
+    try:
+      tree = json.load(f)
+    except json.JSONDecodeError as error:
+      raise ValueError(f"{path}: not valid JSON ({error}).") from error
+  return upgrade_config(ml_collections.ConfigDict(tree))
