@@ -27,7 +27,6 @@ Parameters (dot-product attention, N items, d = dim, L = max_len, B blocks):
 (additive attention: ``3 (d^2 + d)`` instead of ``4 (d^2 + d)`` per block).
 """
 
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,36 +35,8 @@ import jax.numpy as jnp
 from deeprec_jax.models import item_embedding, layers, validation
 
 
-class Model(nn.Module):
-  """BERT4Rec.
-
-  Attributes:
-    num_items: catalogue size N; item ids 1..N, 0 = padding, N + 1 = [mask].
-    num_users: unused.
-    max_len: longest input sequence (number of learned positions).
-    dim: embedding and hidden width.
-    num_blocks: self-attention blocks.
-    num_heads: attention heads.
-    dropout_rate: dropout on embeddings, attention weights and FFN.
-    attention: 'dot_product' or 'additive'.
-    positional: add the learned positional embedding.
-    dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
-  """
-
-  num_items: int
-  num_users: int
-  max_len: int
-  dim: int = 50
-  num_blocks: int = 2
-  num_heads: int = 1
-  dropout_rate: float = 0.2
-  attention: str = "dot_product"
-  positional: bool = True
-  dtype: str = "float32"
-
-  def __post_init__(self) -> None:
-    super().__post_init__()
-    validation.check_attention_encoder(self)
+class Model(layers.AttentionEncoder):
+  """BERT4Rec; fields as ``layers.AttentionEncoder`` (ids 1..N, 0 = padding, N + 1 = [mask])."""
 
   @property
   def mask_token(self) -> int:
@@ -96,9 +67,7 @@ class Model(nn.Module):
       real position (bidirectional), never padding.
     """
     del user  # BERT4Rec does not use user ids.
-    if item_seq.ndim != 2 or item_seq.shape[1] > self.max_len:
-      raise ValueError(f"item_seq must be [batch, seq_len] with seq_len <= max_len="
-                       f"{self.max_len}; got shape {item_seq.shape}.")
+    self.check_input(item_seq)
     dtype = validation.compute_dtype(self.dtype)
     init = nn.initializers.truncated_normal(stddev=0.02)  # BERT's initializer_range
     layer_norm = lambda name: nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=dtype,
@@ -115,13 +84,8 @@ class Model(nn.Module):
     x = layer_norm("embed_ln")(x.astype(dtype))
     x = layers.Dropout(self.dropout_rate)(x, deterministic=deterministic) * valid_f
 
-    block_kwargs: dict[str, Any] = dict(
-        attention=self.attention, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-        dtype=dtype, causal=False, activation=nn.gelu, kernel_init=init)
-    for i in range(self.num_blocks):
-      last = last_only and i == self.num_blocks - 1
-      x = layers.SelfAttentionBlock(**block_kwargs, name=f"block_{i}")(
-          x, valid, deterministic=deterministic, last_only=last, segment_ids=segment_ids)
+    x = self.blocks(x, valid, causal=False, activation=nn.gelu, kernel_init=init, dtype=dtype,
+                    deterministic=deterministic, last_only=last_only, segment_ids=segment_ids)
     if last_only:
       x, valid_f = x[:, -1:], valid_f[:, -1:]
     x = layer_norm("final_ln")(x)

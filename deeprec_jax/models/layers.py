@@ -238,7 +238,18 @@ def _mask_block(mask: Array, start: int, stop: int, num_keys: int) -> Array:
   return mask[..., rows, keys]
 
 
-class DotProductAttention(nn.Module):
+class _Attention(nn.Module):
+  """Fields shared by the two attention forms (documented on each)."""
+
+  num_heads: int = 1
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  causal: bool = False
+
+
+class DotProductAttention(_Attention):
   """Multi-head scaled dot-product attention with q/k/v/out projections.
 
   ``softmax(Q K^T / sqrt(head_dim)) V`` per head, where Q, K, V are dense
@@ -256,13 +267,6 @@ class DotProductAttention(nn.Module):
       ``q_len`` positions, never sees a later key): queries then run in blocks
       that skip the keys after them (``query_blocks``).
   """
-
-  num_heads: int = 1
-  dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  kernel_init: Initializer = nn.initializers.xavier_uniform()
-  causal: bool = False
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None, *,
@@ -304,7 +308,7 @@ class DotProductAttention(nn.Module):
     return dense("out")(out)
 
 
-class AdditiveAttention(nn.Module):
+class AdditiveAttention(_Attention):
   """Additive (Bahdanau-style) attention.
 
   For each head h, with Q = ``inputs_q`` and K = ``inputs_kv``:
@@ -340,28 +344,12 @@ class AdditiveAttention(nn.Module):
       after them (``query_blocks``), as in ``DotProductAttention``.
   """
 
-  num_heads: int = 1
   hidden_dim: int | None = None
-  dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  kernel_init: Initializer = nn.initializers.xavier_uniform()
-  causal: bool = False
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None, *,
                deterministic: bool = True) -> Array:
-    """Attends from ``inputs_q`` to ``inputs_kv``.
-
-    Args:
-      inputs_q: queries ``[batch, q_len, dim]``.
-      inputs_kv: keys and values ``[batch, k_len, dim]``.
-      mask: ``bool[batch, 1 or num_heads, q_len, k_len]``, True = may attend.
-      deterministic: disables attention dropout.
-
-    Returns:
-      ``[batch, q_len, dim]`` in ``dtype``.
-    """
+    """Attends from ``inputs_q`` to ``inputs_kv``, as ``DotProductAttention.__call__``."""
     features = inputs_q.shape[-1]
     hidden_dim = self.hidden_dim or features
     if features % self.num_heads or hidden_dim % self.num_heads:
@@ -566,3 +554,59 @@ class SelfAttentionBlock(nn.Module):
                                  param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                                  name="ffn")(f, deterministic=deterministic)
     return y * valid[..., None].astype(y.dtype)
+
+
+class AttentionEncoder(nn.Module):
+  """The fields every self-attention recommender takes (SASRec, BERT4Rec), checked at construction.
+
+  Attributes:
+    num_items: catalogue size N; item ids are 1..N, 0 = padding.
+    num_users: unused (not personalized beyond the sequence).
+    max_len: longest input sequence (number of learned positions).
+    dim: embedding and hidden width.
+    num_blocks: self-attention blocks.
+    num_heads: attention heads.
+    dropout_rate: dropout on embeddings, attention weights and FFN.
+    attention: 'dot_product' or 'additive'.
+    positional: add the learned positional embedding.
+    dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
+  """
+
+  num_items: int
+  num_users: int
+  max_len: int
+  dim: int = 50
+  num_blocks: int = 2
+  num_heads: int = 1
+  dropout_rate: float = 0.2
+  attention: str = "dot_product"
+  positional: bool = True
+  dtype: str = "float32"
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    # Fail at construction (create_model), not at the first trace.
+    validation.check_attention_encoder(self)
+
+  def blocks(self, x: Array, valid: Array, *, causal: bool, activation: Callable[[Array], Array],
+             kernel_init: Initializer, dtype: Dtype, deterministic: bool, last_only: bool,
+             segment_ids: Array | None) -> Array:
+    """``num_blocks`` ``SelfAttentionBlock``s named ``block_<i>``, called from ``__call__``.
+
+    ``x [batch, seq_len, dim]`` -> ``[batch, seq_len, dim]``, or
+    ``[batch, 1, dim]`` with ``last_only`` (the last block computes only the
+    last position).
+    """
+    for i in range(self.num_blocks):
+      last = last_only and i == self.num_blocks - 1
+      x = SelfAttentionBlock(attention=self.attention, num_heads=self.num_heads,
+                             dropout_rate=self.dropout_rate, dtype=dtype, causal=causal,
+                             activation=activation, kernel_init=kernel_init, name=f"block_{i}")(
+          x, valid, deterministic=deterministic, last_only=last, segment_ids=segment_ids)
+    return x
+
+  def check_input(self, item_seq: Array) -> None:
+    """Raises unless ``item_seq`` is ``[batch, seq_len]`` with ``seq_len <= max_len``."""
+    if item_seq.ndim != 2 or item_seq.shape[1] > self.max_len:
+      raise ValueError(f"item_seq must be [batch, seq_len] with seq_len <= max_len="
+                       f"{self.max_len}; got shape {item_seq.shape}.")

@@ -19,7 +19,6 @@ L = max_len, B = num_blocks):
 (additive attention: ``3 (d^2 + d)`` instead of ``4 (d^2 + d)`` per block).
 """
 
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,37 +27,8 @@ import jax.numpy as jnp
 from deeprec_jax.models import item_embedding, layers, validation
 
 
-class Model(nn.Module):
-  """SASRec.
-
-  Attributes:
-    num_items: catalogue size N; item ids are 1..N, 0 = padding.
-    num_users: unused (SASRec is not personalized beyond the sequence).
-    max_len: longest input sequence (number of learned positions).
-    dim: embedding and hidden width.
-    num_blocks: self-attention blocks.
-    num_heads: attention heads.
-    dropout_rate: dropout on embeddings, attention weights and FFN.
-    attention: 'dot_product' or 'additive'.
-    positional: add the learned positional embedding.
-    dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
-  """
-
-  num_items: int
-  num_users: int
-  max_len: int
-  dim: int = 50
-  num_blocks: int = 2
-  num_heads: int = 1
-  dropout_rate: float = 0.2
-  attention: str = "dot_product"
-  positional: bool = True
-  dtype: str = "float32"
-
-  def __post_init__(self) -> None:
-    super().__post_init__()
-    # Fail at construction (create_model), not at the first trace.
-    validation.check_attention_encoder(self)
+class Model(layers.AttentionEncoder):
+  """SASRec; its fields are ``layers.AttentionEncoder``'s (N items, 0 = padding)."""
 
   @nn.compact
   def __call__(self, item_seq: jax.Array, *, deterministic: bool = True,
@@ -88,9 +58,7 @@ class Model(nn.Module):
       items at positions <= t.
     """
     del user  # SASRec does not use user ids.
-    if item_seq.ndim != 2 or item_seq.shape[1] > self.max_len:
-      raise ValueError(f"item_seq must be [batch, seq_len] with seq_len <= max_len="
-                       f"{self.max_len}; got shape {item_seq.shape}.")
+    self.check_input(item_seq)
     dtype = validation.compute_dtype(self.dtype)
     init = nn.initializers.xavier_uniform()
     valid = item_seq != 0  # [batch, seq_len]: SASRec's "timeline mask"
@@ -105,13 +73,8 @@ class Model(nn.Module):
     x = layers.Dropout(self.dropout_rate)(x.astype(dtype), deterministic=deterministic)
     x = x * valid[..., None].astype(dtype)
 
-    block_kwargs: dict[str, Any] = dict(
-        attention=self.attention, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-        dtype=dtype, causal=True, activation=nn.relu, kernel_init=init)
-    for i in range(self.num_blocks):
-      last = last_only and i == self.num_blocks - 1
-      x = layers.SelfAttentionBlock(**block_kwargs, name=f"block_{i}")(
-          x, valid, deterministic=deterministic, last_only=last, segment_ids=segment_ids)
+    x = self.blocks(x, valid, causal=True, activation=nn.relu, kernel_init=init, dtype=dtype,
+                    deterministic=deterministic, last_only=last_only, segment_ids=segment_ids)
     if last_only:
       x, valid = x[:, -1:], valid[:, -1:]
 
