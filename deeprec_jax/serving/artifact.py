@@ -1,0 +1,321 @@
+"""Loads an exported recommender and answers top-K queries in original ids.
+
+This module imports only ``jax`` and ``numpy`` (and the standard library): it
+needs neither the dataset cache, nor the training config, nor the Flax model
+code. An artifact directory (written by ``exporter.export_trained``) holds:
+
+* ``function.jax_export``: the serialized ``jax.export.Exported`` of
+  ``f(params, item_seq, exclude, user) -> (items, scores)``, with
+  ``params: {path: array}``, ``item_seq: int32[b, max_len]``,
+  ``exclude: int32[b, h]`` (0-padded), ``user: int32[b]`` and the outputs
+  ``int32[b, top_k]`` (model ids) and ``float32[b, top_k]``, best first
+  (``b`` and ``h`` are symbolic);
+* ``params.npz``: the parameters, one entry per ``/``-joined path;
+* ``item_ids.npy``: ``int64[num_items + 1]``, the original id of each model id
+  (entry 0, padding, is -1); ``user_ids.npy``: ``int64[num_users]``;
+* ``config.json`` (the run's config, for the record) and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import operator
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FUNCTION = "function.jax_export"
+PARAMS = "params.npz"
+ITEM_IDS = "item_ids.npy"
+USER_IDS = "user_ids.npy"
+CONFIG = "config.json"
+# The exclusion width is padded to a power of two, at least this: few shapes.
+MIN_EXCLUDE_WIDTH = 16
+DEFAULT_MAX_BATCH = 512
+
+
+class UnknownIdError(ValueError):
+  """Ids that the artifact does not know, by history.
+
+  Attributes:
+    items: ``{history index: [unknown original item ids]}``.
+    users: unknown original user ids.
+  """
+
+  def __init__(self, items: Mapping[int, list[int]], users: Sequence[int] = ()):
+    self.items = dict(items)
+    self.users = list(users)
+    parts = []
+    if self.items:
+      shown = "; ".join(f"history {index}: {ids[:10]}{' ...' if len(ids) > 10 else ''}"
+                        for index, ids in list(self.items.items())[:10])
+      parts.append(f"item ids not in the artifact's catalogue ({shown})")
+    if self.users:
+      parts.append(f"user ids not in the artifact: {self.users[:10]}")
+    super().__init__("; ".join(parts) or "unknown ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One encoded query: what the exported function takes for one history.
+
+  Attributes:
+    item_seq: ``int32[max_len]`` model input (``model_input``).
+    exclude: ``int32[h]`` model ids never to recommend (empty: none).
+    user: the model's user index (0 for models without user ids).
+  """
+
+  item_seq: np.ndarray
+  exclude: np.ndarray
+  user: int = 0
+
+
+def model_input(history: np.ndarray, *, task: str, max_len: int, num_items: int) -> np.ndarray:
+  """The model input asking for the item after ``history``: ``int32[max_len]``.
+
+  The same rule as ``deeprec_jax.data.pipeline.eval_input`` (tested equal):
+  the most recent ``max_len`` items, left-padded with 0; 'masked' models
+  (BERT4Rec) get the most recent ``max_len - 1`` and the mask token
+  ``num_items + 1`` in the last slot.
+  """
+  history = np.asarray(history)
+  if task == "masked":
+    inputs = np.append(history[max(len(history) - (max_len - 1), 0):], num_items + 1)
+  else:
+    inputs = history[max(len(history) - max_len, 0):]
+  item_seq = np.zeros((max_len,), np.int32)
+  item_seq[max_len - len(inputs):] = inputs
+  return item_seq
+
+
+def bucket(n: int, cap: int | None = None) -> int:
+  """The next power of two ``>= n`` (at least 1), at most ``cap``."""
+  size = 1 << max(int(n) - 1, 0).bit_length()
+  return size if cap is None else min(size, cap)
+
+
+def _as_ids(values: Any, what: str) -> np.ndarray:
+  """``int64[n]`` from a sequence of integers (not booleans); ValueError otherwise."""
+  ids = []
+  try:
+    for value in values:
+      if isinstance(value, (bool, np.bool_)):
+        raise TypeError("a boolean is not an id")
+      ids.append(operator.index(value))
+    return np.asarray(ids, np.int64)
+  except (TypeError, OverflowError) as e:
+    raise ValueError(f"{what}: expected a list of integer ids, got {values!r:.200}") from e
+
+
+class _IdMap:
+  """Original ids -> indices, vectorized (``searchsorted`` over the sorted ids)."""
+
+  def __init__(self, original: np.ndarray, first: int):
+    original = np.asarray(original, np.int64)[first:]
+    order = np.argsort(original, kind="stable")
+    self._sorted = original[order]
+    self._index = (order + first).astype(np.int64)
+
+  def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, known)``; indices are meaningless where ``known`` is False."""
+    if not len(self._sorted):
+      return np.zeros_like(ids), np.zeros(ids.shape, bool)
+    pos = np.clip(np.searchsorted(self._sorted, ids), 0, len(self._sorted) - 1)
+    known = self._sorted[pos] == ids
+    return self._index[pos], known
+
+
+class Artifact:
+  """An exported recommender, ready to answer queries (``load`` builds one).
+
+  Attributes:
+    manifest: the artifact's ``manifest.json``.
+    max_batch: rows per call of the compiled function; bigger requests are
+      split, smaller ones padded to the next power of two.
+  """
+
+  def __init__(self, directory: str, *, max_batch: int = DEFAULT_MAX_BATCH):
+    self.directory = directory
+    with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
+      self.manifest: dict[str, Any] = json.load(f)
+    version = self.manifest.get("format_version")
+    if version != FORMAT_VERSION:
+      raise ValueError(f"{directory}: artifact format {version!r}; this loader reads "
+                       f"format {FORMAT_VERSION}.")
+    if max_batch < 1:
+      raise ValueError(f"max_batch={max_batch}: expected a positive integer.")
+    self.max_batch = int(max_batch)
+    with open(os.path.join(directory, FUNCTION), "rb") as f:
+      self.exported = jax.export.deserialize(bytearray(f.read()))
+    backend = jax.default_backend()
+    if backend not in self.exported.platforms:
+      raise ValueError(f"{directory}: exported for {', '.join(self.exported.platforms)}; "
+                       f"this process runs on {backend!r}. Export again on (or for) it.")
+    with np.load(os.path.join(directory, PARAMS)) as stored:
+      self._params = jax.device_put({name: stored[name] for name in stored.files})
+    self.item_ids = np.load(os.path.join(directory, ITEM_IDS))
+    self.user_ids = np.load(os.path.join(directory, USER_IDS))
+    if len(self.item_ids) != self.num_items + 1:
+      raise ValueError(f"{directory}: {ITEM_IDS} has {len(self.item_ids)} rows; the manifest "
+                       f"says num_items={self.num_items} (+1 for padding).")
+    self._items = _IdMap(self.item_ids, first=1)
+    self._users = _IdMap(self.user_ids, first=0)
+    self._call = jax.jit(self.exported.call)
+    self.shapes_run: set[tuple[int, int]] = set()  # (batch, exclude width) compiled so far.
+
+  @property
+  def model(self) -> str:
+    return self.manifest["model"]
+
+  @property
+  def task(self) -> str:
+    return self.manifest["task"]
+
+  @property
+  def max_len(self) -> int:
+    return int(self.manifest["max_len"])
+
+  @property
+  def top_k(self) -> int:
+    """The largest ``k`` a query may ask for (fixed at export)."""
+    return int(self.manifest["top_k"])
+
+  @property
+  def num_items(self) -> int:
+    return int(self.manifest["num_items"])
+
+  @property
+  def needs_user(self) -> bool:
+    """Whether queries must name a user (Caser)."""
+    return bool(self.manifest["needs_user"])
+
+  @property
+  def platforms(self) -> tuple[str, ...]:
+    return tuple(self.exported.platforms)
+
+  def encode(self, histories: Sequence[Sequence[int]], *, users: Sequence[int] | None = None,
+             exclude_seen: bool = True) -> list[Row]:
+    """Maps original ids to model inputs, one ``Row`` per history.
+
+    Args:
+      histories: original item ids, oldest first, one list per query. Only
+        the most recent ``max_len`` items (``max_len - 1`` for BERT4Rec) feed
+        the model; every item of the history is excluded.
+      users: original user ids, one per history; required when
+        ``needs_user`` (Caser), ignored otherwise.
+      exclude_seen: leave the history's items out of the recommendations.
+
+    Returns:
+      One ``Row`` per history.
+
+    Raises:
+      UnknownIdError: naming every unknown item (by history) and user id.
+      ValueError: for ids that are not integers, an empty history (allowed
+        only for models with user ids), or missing or mismatched ``users``.
+    """
+    if self.needs_user:
+      if users is None:
+        raise ValueError(f"model {self.model!r} needs a user id per history (users=).")
+      users = _as_ids(users, "users")
+      if len(users) != len(histories):
+        raise ValueError(f"got {len(users)} user ids for {len(histories)} histories.")
+    encoded, unknown_items = [], {}
+    for index, history in enumerate(histories):
+      ids = _as_ids(history, f"history {index}")
+      if not len(ids) and not self.needs_user:
+        raise ValueError(f"history {index} is empty: give at least one item.")
+      model_ids, known = self._items.lookup(ids)
+      if not known.all():
+        unknown_items[index] = [int(i) for i in dict.fromkeys(ids[~known].tolist())]
+      encoded.append(model_ids)
+    user_index = np.zeros((len(histories),), np.int64)
+    unknown_users: list[int] = []
+    if self.needs_user:
+      user_index, known = self._users.lookup(users)
+      unknown_users = [int(u) for u in dict.fromkeys(users[~known].tolist())]
+    if unknown_items or unknown_users:
+      raise UnknownIdError(unknown_items, unknown_users)
+    empty = np.zeros((0,), np.int32)
+    return [Row(model_input(ids, task=self.task, max_len=self.max_len, num_items=self.num_items),
+                ids.astype(np.int32) if exclude_seen else empty, int(user))
+            for ids, user in zip(encoded, user_index, strict=True)]
+
+  def score(self, rows: Sequence[Row], k: int) -> list[list[tuple[int, float]]]:
+    """The ``k`` best items of each row, as ``(original item id, score)``, best first.
+
+    Rows go to the compiled function ``max_batch`` at a time, the batch padded
+    to a power of two (repeating the first row) and the exclusion width to a
+    power of two ``>= MIN_EXCLUDE_WIDTH``, so few shapes are ever compiled.
+    Fewer than ``k`` pairs come back when fewer than ``k`` items remain.
+    """
+    self._check_k(k)
+    results: list[list[tuple[int, float]]] = []
+    for start in range(0, len(rows), self.max_batch):
+      chunk = rows[start:start + self.max_batch]
+      size = bucket(len(chunk), self.max_batch)
+      width = max(bucket(max(len(row.exclude) for row in chunk)), MIN_EXCLUDE_WIDTH)
+      item_seq = np.zeros((size, self.max_len), np.int32)
+      exclude = np.zeros((size, width), np.int32)
+      user = np.zeros((size,), np.int32)
+      for i, row in enumerate(chunk):
+        item_seq[i], user[i] = row.item_seq, row.user
+        exclude[i, :len(row.exclude)] = row.exclude
+      item_seq[len(chunk):] = item_seq[0]  # Padding rows: a real input, results dropped.
+      self.shapes_run.add((size, width))
+      items, scores = jax.device_get(self._call(self._params, item_seq, exclude, user))
+      originals = self.item_ids[items[:len(chunk), :k]]
+      for row_items, row_scores in zip(originals, scores[:len(chunk), :k], strict=True):
+        finite = np.isfinite(row_scores)
+        results.append(list(zip(row_items[finite].tolist(), row_scores[finite].tolist(),
+                                strict=True)))
+    return results
+
+  def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, *,
+                users: Sequence[int] | None = None,
+                exclude_seen: bool = True) -> list[list[tuple[int, float]]]:
+    """The ``k`` best items after each history, in original ids.
+
+    Args:
+      histories: original item ids, oldest first, one list per query.
+      k: how many items per history, ``1 <= k <= top_k``.
+      users: original user ids, one per history (required by Caser).
+      exclude_seen: leave the history's items out of the recommendations.
+
+    Returns:
+      One list of up to ``k`` ``(original item id, score)`` pairs per history,
+      best first (the same pairs as ``deeprec_jax.recommend.recommend``).
+
+    Raises:
+      UnknownIdError: for item or user ids the artifact does not know (none
+        are dropped silently).
+      ValueError: for a bad ``k`` or malformed input.
+    """
+    self._check_k(k)
+    return self.score(self.encode(histories, users=users, exclude_seen=exclude_seen), k)
+
+  def warm_up(self, max_batch: int | None = None) -> None:
+    """Compiles every batch size up to ``max_batch`` at the smallest exclusion width."""
+    limit = min(max_batch or self.max_batch, self.max_batch)
+    row = Row(np.ones((self.max_len,), np.int32), np.zeros((0,), np.int32), 0)
+    size = 1
+    while True:
+      self.score([row] * size, 1)
+      if size >= limit:
+        break
+      size = min(size * 2, limit)
+
+  def _check_k(self, k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.top_k:
+      raise ValueError(f"k={k!r}: expected an integer in [1, {self.top_k}] (the artifact's "
+                       "top_k).")
+
+
+def load(directory: str, *, max_batch: int = DEFAULT_MAX_BATCH) -> Artifact:
+  """Loads the artifact in ``directory`` (written by ``experiments.export``)."""
+  return Artifact(directory, max_batch=max_batch)
