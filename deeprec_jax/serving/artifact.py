@@ -246,19 +246,22 @@ class Artifact:
                 ids.astype(np.int32) if exclude_seen else empty, int(user))
             for ids, user in zip(encoded, user_index, strict=True)]
 
-  def score(self, rows: Sequence[Row], k: int) -> list[list[tuple[int, float]]]:
+  def score(self, rows: Sequence[Row], k: int, *,
+            max_batch: int | None = None) -> list[list[tuple[int, float]]]:
     """The ``k`` best items of each row, as ``(original item id, score)``, best first.
 
-    Rows go to the compiled function ``max_batch`` at a time, the batch padded
-    to a power of two (repeating the first row) and the exclusion width to a
-    power of two ``>= MIN_EXCLUDE_WIDTH``, so few shapes are ever compiled.
-    Fewer than ``k`` pairs come back when fewer than ``k`` items remain.
+    Rows go to the compiled function ``max_batch`` (default ``self.max_batch``)
+    at a time, the batch padded to a power of two (repeating the first row)
+    and the exclusion width to a power of two ``>= MIN_EXCLUDE_WIDTH``, so few
+    shapes are ever compiled. Fewer than ``k`` pairs come back when fewer than
+    ``k`` items remain.
     """
     self._check_k(k)
+    limit = min(max_batch or self.max_batch, self.max_batch)
     results: list[list[tuple[int, float]]] = []
-    for start in range(0, len(rows), self.max_batch):
-      chunk = rows[start:start + self.max_batch]
-      size = bucket(len(chunk), self.max_batch)
+    for start in range(0, len(rows), limit):
+      chunk = rows[start:start + limit]
+      size = bucket(len(chunk), limit)
       width = max(bucket(max(len(row.exclude) for row in chunk)), MIN_EXCLUDE_WIDTH)
       item_seq = np.zeros((size, self.max_len), np.int32)
       exclude = np.zeros((size, width), np.int32)
@@ -305,7 +308,7 @@ class Artifact:
     row = Row(np.ones((self.max_len,), np.int32), np.zeros((0,), np.int32), 0)
     size = 1
     while True:
-      self.score([row] * size, 1)
+      self.score([row] * size, 1, max_batch=limit)
       if size >= limit:
         break
       size = min(size * 2, limit)

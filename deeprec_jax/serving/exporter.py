@@ -204,6 +204,7 @@ def _write(out_dir: str, name: str, write) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       write(f)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a serving account out.
     os.replace(tmp, os.path.join(out_dir, name))
   except BaseException:
     os.unlink(tmp)
