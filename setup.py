@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<3",
     "tensorboardX>=2.6,<3",  # TensorBoard event files without TensorFlow
     "matplotlib>=3.8,<4",  # ablation plots
+    "tqdm>=4.66,<5",  # the training progress bar
 ]
 
 EXTRAS_REQUIRE = {

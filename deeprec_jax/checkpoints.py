@@ -8,9 +8,15 @@ improvement). The data position is the step: batches are a pure function of
 Orbax writes each step into a temporary directory and renames it when the
 write is complete, so a process killed mid-save leaves the previous
 checkpoints untouched; the unfinished directory is removed on the next start.
+A step that is damaged anyway (a truncated file, a step directory copied in
+half) is skipped by ``restore_first_intact``, which says which and why, and
+falls back to the next candidate; nothing is deleted.
 """
 
 import os
+import shutil
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -62,10 +68,72 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, record: dict[str
   manager.wait_until_finished()
 
 
-def restore_record(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-  """The JSON record saved at ``step``, without reading the state."""
-  restored = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
-  return dict(restored["record"])
+def newest_first(manager: ocp.CheckpointManager) -> list[int]:
+  """Every step in the checkpoint directory, newest first."""
+  return sorted(manager.all_steps(), reverse=True)
+
+
+def best_first(manager: ocp.CheckpointManager, best_metric: str) -> list[int]:
+  """Steps by saved validation ``best_metric``, best first; then those without, newest first."""
+  scored, unscored = [], []
+  for step in newest_first(manager):
+    try:
+      scored.append((-float(manager.metrics(step)[best_metric]), -step))
+    except Exception:  # noqa: BLE001 - a step whose metrics cannot be read is still a candidate.
+      unscored.append(step)
+  return [-step for _, step in sorted(scored)] + unscored
+
+
+def restore_first_intact(manager: ocp.CheckpointManager, steps: Sequence[int],
+                         abstract_state: Any) -> tuple[int, Any, dict[str, Any], list[int]]:
+  """Restores the first of ``steps`` that reads back whole.
+
+  Args:
+    manager: from ``create_manager``.
+    steps: candidates in order of preference (``newest_first``, ``best_first``).
+    abstract_state: shapes and shardings to restore into (see ``restore``).
+
+  Returns:
+    ``(step, state, record, skipped)``: ``skipped`` are the damaged steps
+    tried before ``step``, each logged with its error.
+
+  Raises:
+    FileNotFoundError: if ``steps`` is empty or every step is damaged.
+  """
+  skipped = []
+  for step in steps:
+    try:
+      state, record = restore(manager, step, abstract_state)
+    except Exception as error:  # noqa: BLE001 - Orbax/tensorstore raise many types here.
+      reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+      logging.warning("checkpoint step %d in %s is damaged, skipped (%s)", step,
+                      manager.directory, reason)
+      skipped.append(step)
+      continue
+    if skipped:
+      logging.warning("restored step %d instead of damaged step(s) %s", step, skipped)
+    return step, state, record, skipped
+  where = f" (damaged: {skipped})" if skipped else ""
+  raise FileNotFoundError(f"no intact checkpoint in {manager.directory}{where}.")
+
+
+def set_aside(manager: ocp.CheckpointManager, steps: Sequence[int]) -> list[str]:
+  """Moves damaged ``steps`` to ``<workdir>/damaged_checkpoints/`` (kept, not deleted).
+
+  A resumed run saves its next checkpoints at those steps again, which Orbax
+  would refuse while the damaged directories hold the names.
+  """
+  directory = str(manager.directory)
+  target_dir = os.path.join(os.path.dirname(directory), "damaged_checkpoints")
+  os.makedirs(target_dir, exist_ok=True)
+  moved = []
+  for step in steps:
+    target = os.path.join(target_dir, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(os.path.join(directory, str(step)), target)
+    logging.warning("moved damaged checkpoint step %d to %s", step, target)
+    moved.append(target)
+  manager.reload()
+  return moved
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any

@@ -67,8 +67,16 @@ def recommend(trainer: Any, params: Any, histories: Sequence[np.ndarray], *, top
 
   Returns:
     One list of ``top_k`` pairs per history, best first.
+
+  Raises:
+    ValueError: for no history, or ``top_k`` outside ``[1, num_items]``.
   """
   dataset, config = trainer.dataset, trainer.config
+  if not histories:
+    raise ValueError("no history to recommend for.")
+  if not 1 <= top_k <= dataset.num_items:
+    raise ValueError(f"top_k={top_k}: expected an int in [1, {dataset.num_items}] (the "
+                     "catalogue size).")
   item_seq = np.stack([
       pipeline.eval_input(history, task=trainer.task, max_len=config.data.max_len,
                           num_items=dataset.num_items) for history in histories]).astype(np.int32)

@@ -16,6 +16,7 @@ _ADDED = {
     ("train", "model_parallel"): 1,
     ("train", "num_devices"): 0,
     ("train", "pack"): False,
+    ("train", "divergence_factor"): 0.0,
     ("eval", "length_buckets"): 4,  # The metrics do not depend on it.
 }
 # Pipeline settings that were model fields: (old model key, task key, default).

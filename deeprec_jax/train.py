@@ -7,6 +7,7 @@ is a pure function of ``config.seed`` and the step, so a resumed run computes
 exactly what an uninterrupted one would.
 """
 
+import collections
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from absl import logging
 from flax import linen as nn
 
 from deeprec_jax import checkpoints, evaluate, losses, models, run_config, sharding, writers
+from deeprec_jax import workdir as workdir_lib
 from deeprec_jax.data import builders, packing, pipeline
 from deeprec_jax.models import validation
 
@@ -90,7 +92,7 @@ def create_optimizer(train_config: ml_collections.ConfigDict,
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
                     num_items: int) -> Callable[[State, dict], tuple[State, dict]]:
-  """Returns ``train_step(state, batch) -> (state, {'loss': ...})``.
+  """Returns ``train_step(state, batch) -> (state, {'loss', 'grad_norm'})``.
 
   Dropout's RNG is ``fold_in(state['rng'], step)``, computed inside the step,
   so it depends on the step alone, not on how the run was split or resumed.
@@ -112,7 +114,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss:
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = dict(params=optax.apply_updates(state["params"], updates),
                      opt_state=opt_state, step=state["step"] + 1, rng=state["rng"])
-    return new_state, {"loss": value}
+    return new_state, {"loss": value, "grad_norm": optax.global_norm(grads)}
 
   return train_step
 
@@ -224,6 +226,31 @@ def restore_state(trainer: Trainer, manager, step: int) -> tuple[State, dict[str
   return checkpoints.restore(manager, step, _abstract(trainer.init_state()))
 
 
+def restore_best(trainer: Trainer, manager) -> tuple[int, State]:
+  """``(step, state)`` of the best intact checkpoint (the next best if it is damaged)."""
+  steps = checkpoints.best_first(manager, trainer.config.train.best_metric)
+  step, state, _, _ = checkpoints.restore_first_intact(manager, steps,
+                                                       _abstract(trainer.init_state()))
+  return step, state
+
+
+def _resume(trainer: Trainer, manager, is_writer: bool) -> tuple[State, dict[str, Any]]:
+  """The newest intact checkpoint's ``(state, record)``, or a fresh start.
+
+  Damaged newer steps are moved aside (``checkpoints.set_aside``), never
+  deleted, so that the run can save at those steps again.
+  """
+  steps = checkpoints.newest_first(manager)
+  if not steps:
+    return trainer.init_state(), {"epoch": 0, "best": None, "evals_without_improvement": 0}
+  step, state, record, skipped = checkpoints.restore_first_intact(
+      manager, steps, _abstract(trainer.init_state()))
+  if skipped and is_writer:
+    checkpoints.set_aside(manager, skipped)
+  logging.info("resumed from step %d in %s", step, manager.directory)
+  return state, record
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
 
@@ -236,32 +263,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The best checkpoint's metrics, ``valid/<name>`` and ``test/<name>``.
   """
   is_writer = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_writer:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  dataset = builders.load(config.data)
-  trainer = Trainer(config, dataset)
-  writer = writers.MetricWriter(workdir, enabled=is_writer)
-  manager = checkpoints.create_manager(workdir, keep=config.train.keep_checkpoints,
-                                       best_metric=config.train.best_metric)
-  state = trainer.init_state()
-  record = {"epoch": 0, "best": None, "evals_without_improvement": 0}
-  if manager.latest_step() is not None:
-    state, record = restore_state(trainer, manager, manager.latest_step())
-    logging.info("resumed from step %d in %s", int(state["step"]), workdir)
-
-  try:
-    if trainer.is_trainable:
-      _train_loop(trainer, state, record, manager, writer, is_writer)
-    elif manager.latest_step() is None:
-      valid = trainer.evaluate(state["params"], "valid")
-      writer.write(0, "valid", valid)
-      checkpoints.save(manager, 0, state, record, valid)
-    return _final_evaluation(trainer, manager, writer, workdir, is_writer)
-  finally:
-    writer.close()
-    manager.close()
+  config = workdir_lib.resolve_paths(config)
+  # Data and model first: a bad file or key leaves no workdir behind.
+  trainer = Trainer(config, builders.load(config.data))
+  with workdir_lib.locked(workdir, enabled=is_writer):
+    if is_writer:
+      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    writer = writers.MetricWriter(workdir, enabled=is_writer)
+    manager = checkpoints.create_manager(workdir, keep=config.train.keep_checkpoints,
+                                         best_metric=config.train.best_metric)
+    try:
+      state, record = _resume(trainer, manager, is_writer)
+      if trainer.is_trainable:
+        _train_loop(trainer, state, record, manager, writer, is_writer)
+      elif manager.latest_step() is None:
+        valid = trainer.evaluate(state["params"], "valid")
+        writer.write(0, "valid", valid)
+        checkpoints.save(manager, 0, state, record, valid)
+      return _final_evaluation(trainer, manager, writer, workdir, is_writer)
+    finally:
+      writer.close()
+      manager.close()
 
 
 def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager, writer,
@@ -275,11 +298,13 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
       in_shardings=(state_shardings, sharding.batch_sharding(trainer.mesh)),
       out_shardings=(state_shardings, sharding.replicated(trainer.mesh)), donate_argnums=0)
   all_finite = jax.jit(_all_finite)
+  guard = DivergenceGuard(config.divergence_factor, manager)
   step = int(state["step"])
   spe = trainer.steps_per_epoch
-  progress = writers.ProgressBar(trainer.total_steps, config.batch_size, enabled=is_writer)
+  progress = writers.ProgressBar(trainer.total_steps, config.batch_size, enabled=is_writer,
+                                 initial_step=step)
   patience = config.patience
-  first_step = True
+  first_step, pending = True, {}
   logging.info("training %s: %d steps (%d per epoch) on %d devices", trainer.config.model.name,
                trainer.total_steps, spe, trainer.mesh.devices.size)
   while step < trainer.total_steps:
@@ -299,20 +324,22 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
         jax.block_until_ready(metrics)
         compile_seconds = time.perf_counter() - start
         logging.info("first train step (compile + run): %.2f s", compile_seconds)
-        writer.write(step, "train", {"compile_seconds": compile_seconds})
+        guard.check(metrics, step + 1)
+        pending = {"compile_seconds": compile_seconds}  # Joins the next logged row.
       else:
         state, metrics = train_step(state, batch)
       step += 1
       if step % config.log_every_steps == 0 or step == trainer.total_steps:
-        loss = float(metrics["loss"])
-        _check_finite(loss, step, manager)
+        loss = guard.check(metrics, step)
         rates = progress.update(step, loss)
-        writer.write(step, "train", {"loss": loss, "epoch": epoch, **rates})
+        writer.write(step, "train", {"loss": loss, "epoch": epoch, **rates, **pending})
+        pending = {}
     epoch_done = end == spe
     finished = step >= trainer.total_steps
     if (epoch_done and (epoch + 1) % config.eval_every_epochs == 0) or finished:
+      guard.check(metrics, step)  # Nothing diverged is ever saved.
       if not bool(all_finite(state["params"])):
-        _check_finite(float("nan"), step, manager)
+        guard.stop(step, "non-finite parameters")
       valid = trainer.evaluate(state["params"], "valid")
       writer.write(step, "valid", valid)
       logging.info("step %d valid %s", step, _format(valid))
@@ -325,21 +352,45 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
       checkpoints.save(manager, step, state, record, valid)
 
 
-def _check_finite(loss: float, step: int, manager) -> None:
-  if not np.isfinite(loss):
-    raise FloatingPointError(
-        f"non-finite loss ({loss}) at step {step}: stopping. The last good checkpoint "
-        f"(step {manager.latest_step()}) is kept in {manager.directory}; lower "
-        "train.learning_rate or set train.grad_clip_norm.")
+class DivergenceGuard:
+  """Stops a run whose loss or gradient norm leaves the finite, or its own scale.
+
+  A logged loss above ``factor`` times the median of the (up to 100) losses
+  logged before it, or a non-finite loss or gradient norm, raises
+  ``FloatingPointError`` naming the step and the last good checkpoint.
+  """
+
+  def __init__(self, factor: float, manager):
+    self.factor, self.manager = factor, manager
+    self.losses: collections.deque[float] = collections.deque(maxlen=100)
+    self._last_step = -1
+
+  def check(self, metrics: dict[str, jax.Array], step: int) -> float:
+    """Checks one step's ``{'loss', 'grad_norm'}``; returns the loss as a float."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+      self.stop(step, f"non-finite loss or gradient norm (loss {loss}, gradient norm "
+                f"{grad_norm})")
+    if self.factor > 0 and self.losses and loss > self.factor * float(np.median(self.losses)):
+      self.stop(step, f"loss {loss:.4g} is over train.divergence_factor={self.factor:g} times "
+                f"the median {float(np.median(self.losses)):.4g} of the losses before it")
+    if not self.losses or step > self._last_step:
+      self.losses.append(loss)
+    self._last_step = step
+    return loss
+
+  def stop(self, step: int, why: str) -> None:
+    latest = self.manager.latest_step()
+    kept = (f"the last good checkpoint (step {latest}) is kept in {self.manager.directory}"
+            if latest is not None else "no checkpoint was saved before it")
+    raise FloatingPointError(f"training diverged at step {step}: {why}. Stopping; {kept}. "
+                             "Lower train.learning_rate or set train.grad_clip_norm.")
 
 
 def _final_evaluation(trainer: Trainer, manager, writer, workdir: str,
                       is_writer: bool) -> dict[str, float]:
   """Evaluates the best checkpoint on valid and test; writes final_metrics.json."""
-  best = manager.best_step()
-  if best is None:
-    best = manager.latest_step()
-  state, _ = restore_state(trainer, manager, best)
+  best, state = restore_best(trainer, manager)
   results = {}
   for split in ("valid", "test"):
     split_metrics = trainer.evaluate(state["params"], split)
@@ -390,18 +441,18 @@ def load_trained(workdir: str, config: ml_collections.ConfigDict | None = None
       (``run_config.load``).
 
   Returns:
-    ``(trainer, params, step)`` of the best checkpoint (the latest if no
-    checkpoint recorded metrics), params sharded as in training.
+    ``(trainer, params, step)`` of the best intact checkpoint (the next best
+    when it is damaged; by step when no checkpoint recorded metrics), params
+    sharded as in training.
   """
   config = run_config.load(workdir) if config is None else run_config.upgrade_config(config)
   manager = checkpoints.create_manager(workdir, keep=config.train.keep_checkpoints,
                                        best_metric=config.train.best_metric)
-  step = manager.best_step()
-  if step is None:
-    step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first.")
-  trainer = Trainer(_fit_to_devices(config), builders.load(config.data))
-  state, _ = restore_state(trainer, manager, step)
-  manager.close()
+  try:
+    if not manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first.")
+    trainer = Trainer(_fit_to_devices(config), builders.load(config.data))
+    step, state = restore_best(trainer, manager)
+  finally:
+    manager.close()
   return trainer, state["params"], step

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 import jax
 import numpy as np
+import tqdm
 
 
 def _to_python(value: Any) -> Any:
@@ -61,20 +62,31 @@ class MetricWriter:
 
 
 class ProgressBar:
-  """A one-line console progress bar: step, loss, steps/s and sequences/s."""
+  """Training progress: step, loss, steps/s, sequences/s and ETA.
+
+  On a terminal a ``tqdm`` bar redraws in place; when the stream is piped or
+  a file, one plain line is printed every ``line_every`` of the run (and at
+  the end), so logs stay short.
+  """
 
   def __init__(self, total_steps: int, sequences_per_step: int, enabled: bool = True,
-               stream: TextIO = sys.stderr, width: int = 24):
+               stream: TextIO = sys.stderr, initial_step: int = 0, line_every: float = 0.1):
     self._total = max(total_steps, 1)
     self._sequences_per_step = sequences_per_step
     self._enabled = enabled
     self._stream = stream
-    self._width = width
     self._last_time = time.perf_counter()
     self._last_step = None
+    self._start = (time.perf_counter(), initial_step)
+    self._line_steps = max(1, int(self._total * line_every))
+    self._next_line = initial_step + self._line_steps
+    self._bar = None
+    if enabled and stream.isatty():
+      self._bar = tqdm.tqdm(total=self._total, initial=initial_step, file=stream, unit="step",
+                            dynamic_ncols=True, leave=True)
 
   def update(self, step: int, loss: float) -> dict[str, float]:
-    """Redraws the bar at ``step``; returns the throughput since the last update."""
+    """Shows ``step``; returns the throughput since the last update."""
     now = time.perf_counter()
     rates = {}
     if self._last_step is not None and step > self._last_step:
@@ -82,12 +94,27 @@ class ProgressBar:
       rates = {"steps_per_sec": steps_per_sec,
                "sequences_per_sec": steps_per_sec * self._sequences_per_step}
     self._last_time, self._last_step = now, step
-    if self._enabled:
-      filled = int(self._width * min(step, self._total) / self._total)
-      bar = "#" * filled + "." * (self._width - filled)
-      rate_text = (f" | {rates['steps_per_sec']:.1f} steps/s "
-                   f"{rates['sequences_per_sec']:.0f} seq/s" if rates else "")
-      end = "\n" if step >= self._total or not self._stream.isatty() else ""
-      self._stream.write(f"\r[{bar}] step {step}/{self._total} loss {loss:.4f}{rate_text}{end}")
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      postfix = {"loss": f"{loss:.4f}"}
+      if rates:
+        postfix["seq/s"] = f"{rates['sequences_per_sec']:.0f}"
+      self._bar.set_postfix(postfix, refresh=True)
+      if step >= self._total:
+        self._bar.close()
+    elif self._enabled and (step >= self._next_line or step >= self._total):
+      self._next_line = step + self._line_steps
+      self._stream.write(self._line(step, loss, rates, now) + "\n")
       self._stream.flush()
     return rates
+
+  def _line(self, step: int, loss: float, rates: dict[str, float], now: float) -> str:
+    text = f"step {step}/{self._total} ({100 * step / self._total:.0f}%) loss {loss:.4f}"
+    if rates:
+      text += (f" | {rates['steps_per_sec']:.1f} steps/s "
+               f"{rates['sequences_per_sec']:.0f} seq/s")
+    start_time, start_step = self._start
+    if step > start_step and step < self._total:
+      eta = (self._total - step) * (now - start_time) / (step - start_step)
+      text += f" | ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+    return text

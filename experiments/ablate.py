@@ -15,12 +15,11 @@ every point; --config.seeds='(0,)' narrows the seeds.
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from deeprec_jax.ablation import run
+from experiments import cli
 
-config_flags.DEFINE_config_file("config", None, "Ablation config file[:dataset].",
-                                lock_config=True)
+cli.define_config_file("config", None, "Ablation config file[:dataset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: runs/, results, tables, plots.",
                                required=True)
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs trained at once in subprocesses "
@@ -44,4 +43,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

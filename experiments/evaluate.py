@@ -11,6 +11,7 @@ import os
 from absl import app, flags
 
 from deeprec_jax import train
+from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory written by experiments.train.",
                                required=True)
@@ -29,4 +30,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

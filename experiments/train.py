@@ -12,14 +12,13 @@ import json
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from deeprec_jax import sharding, train
+from experiments import cli
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
-config_flags.DEFINE_config_file(
-    "config", os.path.join(_CONFIGS, "default.py"), "Experiment config file[:dataset].",
-    lock_config=True)
+cli.define_config_file("config", os.path.join(_CONFIGS, "default.py"),
+                       "Experiment config file[:dataset].")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Checkpoints, metrics and logs.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "",
                                    "host:port of process 0 in a multi-process run.")
@@ -37,4 +36,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

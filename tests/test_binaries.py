@@ -89,7 +89,7 @@ def test_recommend_for_a_known_user(workdir):
   dataset = trainer.dataset
   user_id = int(dataset.user_ids[5])
   out = json.loads(_run("experiments.recommend", f"--workdir={workdir}", f"--user={user_id}",
-                        "--top_k=5").splitlines()[-1])
+                        "--top_k=5", "--show_history").splitlines()[-1])
   expected = [int(dataset.item_ids[i]) for i in dataset.source[5]["item_seq"]]
   assert out["user"] == user_id and out["history"] == expected
   items = [r["item"] for r in out["recommendations"]]

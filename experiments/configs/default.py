@@ -8,14 +8,21 @@ Usage: ``--config=experiments/configs/default.py[:<dataset>]`` where
 ``sasrec_text`` or ``csv``; see ``data_config``.
 """
 
+import os
+
 import ml_collections
 
+# MovieLens is never committed: $DEEPREC_SHARED_DATA, else ../shared/data beside
+# the checkout (found from this file, so that any working directory works).
+SHARED_DATA = os.environ.get("DEEPREC_SHARED_DATA") or os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data"))
 # Raw-data defaults per dataset; ``path`` may be a folder or the GroupLens zip.
 DATASETS = {
     "synthetic": dict(name="synthetic", path=""),
-    "ml-100k": dict(name="ml-100k", path="../shared/data/ml-100k"),
-    "ml-1m": dict(name="sasrec_text", path="../shared/data/ml-1m/ml-1m_sasrec_order.txt"),
-    "ml-1m-raw": dict(name="ml-1m", path="../shared/data/ml-1m"),
+    "ml-100k": dict(name="ml-100k", path=os.path.join(SHARED_DATA, "ml-100k")),
+    "ml-1m": dict(name="sasrec_text",
+                  path=os.path.join(SHARED_DATA, "ml-1m", "ml-1m_sasrec_order.txt")),
+    "ml-1m-raw": dict(name="ml-1m", path=os.path.join(SHARED_DATA, "ml-1m")),
     "sasrec_text": dict(name="sasrec_text", path=""),
     "csv": dict(name="csv", path=""),
 }
@@ -49,9 +56,10 @@ def data_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   data.csv.item_column = "item_id"  # header name of the item column
   data.csv.time_column = "timestamp"  # header name of the timestamp column ('' = file order)
   data.csv.rating_column = ""  # header name of the rating column ('' = none)
+  if dataset in ("ml-1m", "sasrec_text"):
+    data.min_user_interactions = 0  # SASRec-layout files are already filtered
   if dataset == "ml-1m":
     data.max_len = 200  # SASRec paper setting for ML-1M
-    data.min_user_interactions = 0  # the SASRec file is already filtered
   return data
 
 
@@ -100,6 +108,7 @@ def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 2  # latest checkpoints kept besides the best
   config.train.best_metric = "ndcg@10"  # validation metric for best checkpoint / early stop
   config.train.patience = 0  # stop after N evals without improvement (0 = never)
+  config.train.divergence_factor = 100.0  # stop at a logged loss > this x earlier median (0 = off)
   config.train.num_devices = 0  # devices in the data-parallel mesh (0 = all)
   config.train.model_parallel = 1  # devices on the 'model' mesh axis (item-table rows split)
 
