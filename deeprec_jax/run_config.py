@@ -13,6 +13,7 @@ import ml_collections
 # Keys added after the first runs were written, with the value that
 # reproduces what those runs did.
 _ADDED = {
+    ("data", "keep_short_users"): False,
     ("train", "model_parallel"): 1,
     ("train", "num_devices"): 0,
     ("train", "pack"): False,

@@ -65,7 +65,7 @@ def _expected(config):
       builders.load_interactions(config), rating_threshold=config.rating_threshold,
       min_user_interactions=config.min_user_interactions,
       min_item_interactions=config.min_item_interactions, max_history=config.max_history,
-      log=None)
+      keep_short_users=config.keep_short_users, log=None)
 
 
 def _assert_matches(dataset, seq_data):

@@ -15,6 +15,7 @@ import pytest
 
 from deeprec_jax import checkpoints, recommend, train
 from deeprec_jax import workdir as workdir_lib
+from deeprec_jax.data import builders, pipeline, preprocess, sources
 from experiments import recommend as recommend_binary
 from experiments.configs import tiny
 
@@ -233,3 +234,22 @@ def test_sigkill_at_twenty_points_during_saves_then_rerun_finishes_the_same(runs
     workdir = tmp_path / f"kill_{seed}"
     _kill_during_saves(workdir, seed)
     _assert_same(train.train_and_evaluate(_config(3), str(workdir)), three)
+
+
+def test_short_users_can_stay_as_training_only_users():
+  """As the SASRec code: a 2-item user trains on both items and is never evaluated."""
+  x = sources.Interactions(user=np.array([1, 1, 2, 2, 2, 2], np.int64),
+                           item=np.array([1, 2, 1, 2, 3, 1], np.int64),
+                           timestamp=np.arange(6, dtype=np.int64))
+  assert preprocess.preprocess(x, log=None).num_users == 1  # The default drops user 1.
+  messages = []
+  data = preprocess.preprocess(x, keep_short_users=True, log=messages.append)
+  assert data.num_users == 2 and any("1 users with < 3" in m for m in messages)
+  assert preprocess.split_train(data.sequences[0]).tolist() == [1, 2]
+  assert preprocess.split_train(data.sequences[1]).tolist() == [1, 2]
+  dataset = builders.from_sequences(data)
+  counts = pipeline.train_item_counts(dataset)
+  assert counts.tolist() == [0, 2, 2, 0]  # Both users' training parts.
+  batches = list(pipeline.eval_batches(dataset, split="test", task="autoregressive",
+                                       max_len=4, batch_size=4))
+  assert sum(float(b["weight"].sum()) for b in batches) == 1.0  # Only user 2.

@@ -314,6 +314,7 @@ class SequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         min_user_interactions=config.min_user_interactions,
         min_item_interactions=config.min_item_interactions,
         max_history=config.max_history,
+        keep_short_users=bool(json.loads(config.settings).get("keep_short_users", False)),
         log=logging.info,
     )
     self.info.metadata.update(_metadata(seq_data, json.loads(config.settings)))

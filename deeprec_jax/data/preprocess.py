@@ -141,6 +141,7 @@ def preprocess(
     min_user_interactions: int = 0,
     min_item_interactions: int = 0,
     max_history: int = 0,
+    keep_short_users: bool = False,
     log: Callable[[str], None] | None = logging.info,
 ) -> SequenceData:
   """Turns raw interactions into per-user chronological sequences (see module doc).
@@ -152,6 +153,10 @@ def preprocess(
       at least 3 are always needed, for leave-one-out).
     min_item_interactions: k-core, items need at least this many (0 = off).
     max_history: keep each user's most recent N interactions (0 = all, else >= 3).
+    keep_short_users: keep users with fewer than 3 interactions as
+      training-only users (``split_train`` is their whole sequence; they are
+      never evaluated), as the SASRec reference code does; otherwise the
+      k-core drops them.
     log: receives one line per step; None = silent.
 
   Returns:
@@ -194,10 +199,15 @@ def preprocess(
     position_from_end = np.repeat(run_end, np.diff(run_end, prepend=-1)) - np.arange(len(user))
     keep_rows(position_from_end < max_history, f"max_history={max_history} (most recent kept)")
 
-  min_user = max(min_user_interactions, MIN_SEQUENCE_LENGTH)
+  min_user = max(min_user_interactions, 1 if keep_short_users else MIN_SEQUENCE_LENGTH)
   reason = ""
   if min_user != min_user_interactions:
     reason = f", raised from {min_user_interactions} for leave-one-out"
+  if keep_short_users:
+    short = np.count_nonzero(np.bincount(np.unique(user, return_inverse=True)[1])
+                             < MIN_SEQUENCE_LENGTH) if len(user) else 0
+    log(f"keep_short_users: {short} users with < {MIN_SEQUENCE_LENGTH} interactions kept as "
+        "training-only users")
   keep_rows(k_core(user, item, min_user, min_item_interactions),
             f"k-core (users >= {min_user}{reason}; items >= {min_item_interactions})")
   _check_not_empty(user, rating_threshold, min_user_interactions, min_item_interactions)
@@ -233,8 +243,12 @@ def preprocess(
 
 
 def split_train(sequence: np.ndarray) -> np.ndarray:
-  """The training part of a leave-one-out split: all but the last two items."""
-  return sequence[:-2]
+  """The training part of a leave-one-out split: all but the last two items.
+
+  A sequence too short to hold out two items (a training-only user, see
+  ``keep_short_users``) trains on all of it.
+  """
+  return sequence[:-2] if len(sequence) >= MIN_SEQUENCE_LENGTH else sequence
 
 
 def split_eval(sequence: np.ndarray, split: str) -> tuple[np.ndarray, int]:

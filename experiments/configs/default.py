@@ -42,6 +42,7 @@ def data_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   data.min_user_interactions = 5  # k-core: users need at least this many items
   data.min_item_interactions = 0  # k-core: items need at least this many users
   data.max_history = 0  # keep only each user's most recent N items (0 = all)
+  data.keep_short_users = False  # users with < 3 items train only (never evaluated), as in SASRec
   # Synthetic generator (only read when name == 'synthetic').
   data.synthetic = ml_collections.ConfigDict()
   data.synthetic.num_users = 2000  # users, each one Markov walk
@@ -58,6 +59,7 @@ def data_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   data.csv.rating_column = ""  # header name of the rating column ('' = none)
   if dataset in ("ml-1m", "sasrec_text"):
     data.min_user_interactions = 0  # SASRec-layout files are already filtered
+    data.keep_short_users = True  # the SASRec code keeps them for training
   if dataset == "ml-1m":
     data.max_len = 200  # SASRec paper setting for ML-1M
   return data
