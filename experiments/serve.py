@@ -16,6 +16,7 @@ answers and error codes. Needs only jax and numpy beside the artifact. With
 import json
 import signal
 import threading
+import time
 
 from absl import app, flags, logging
 
@@ -33,7 +34,8 @@ _MAX_WAIT_MS = flags.DEFINE_float("max_wait_ms", server_lib.DEFAULT_MAX_WAIT_S *
                                   "How long a batch waits for more requests.")
 _MAX_HISTORIES = flags.DEFINE_integer("max_histories", server_lib.DEFAULT_MAX_HISTORIES,
                                       "Most histories in one request.")
-_WARMUP = flags.DEFINE_bool("warmup", True, "Compile every batch size before serving.")
+_WARMUP = flags.DEFINE_bool("warmup", True, "Compile every batch size and exclusion width "
+                            "before serving (the first requests are then not slow).")
 
 
 def main(argv: list[str]) -> None:
@@ -43,7 +45,9 @@ def main(argv: list[str]) -> None:
   artifact = serving.load(_ARTIFACT.value,
                           max_batch=max(_MAX_BATCH.value, artifact_lib.DEFAULT_MAX_BATCH))
   if _WARMUP.value:
-    artifact.warm_up(_MAX_BATCH.value)
+    start = time.perf_counter()
+    shapes = artifact.warm_up(_MAX_BATCH.value)
+    logging.info("compiled %d shapes in %.1f s", shapes, time.perf_counter() - start)
   server = server_lib.make_server(artifact, host=_HOST.value, port=_PORT.value,
                                   max_batch=_MAX_BATCH.value,
                                   max_wait_s=_MAX_WAIT_MS.value / 1e3,

@@ -35,8 +35,10 @@ PARAMS = "params.npz"
 ITEM_IDS = "item_ids.npy"
 USER_IDS = "user_ids.npy"
 CONFIG = "config.json"
-# The exclusion width is padded to a power of two, at least this: few shapes.
-MIN_EXCLUDE_WIDTH = 16
+# The exclusion width is padded to MIN_EXCLUDE_WIDTH * 4**j: few shapes to
+# compile (3 for ML-1M's longest history, 2,314), and the scatter of a wider
+# list costs next to nothing beside the model.
+MIN_EXCLUDE_WIDTH = 256
 DEFAULT_MAX_BATCH = 512
 
 
@@ -95,9 +97,17 @@ def model_input(history: np.ndarray, *, task: str, max_len: int, num_items: int)
 
 
 def bucket(n: int, cap: int | None = None) -> int:
-  """The next power of two ``>= n`` (at least 1), at most ``cap``."""
+  """The next power of two ``>= n`` (at least 1), at most ``cap``: the padded batch."""
   size = 1 << max(int(n) - 1, 0).bit_length()
   return size if cap is None else min(size, cap)
+
+
+def exclude_width(n: int) -> int:
+  """The padded exclusion width for ``n`` items: ``MIN_EXCLUDE_WIDTH * 4**j >= n``."""
+  width = MIN_EXCLUDE_WIDTH
+  while width < n:
+    width *= 4
+  return width
 
 
 def _as_ids(values: Any, what: str) -> np.ndarray:
@@ -251,9 +261,9 @@ class Artifact:
     """The ``k`` best items of each row, as ``(original item id, score)``, best first.
 
     Rows go to the compiled function ``max_batch`` (default ``self.max_batch``)
-    at a time, the batch padded to a power of two (repeating the first row)
-    and the exclusion width to a power of two ``>= MIN_EXCLUDE_WIDTH``, so few
-    shapes are ever compiled. Fewer than ``k`` pairs come back when fewer than
+    at a time, the batch padded to a power of two (``bucket``, repeating the
+    first row) and the exclusion list to ``exclude_width``, so few shapes are
+    ever compiled. Fewer than ``k`` pairs come back when fewer than
     ``k`` items remain.
     """
     self._check_k(k)
@@ -262,7 +272,7 @@ class Artifact:
     for start in range(0, len(rows), limit):
       chunk = rows[start:start + limit]
       size = bucket(len(chunk), limit)
-      width = max(bucket(max(len(row.exclude) for row in chunk)), MIN_EXCLUDE_WIDTH)
+      width = exclude_width(max(len(row.exclude) for row in chunk))
       item_seq = np.zeros((size, self.max_len), np.int32)
       exclude = np.zeros((size, width), np.int32)
       user = np.zeros((size,), np.int32)
@@ -302,16 +312,27 @@ class Artifact:
     self._check_k(k)
     return self.score(self.encode(histories, users=users, exclude_seen=exclude_seen), k)
 
-  def warm_up(self, max_batch: int | None = None) -> None:
-    """Compiles every batch size up to ``max_batch`` at the smallest exclusion width."""
+  def warm_up(self, max_batch: int | None = None, longest_history: int | None = None) -> int:
+    """Compiles every shape that queries up to these sizes need; returns how many.
+
+    Args:
+      max_batch: the largest batch (default ``self.max_batch``): every power
+        of two up to it, and it.
+      longest_history: the longest history to expect (default the manifest's
+        ``longest_history``, the dataset's longest): every exclusion width
+        up to ``exclude_width`` of it.
+    """
     limit = min(max_batch or self.max_batch, self.max_batch)
-    row = Row(np.ones((self.max_len,), np.int32), np.zeros((0,), np.int32), 0)
-    size = 1
-    while True:
-      self.score([row] * size, 1, max_batch=limit)
-      if size >= limit:
-        break
-      size = min(size * 2, limit)
+    longest = longest_history or self.manifest.get("longest_history") or 1
+    sizes = sorted({bucket(n, limit) for n in range(1, limit + 1)})
+    widths = [MIN_EXCLUDE_WIDTH]
+    while widths[-1] < longest:
+      widths.append(widths[-1] * 4)
+    for width in widths:
+      row = Row(np.ones((self.max_len,), np.int32), np.ones((width,), np.int32), 0)
+      for size in sizes:
+        self.score([row] * size, 1, max_batch=limit)
+    return len(sizes) * len(widths)
 
   def _check_k(self, k: Any) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.top_k:

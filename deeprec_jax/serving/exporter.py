@@ -124,8 +124,8 @@ def export_function(model: nn.Module, flat: Mapping[str, np.ndarray], *, num_ite
 def write_artifact(out_dir: str, *, model: nn.Module, params: Any, model_name: str, task: str,
                    num_items: int, item_ids: np.ndarray, user_ids: np.ndarray, max_len: int,
                    top_k: int = DEFAULT_TOP_K, config: Any = None, step: int | None = None,
-                   platforms: Sequence[str] = DEFAULT_PLATFORMS,
-                   source: str = "") -> dict[str, Any]:
+                   platforms: Sequence[str] = DEFAULT_PLATFORMS, source: str = "",
+                   longest_history: int | None = None) -> dict[str, Any]:
   """Exports ``model`` with ``params`` into ``out_dir``; returns the manifest.
 
   Args:
@@ -143,6 +143,8 @@ def write_artifact(out_dir: str, *, model: nn.Module, params: Any, model_name: s
     step: the checkpoint's step, for the record.
     platforms: what to lower for (``export_function``).
     source: where the params come from (a workdir), for the record.
+    longest_history: the dataset's longest user history, so that
+      ``Artifact.warm_up`` compiles every exclusion width it will meet.
 
   Returns:
     The manifest written to ``out_dir/manifest.json``.
@@ -176,6 +178,7 @@ def write_artifact(out_dir: str, *, model: nn.Module, params: Any, model_name: s
       "num_items": int(num_items),
       "num_users": int(len(user_ids)),
       "mask_token": int(num_items + 1) if task == "masked" else None,
+      "longest_history": None if longest_history is None else int(longest_history),
       "step": None if step is None else int(step),
       "source": source,
       "num_params": int(sum(v.size for v in flat.values())),
@@ -240,12 +243,15 @@ def export_trained(trainer: train.Trainer, params: Any, out_dir: str, *,
     raise ValueError(f"max_len={max_len}: expected an integer in [{shortest}, {run_len}] "
                      "(the run's data.max_len).")
   dataset = trainer.dataset
+  lengths = (dataset.lengths if dataset.lengths is not None
+             else [len(record["item_seq"]) for record in dataset.source])
   return write_artifact(out_dir, model=trainer.model, params=params,
                         model_name=trainer.config.model.name, task=trainer.task,
                         num_items=dataset.num_items, item_ids=dataset.item_ids,
                         user_ids=dataset.user_ids, max_len=max_len, top_k=top_k,
                         config=trainer.config if config is None else config, step=step,
-                        platforms=platforms, source=source)
+                        platforms=platforms, source=source,
+                        longest_history=int(np.max(lengths)) if len(lengths) else None)
 
 
 def export_workdir(workdir: str, out_dir: str, **kwargs: Any) -> dict[str, Any]:

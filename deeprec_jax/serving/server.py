@@ -277,6 +277,9 @@ class _Handler(http_server.BaseHTTPRequestHandler):
 
   server: RecommendServer
   protocol_version = "HTTP/1.1"  # Keep-alive: a client reuses its connection.
+  # Headers and body are two writes: without TCP_NODELAY the body waits for the
+  # client's delayed ACK (~40 ms a request on Linux).
+  disable_nagle_algorithm = True
 
   def do_GET(self) -> None:  # The names http.server calls.
     if self._path() == "/healthz":
