@@ -90,10 +90,31 @@ def _train_command(workdir, *overrides):
           "--config.train.num_epochs=4", *overrides]
 
 
+def _restore_latest(config, workdir):
+  """``(step, state)`` of the newest checkpoint in ``workdir``, restored on the host."""
+  trainer = train.Trainer(config, train.builders.load(config.data))
+  manager = checkpoints.create_manager(workdir, keep=config.train.keep_checkpoints,
+                                       best_metric=config.train.best_metric)
+  step = manager.latest_step()
+  state, _ = train.restore_state(trainer, manager, step)
+  manager.close()
+  return step, jax.device_get(state)
+
+
+def _losses_by_step(workdir):
+  """``{step: [loss, ...]}`` of every train record with a loss, in file order."""
+  losses = {}
+  for record in _records(workdir, "train"):
+    if "loss" in record:
+      losses.setdefault(record["step"], []).append(record["loss"])
+  return losses
+
+
 def test_sigkill_then_rerun_gives_the_uninterrupted_metrics(tmp_path):
   config = tiny.get_config("sasrec")
   config.train.num_epochs = 4
-  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  straight_dir = str(tmp_path / "straight")
+  uninterrupted = train.train_and_evaluate(config, straight_dir)
 
   workdir = tmp_path / "killed"
   process = subprocess.Popen(_train_command(workdir), cwd=REPO, stdout=subprocess.DEVNULL,
@@ -107,11 +128,39 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_metrics(tmp_path):
   assert process.poll() is None, "the run ended before it could be killed"
   process.send_signal(signal.SIGKILL)
   process.wait()
+  manager = checkpoints.create_manager(str(workdir), keep=2, best_metric="ndcg@10")
+  resume_step = manager.latest_step()
+  manager.close()
+  assert resume_step is not None and resume_step > 0  # A real resume, not a fresh start.
 
   resumed = train.train_and_evaluate(config, str(workdir))
   assert resumed.keys() == uninterrupted.keys()
   for name, value in uninterrupted.items():
     np.testing.assert_allclose(resumed[name], value, rtol=1e-6, err_msg=name)
+
+  # The final states: parameters, both Adam moments, the step and the RNG key.
+  (step, state), (straight_step, straight_state) = (
+      _restore_latest(config, str(workdir)), _restore_latest(config, straight_dir))
+  assert step == straight_step == 16  # 4 epochs of 4 steps.
+  flat_state = jax.tree_util.tree_flatten_with_path(state)[0]
+  flat_straight = jax.tree.leaves(straight_state)
+  assert len(flat_state) == len(flat_straight)
+  for (path, leaf), expected in zip(flat_state, flat_straight, strict=True):
+    np.testing.assert_allclose(leaf, expected, rtol=1e-6, atol=0,
+                               err_msg=jax.tree_util.keystr(path))
+
+  # Every logged loss, before the kill and after the resume, is the straight run's;
+  # the resumed run wrote nothing at or before the step it resumed from.
+  losses, straight_losses = _losses_by_step(str(workdir)), _losses_by_step(straight_dir)
+  assert losses.keys() == straight_losses.keys() == set(range(2, 17, 2))
+  for log_step, values in losses.items():
+    np.testing.assert_allclose(values, straight_losses[log_step][0], rtol=1e-6,
+                               err_msg=f"step {log_step}")
+    if log_step <= resume_step:
+      assert len(values) == 1, f"step {log_step} logged again after resuming at {resume_step}"
+  valid_steps = [r["step"] for r in _records(str(workdir), "valid")]
+  assert sorted(set(valid_steps)) == [4, 8, 12, 16]
+  assert all(valid_steps.count(s) == 1 for s in valid_steps if s <= resume_step)
 
 
 def test_unfinished_save_does_not_hide_the_last_good_checkpoint(tmp_path):
