@@ -18,6 +18,8 @@ _ADDED = {
     ("train", "num_devices"): 0,
     ("train", "pack"): False,
     ("train", "divergence_factor"): 0.0,
+    ("train", "temperature"): 1.0,
+    ("train", "gbce_t"): 0.75,
     ("eval", "length_buckets"): 4,  # The metrics do not depend on it.
 }
 # Pipeline settings that were model fields: (old model key, task key, default).

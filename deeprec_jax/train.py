@@ -91,13 +91,14 @@ def create_optimizer(train_config: ml_collections.ConfigDict,
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
-                    num_items: int) -> Callable[[State, dict], tuple[State, dict]]:
+                    num_items: int, temperature: float = 1.0, gbce_t: float = 0.75
+                    ) -> Callable[[State, dict], tuple[State, dict]]:
   """Returns ``train_step(state, batch) -> (state, {'loss', 'grad_norm'})``.
 
   Dropout's RNG is ``fold_in(state['rng'], step)``, computed inside the step,
   so it depends on the step alone, not on how the run was split or resumed.
   """
-  loss_fn = losses.loss_fn(loss)
+  loss_fn = losses.loss_fn(loss, temperature=temperature, gbce_t=gbce_t)
 
   def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
     dropout_rng = jax.random.fold_in(
@@ -294,7 +295,8 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
   state_shardings = sharding.param_shardings(state, trainer.mesh)
   train_step = jax.jit(
       make_train_step(trainer.model, trainer.tx, loss=config.loss,
-                      num_items=trainer.dataset.num_items),
+                      num_items=trainer.dataset.num_items, temperature=config.temperature,
+                      gbce_t=config.gbce_t),
       in_shardings=(state_shardings, sharding.batch_sharding(trainer.mesh)),
       out_shardings=(state_shardings, sharding.replicated(trainer.mesh)), donate_argnums=0)
   all_finite = jax.jit(_all_finite)

@@ -10,7 +10,7 @@ import pytest
 from deeprec_jax import losses
 
 B, L, T, D, N, K = 3, 6, 4, 8, 12, 3
-NAMES = ("bce", "sampled_softmax", "softmax")
+NAMES = ("bce", "gbce", "sampled_softmax", "softmax")
 
 # One compiled program per case is much faster than op-by-op dispatch here.
 _compute = jax.jit(losses.compute, static_argnums=0, static_argnames="return_count")
@@ -41,7 +41,7 @@ def _np_softplus(x):
   return np.logaddexp(0.0, x)
 
 
-def _np_loss(name, hidden, table, targets, negatives, log_q=None):
+def _np_loss(name, hidden, table, targets, negatives, log_q=None, gbce_t=0.75):
   """Loops over targets in float64, the definitions written out."""
   hidden, table = np.float64(hidden), np.float64(table)
   if hidden.ndim == 2:  # Window models: the same state for every target.
@@ -57,6 +57,12 @@ def _np_loss(name, hidden, table, targets, negatives, log_q=None):
     negs = [n for n in negatives[b, i] if n != 0 and n != t]
     if name == "bce":
       total += _np_softplus(-pos) + sum(_np_softplus(h @ table[n]) for n in negs)
+    elif name == "gbce":
+      # gSASRec: sigmoid(s_pos) ** beta, alpha = k / (N - 1) sampled of N - 1 candidates.
+      alpha = negatives.shape[-1] / (table.shape[0] - 2)
+      beta = alpha * (gbce_t * (1 - 1 / alpha) + 1 / alpha)
+      # -log(sigmoid(x) ** beta) and -log(1 - sigmoid(x)), in their overflow-free forms.
+      total += beta * _np_softplus(-pos) + sum(_np_softplus(h @ table[n]) for n in negs)
     elif name == "sampled_softmax":
       items = [t] + negs
       logits = np.array([h @ table[i] for i in items])
@@ -77,6 +83,29 @@ def test_matches_numpy_reference(name, window):
     want = _np_loss(name, hidden, table, targets, negatives)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gbce_t", [0.0, 0.3, 1.0])
+def test_gbce_calibration_and_its_ends(gbce_t):
+  hidden, table, targets, negatives = _inputs(11)
+  got = losses.loss_fn("gbce", gbce_t=gbce_t)(hidden, table, targets, negatives)
+  want = _np_loss("gbce", hidden, table, targets, negatives, gbce_t=gbce_t)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  if gbce_t == 0.0:  # beta = 1: plain BCE.
+    np.testing.assert_allclose(got, losses.bce_sampled(hidden, table, targets, negatives),
+                               rtol=1e-6)
+  with pytest.raises(ValueError, match="train.gbce_t"):
+    losses.loss_fn("gbce", gbce_t=1.5)(hidden, table, targets, negatives)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_temperature_divides_every_logit(name):
+  hidden, table, targets, negatives = _inputs(12)
+  got = losses.loss_fn(name, temperature=0.05)(hidden, table, targets, negatives)
+  want = _np_loss(name, hidden / 0.05, table, targets, negatives)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  with pytest.raises(ValueError, match="train.temperature"):
+    losses.loss_fn(name, temperature=0.0)
 
 
 def test_sampled_softmax_log_q():

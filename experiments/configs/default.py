@@ -96,8 +96,10 @@ def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config.train.pack = True  # pack several users into one row where the model allows (SASRec)
   config.train.num_epochs = 20  # epochs over the users (or windows)
   config.train.num_steps = 0  # if > 0, overrides num_epochs
-  config.train.loss = "bce"  # bce | sampled_softmax | softmax
-  config.train.num_negatives = 1  # sampled negatives per target (bce, sampled_softmax)
+  config.train.loss = "bce"  # bce | gbce | sampled_softmax | softmax
+  config.train.num_negatives = 1  # sampled negatives per target (bce, gbce, sampled_softmax)
+  config.train.temperature = 1.0  # logits are divided by it in the loss (1 = none)
+  config.train.gbce_t = 0.75  # gbce: calibration t in [0, 1] (0 = plain bce)
   config.train.optimizer = "adam"  # adam | adamw
   config.train.learning_rate = 1e-3  # peak learning rate
   config.train.schedule = "constant"  # constant | cosine (after warmup)
