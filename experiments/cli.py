@@ -21,6 +21,10 @@ from deeprec_jax import workdir as workdir_lib
 _DEBUG = flags.DEFINE_bool("debug", False, "Show full tracebacks of user errors.")
 _LOG_ALL = flags.DEFINE_bool("log_all", False,
                              "Keep INFO logs of third-party libraries (Orbax, TFDS, JAX).")
+_JAX_CACHE = flags.DEFINE_string(
+    "jax_cache_dir", "~/.cache/deeprec_jax/jax_cache",
+    "JAX's persistent compilation cache: a rerun or resume skips most compiles "
+    "('' = off; $JAX_COMPILATION_CACHE_DIR wins).")
 
 # Exceptions the library raises for wrong input (keys, values, files, ids).
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
@@ -103,11 +107,20 @@ def _quiet_logs() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _compilation_cache() -> None:
+  path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(_JAX_CACHE.value)
+  if not path:
+    return
+  import jax  # pylint: disable=g-import-not-at-top  (after flags: --jax_cache_dir='' skips it)
+  jax.config.update("jax_compilation_cache_dir", path)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-  """``app.run(main)`` with the error handling and logging above."""
+  """``app.run(main)`` with the error handling, logging and compilation cache above."""
 
   def wrapped(argv: list[str]) -> None:
     _quiet_logs()
+    _compilation_cache()
     try:
       main(argv)
     except FloatingPointError as error:  # The run stopped itself (divergence).
