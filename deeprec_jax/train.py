@@ -202,6 +202,8 @@ class Trainer:
       # The batches are the same at every evaluation: keep them if they are small.
       if self.dataset.num_users <= _CACHED_EVAL_USERS:
         batches = self._eval_cache[split] = list(batches)
+    batches = writers.progress(batches, f"evaluate {split}",
+                               enabled=jax.process_index() == 0)
     return evaluate.evaluate(self._eval_step, params,
                              (sharding.to_global(b, self.mesh) for b in batches))
 

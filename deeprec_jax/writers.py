@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any, TextIO
 
 import jax
@@ -59,6 +60,16 @@ class MetricWriter:
       self._jsonl.close()
     if self._tensorboard is not None:
       self._tensorboard.close()
+
+
+def progress(items: Iterable[Any], description: str, enabled: bool = True,
+             stream: TextIO = sys.stderr) -> Iterable[Any]:
+  """``items``, with a transient ``tqdm`` bar on a terminal (nothing when piped)."""
+  if not (enabled and stream.isatty()):
+    return items
+  total = len(items) if hasattr(items, "__len__") else None
+  return tqdm.tqdm(items, desc=description, total=total, file=stream, leave=False,
+                   unit="batch", dynamic_ncols=True)
 
 
 class ProgressBar:
