@@ -33,7 +33,8 @@ STATUS_FILE = "status.json"  # ok | failed, train_seconds, one-line error
 ERROR_FILE = "error.txt"  # traceback of a failed run
 SPECIAL_KEYS = ("label", "base")  # point keys that are not config keys
 DATASET_NAMES = {"synthetic": "synthetic (embedded)", "ml-100k": "MovieLens-100K",
-                 "ml-1m": "MovieLens-1M", "ml-1m-raw": "MovieLens-1M (raw)"}
+                 "ml-1m": "MovieLens-1M (3,416 items)", "ml-1m-raw": "MovieLens-1M (raw)",
+                 "ml-1m-chrono": "MovieLens-1M (3,706 items)"}
 
 
 

@@ -4,7 +4,8 @@ Every other config starts from ``get_config()`` here and changes a few
 fields, so that each key is documented in exactly one place.
 
 Usage: ``--config=experiments/configs/default.py[:<dataset>]`` where
-``<dataset>`` is one of ``synthetic`` (default), ``ml-100k``, ``ml-1m``,
+``<dataset>`` is one of ``synthetic`` (default), ``ml-100k``, ``ml-1m`` (3,416
+items, SASRec layout), ``ml-1m-chrono`` (3,706 items), ``ml-1m-raw``,
 ``sasrec_text`` or ``csv``; see ``data_config``.
 """
 
@@ -22,6 +23,9 @@ DATASETS = {
     "ml-100k": dict(name="ml-100k", path=os.path.join(SHARED_DATA, "ml-100k")),
     "ml-1m": dict(name="sasrec_text",
                   path=os.path.join(SHARED_DATA, "ml-1m", "ml-1m_sasrec_order.txt")),
+    # All 3,706 movies, chronological (the HSTU / generative-recommenders item set).
+    "ml-1m-chrono": dict(name="sasrec_text",
+                         path=os.path.join(SHARED_DATA, "ml-1m", "ml-1m_chrono_all.txt")),
     "ml-1m-raw": dict(name="ml-1m", path=os.path.join(SHARED_DATA, "ml-1m")),
     "sasrec_text": dict(name="sasrec_text", path=""),
     "csv": dict(name="csv", path=""),
@@ -57,10 +61,10 @@ def data_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   data.csv.item_column = "item_id"  # header name of the item column
   data.csv.time_column = "timestamp"  # header name of the timestamp column ('' = file order)
   data.csv.rating_column = ""  # header name of the rating column ('' = none)
-  if dataset in ("ml-1m", "sasrec_text"):
+  if dataset in ("ml-1m", "ml-1m-chrono", "sasrec_text"):
     data.min_user_interactions = 0  # SASRec-layout files are already filtered
     data.keep_short_users = True  # the SASRec code keeps them for training
-  if dataset == "ml-1m":
+  if dataset in ("ml-1m", "ml-1m-chrono"):
     data.max_len = 200  # SASRec paper setting for ML-1M
   return data
 
