@@ -1,0 +1,71 @@
+"""Item pictures -> item vectors: the small CNN tower of image-aware item encoders.
+
+``ItemImageCNN`` is the founding stack (one block per entry of ``channels``)::
+
+    x = uint8 image / 255                                   # [B, H, W, 3]
+    x = MaxPool(pool)(relu(Conv2D(c, kernel)(x)))  for c in channels (32, 64, 128)
+    x = relu(Dense(dense_dim)(Flatten(x)))                  # [B, 128]
+    y = Dense(out_dim)(x)                                   # [B, out_dim]
+
+Convolutions are 'VALID' (no zero border) by default, pooling windows do not
+overlap (stride = window) and drop a remainder row or column, as Keras'
+``Conv2D``/``MaxPooling2D`` defaults do. ``ITEM_ENCODERS`` names the ways a
+sequential model may build its item vectors (``models.item_vectors``).
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# How a sequential model builds item vectors: the id table row ('id'), the
+# CNN of the item's picture ('image'), or their sum ('id+image').
+ITEM_ENCODERS = ("id", "image", "id+image")
+# Path of the image tower inside a sequential model's params.
+IMAGE_TOWER = "item_image"
+
+
+class ItemImageCNN(nn.Module):
+  """``uint8[batch, H, W, 3] -> float32[batch, out_dim]``.
+
+  Attributes:
+    out_dim: output width (the model width when it encodes items).
+    channels: output channels of each conv + ReLU + max-pool block.
+    kernel_size: square convolution kernel side.
+    pool_size: square max-pool window side (and stride).
+    dense_dim: width of the hidden ReLU dense layer (0 = none).
+    padding: 'VALID' or 'SAME' convolutions.
+  """
+
+  out_dim: int = 128
+  channels: Sequence[int] = (32, 64, 128)
+  kernel_size: int = 3
+  pool_size: int = 2
+  dense_dim: int = 128
+  padding: str = "VALID"
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """Encodes pictures.
+
+    Args:
+      images: ``uint8[batch, H, W, 3]`` (any real dtype is scaled the same
+        way: divided by 255).
+
+    Returns:
+      ``float32[batch, out_dim]``.
+    """
+    if images.ndim != 4:
+      raise ValueError(f"images must be [batch, H, W, C], got shape {images.shape}.")
+    x = images.astype(jnp.float32) / 255.0
+    window = (self.pool_size, self.pool_size)
+    for i, features in enumerate(self.channels):
+      x = nn.Conv(features, (self.kernel_size, self.kernel_size), padding=self.padding,
+                  name=f"conv_{i}")(x)
+      x = nn.max_pool(nn.relu(x), window, strides=window, padding="VALID")
+    x = x.reshape(x.shape[0], -1)
+    if self.dense_dim:
+      x = nn.relu(nn.Dense(self.dense_dim, name="dense")(x))
+    return nn.Dense(self.out_dim, name="out")(x)
+
