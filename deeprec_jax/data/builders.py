@@ -40,8 +40,10 @@ from deeprec_jax.data import preprocess, sources, synthetic
 
 DEFAULT_DATA_DIR = "~/.cache/deeprec_jax/tfds"
 DATA_DIR_ENV = "DEEPREC_DATA_DIR"
-# config.data keys that only shape batches, never the prepared sequences.
-NOT_PREPROCESSING = ("max_len", "data_dir")
+# config.data keys that never change the prepared sequences: batch shapes, the
+# cache root, item pictures (cached on their own, data/images.py) and the
+# cold-start split (made when a run opens the dataset).
+NOT_PREPROCESSING = ("max_len", "data_dir", "images", "cold_start_fraction")
 # Option blocks of config.data that only one source reads.
 SOURCE_OPTIONS = {"synthetic": "synthetic", "csv": "csv"}
 # The values of config.data.name that `load_interactions` reads.

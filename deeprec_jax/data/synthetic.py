@@ -51,6 +51,16 @@ def _draw(cdf: np.ndarray, u: float) -> int:
   return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(cdf) - 1)
 
 
+def _clusters(rng: np.random.Generator, num_items: int, num_clusters: int) -> np.ndarray:
+  """The latent cluster of each item (index = id - 1): the generator's first draw."""
+  return rng.permutation(num_items) % num_clusters
+
+
+def item_clusters(num_items: int, num_clusters: int, seed: int) -> np.ndarray:
+  """``int64[num_items]``: the cluster ``generate(..., seed=seed)`` puts item ``i + 1`` in."""
+  return _clusters(np.random.default_rng(seed), num_items, num_clusters).astype(np.int64)
+
+
 def generate(
     num_users: int, num_items: int, num_clusters: int, mean_length: int, seed: int
 ) -> sources.Interactions:
@@ -82,7 +92,7 @@ def generate(
     raise ValueError(f"num_clusters must be <= num_items ({num_items}), got {num_clusters}")
   rng = np.random.default_rng(seed)
 
-  cluster_of = rng.permutation(num_items) % num_clusters
+  cluster_of = _clusters(rng, num_items, num_clusters)
   members = [np.flatnonzero(cluster_of == c) for c in range(num_clusters)]
   item_cdfs = [np.cumsum(_zipf(len(m), _ZIPF_EXPONENT, rng)) for m in members]
   item_popularity = np.zeros(num_items)

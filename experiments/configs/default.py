@@ -47,6 +47,12 @@ def data_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   data.min_item_interactions = 0  # k-core: items need at least this many users
   data.max_history = 0  # keep only each user's most recent N items (0 = all)
   data.keep_short_users = False  # users with < 3 items train only (never evaluated), as in SASRec
+  data.cold_start_fraction = 0.0  # items (by seed) withheld from training, seen only as targets
+  # Item pictures (data/images.py; only read when model.item_encoder != 'id').
+  data.images = ml_collections.ConfigDict()
+  data.images.source = "synthetic" if dataset == "synthetic" else ""  # synthetic | files | ''
+  data.images.path = ""  # files: folder of <item id>.png/.jpg..., or CSV manifest item_id,path
+  data.images.size = 32  # pictures are S x S RGB (resized when read from files)
   # Synthetic generator (only read when name == 'synthetic').
   data.synthetic = ml_collections.ConfigDict()
   data.synthetic.num_users = 2000  # users, each one Markov walk
