@@ -193,6 +193,8 @@ def test_micro_batcher_runs_queued_requests_together(runs):
   artifact = artifact_lib.load(directory)
   histories, _ = _queries(trainer, seed=2)
   rows = artifact.encode(_original(trainer, histories, [0] * len(histories))[0])
+  # Batch sizes 1, 2, 4 at the one exclusion width the tiny dataset needs.
+  assert artifact.warm_up(4) == 3 and artifact.shapes_run == {(1, 256), (2, 256), (4, 256)}
   batcher = server.MicroBatcher(artifact, max_batch=8, max_wait_s=0.5, start=False)
   jobs = [([rows[i]], 1 + i) for i in range(5)] + [(rows[:3], 4), (rows[3:5], 2)]
   futures = [batcher.submit(job_rows, k) for job_rows, k in jobs]
