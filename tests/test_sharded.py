@@ -6,6 +6,8 @@ the table replicated (``train.model_parallel = 1``) and once split over 2 or
 sums the log-sum-exp, gradients and rank counts in another order.
 """
 
+import json
+import os
 import re
 
 import jax
@@ -16,6 +18,11 @@ from jax.sharding import PartitionSpec
 from deeprec_jax import evaluate, losses, metrics, models, sharding, train
 from deeprec_jax.models import item_embedding
 from experiments.configs import tiny
+
+
+def _records(workdir: str, split: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [r for r in map(json.loads, f) if r["split"] == split]
 
 
 def _trainer(model_parallel: int, loss: str = "bce", model: str = "sasrec") -> train.Trainer:
@@ -180,35 +187,51 @@ def test_checkpoints_move_between_model_axes(tmp_path):
   config.train.num_epochs = 1
   workdir = str(tmp_path / "run")
   final = train.train_and_evaluate(config, workdir)
+  assert final["best_step"] == 4  # One epoch of 4 steps, one checkpoint.
 
   trainer, params, step = train.load_trained(workdir, config)  # The run's own layout.
-  table = jax.device_get(params["item_embed"]["embedding"])
-  # A run from a machine with 8 devices (4 x 2-way split) evaluates on these 4, unsplit.
-  config.train.num_devices, config.train.model_parallel = 8, 2
-  other, _, _ = train.load_trained(workdir, config)
-  assert other.mesh.shape[sharding.MODEL_AXIS] == 1 and other.mesh.devices.size == 4
+  assert step == 4
+  params = jax.device_get(params)
+  table = params["item_embed"]["embedding"]
   manager = train.checkpoints.create_manager(workdir, keep=config.train.keep_checkpoints,
                                              best_metric=config.train.best_metric)
+  own_state = jax.device_get(train.restore_state(trainer, manager, step)[0])
+  # A run from a machine with 8 devices (4 x 2-way split) evaluates on these 4, unsplit.
+  config.train.num_devices, config.train.model_parallel = 8, 2
+  other, other_params, other_step = train.load_trained(workdir, config)
+  assert other.mesh.shape[sharding.MODEL_AXIS] == 1 and other.mesh.devices.size == 4
+  assert other_step == step
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(other_params), params)
   state, _ = train.restore_state(other, manager, step)
-  manager.close()
   tables = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
             if jax.tree_util.keystr(path).endswith("['item_embed']['embedding']")]
   assert len(tables) == 3  # The table and Adam's two moments.
   # One layout whatever the mesh: the table is padded once, at creation.
   assert all(leaf.shape[0] == table.shape[0] == item_embedding.table_rows(_real_rows(trainer))
              for leaf in tables)
-  np.testing.assert_array_equal(jax.device_get(state["params"]["item_embed"]["embedding"]),
-                                table)
+  # Exactly the saved state: step, params, Adam's moments and count, RNG key.
+  assert int(state["step"]) == step
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), own_state)
   np.testing.assert_allclose(other.evaluate(state["params"], "test")["ndcg@10"],
                              final["test/ndcg@10"], rtol=1e-5)
 
-  # Resuming the run on the 2-way split trains on from the 4-way checkpoint.
+  # Resuming on the 2-way split restores the 4-way checkpoint exactly and trains on.
   config.train.num_devices = 0
   config.train.model_parallel = 2
   config.train.num_epochs = 2
+  two_way = train.Trainer(config, train.builders.load(config.data))
+  restored, _ = train.restore_state(two_way, manager, step)
+  manager.close()
+  restored_table = restored["params"]["item_embed"]["embedding"]
+  assert restored_table.sharding.spec == sharding.item_table_sharding(two_way.mesh).spec
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), own_state)
   resumed = train.train_and_evaluate(config, workdir)
-  assert resumed["best_step"] >= final["best_step"]
-  _, params, _ = train.load_trained(workdir, config)
+  valid = [(r["step"], r["ndcg@10"]) for r in _records(workdir, "valid")]
+  assert [s for s, _ in valid] == [4, 8]  # Resumed at step 4: its evaluation not redone.
+  best = max(value for _, value in valid)
+  assert resumed["best_step"] in [s for s, value in valid if value == best]
+  _, params, resumed_step = train.load_trained(workdir, config)
+  assert resumed_step == resumed["best_step"]
   resumed_table = jax.device_get(params["item_embed"]["embedding"])
   assert resumed_table.shape[0] == table.shape[0]
   np.testing.assert_array_equal(resumed_table[_real_rows(trainer):], 0.0)

@@ -166,18 +166,25 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_metrics(tmp_path):
 def test_unfinished_save_does_not_hide_the_last_good_checkpoint(tmp_path):
   config = tiny.get_config("sasrec")
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir)
+  final = train.train_and_evaluate(config, workdir)
   manager = checkpoints.create_manager(workdir, keep=2, best_metric="ndcg@10")
   latest = manager.latest_step()
   manager.close()
+  assert latest == 8  # 2 epochs of 4 steps.
+  _, good_params, good_step = train.load_trained(workdir)
+  assert good_step == final["best_step"]
   # What a process killed in the middle of writing step latest+1 leaves behind.
   partial = os.path.join(workdir, "checkpoints", f"{latest + 1}.orbax-checkpoint-tmp-123")
   os.makedirs(os.path.join(partial, "state"))
   with open(os.path.join(partial, "state", "half_written"), "wb") as f:
     f.write(b"\0" * 100)
   trainer, params, step = train.load_trained(workdir)
-  assert step <= latest
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
+  # Exactly the checkpoint restored before the half-written step appeared.
+  assert step == good_step
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(good_params))
+  manager = checkpoints.create_manager(workdir, keep=2, best_metric="ndcg@10")
+  assert manager.latest_step() == latest and latest + 1 not in manager.all_steps()
+  manager.close()
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path):
