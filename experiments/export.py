@@ -14,6 +14,7 @@ import json
 from absl import app, flags
 
 from deeprec_jax.serving import exporter
+from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory written by experiments.train.",
                                required=True)
@@ -36,4 +37,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,8 +9,11 @@ r"""Serves an exported artifact over HTTP (JSON), with micro-batching.
 ``POST /recommend`` takes ``{"history": [...], "k": 10}`` or ``{"histories":
 [[...], ...], "k": 10}`` in original item ids (Caser: also ``"user"`` or
 ``"users"``); see deeprec_jax/serving/server.py and docs/serving.md for the
-answers and error codes. Needs only jax and numpy beside the artifact. With
-``--port=0`` a free port is picked; the first line printed names the URL.
+answers and error codes. The loader and the server need jax and numpy, not
+the model or data code. With ``--port=0`` a free port is picked; the first
+line printed is JSON with the URL. JAX's persistent compilation cache
+(``--jax_cache_dir``, see experiments/cli.py) makes the warm-up of a restart
+fast.
 """
 
 import json
@@ -23,6 +26,7 @@ from absl import app, flags, logging
 from deeprec_jax import serving
 from deeprec_jax.serving import artifact as artifact_lib
 from deeprec_jax.serving import server as server_lib
+from experiments import cli
 
 _ARTIFACT = flags.DEFINE_string("artifact", None, "Directory written by experiments.export.",
                                 required=True)
@@ -68,4 +72,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
