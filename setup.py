@@ -23,8 +23,13 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66,<5",  # the training progress bar
 ]
 
+# Sweep executors and the search (experiments.ablate --executor, experiments.search);
+# tested with submitit 1.5.4, ray 2.60.0, optuna 5.0.0 (SQLAlchemy 2.1).
+SWEEPS = ["submitit>=1.5.4,<1.6", "ray>=2.60,<2.61", "optuna>=5.0,<5.1"]
+
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "ruff>=0.6"],
+    "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "ruff>=0.6", *SWEEPS],
+    "sweeps": SWEEPS,
     "bench": [],  # the benchmarks need nothing beyond the runtime set
 }
 

@@ -10,31 +10,46 @@ runs/<run>/error.txt say why). Rerunning with the same --workdir trains only
 the runs that have not finished. --dry_run lists the runs without training.
 --config.overrides.train.num_epochs=1 (any key under overrides) applies to
 every point; --config.seeds='(0,)' narrows the seeds.
+
+--executor=submitit submits the unfinished runs as one SLURM job array
+(--slurm_partition, --slurm_time_min, --slurm_gpus_per_run, --slurm_mem_gb,
+--slurm_sbatch=key=value, or the ablation config's optional `slurm` block;
+--submitit_cluster=local runs the same jobs as local subprocesses);
+--executor=ray sends each run as a Ray task (--ray_address). See
+docs/sweeps.md.
 """
 
 import sys
 
 from absl import app, flags
 
-from deeprec_jax.ablation import run
+from deeprec_jax.ablation import executors, run
 from experiments import cli
 
 cli.define_config_file("config", None, "Ablation config file[:dataset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: runs/, results, tables, plots.",
                                required=True)
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs trained at once in subprocesses "
-                                 "(1 = one after another in this process).", lower_bound=1)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and their workdirs; train nothing.")
 _CACHE = flags.DEFINE_bool("compilation_cache", True, "Persistent JAX compilation cache in "
                            "<workdir>/jax_cache, so the seeds of a point compile once.")
 flags.mark_flags_as_required(["config"])
+executors.define_flags()
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  outcome = run.run_ablation(flags.FLAGS.config, _WORKDIR.value, parallel=_PARALLEL.value,
-                             dry_run=_DRY_RUN.value, compilation_cache=_CACHE.value)
+  config, workdir = flags.FLAGS.config, _WORKDIR.value
+  executor = executors.from_flags(workdir, config)
+  if flags.FLAGS.slurm_print_script:
+    if not isinstance(executor, executors.SubmititExecutor):
+      raise ValueError("--slurm_print_script needs --executor=submitit.")
+    runs = run.plan.plan_runs(config, workdir)
+    print(executor.sbatch_script(sum(run.plan.run_status(r.workdir) != "ok" for r in runs)))
+    return
+  outcome = run.run_ablation(config, workdir, parallel=flags.FLAGS.parallel,
+                             dry_run=_DRY_RUN.value, compilation_cache=_CACHE.value,
+                             executor=None if flags.FLAGS.executor == "local" else executor)
   print(outcome.text)
   failed = [row for row in outcome.rows if row["status"] != "ok"]
   if failed:

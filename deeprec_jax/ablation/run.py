@@ -96,6 +96,41 @@ def _effective_values(run: plan.Run) -> dict[str, Any]:
   return values
 
 
+def run_info(run: plan.Run) -> dict[str, Any]:
+  """What ``run_point`` writes to point.json for ``run``."""
+  return _run_info(run)
+
+
+def log_run_result(run: plan.Run, i: int, total: int, result: Mapping[str, Any]) -> None:
+  """One log line per run: skipped, ok or failed (with the error)."""
+  what = ("finished before, skipped" if result.get("skipped") else
+          f"{result['status']} in {result.get('train_seconds') or 0:.1f} s")
+  if result["status"] == "failed":
+    what += f": {result['error']}"
+  logging.info("[%d/%d] %s seed %d: %s", i + 1, total, run.point.label, run.point.seed, what)
+
+
+def record_crash(run: plan.Run, error: str) -> dict[str, Any]:
+  """Records a run whose process (worker, job, task) died without recording itself.
+
+  Args:
+    run: the run.
+    error: one line, e.g. 'SLURM job 123_4 failed: ...'.
+
+  Returns:
+    The ``run_point``-style result, status 'failed'.
+  """
+  result = {"status": "failed", "error": error.replace("\n", " "), "skipped": False}
+  if plan.run_status(run.workdir) == "ok":  # it finished; only the process died after
+    return {**plan.read_json(os.path.join(run.workdir, plan.STATUS_FILE)), "status": "ok",
+            "skipped": False}
+  os.makedirs(run.workdir, exist_ok=True)
+  if not os.path.exists(os.path.join(run.workdir, plan.POINT_FILE)):
+    _write_point(run.workdir, _run_info(run), run.config)
+  _record(run.workdir, result)
+  return result
+
+
 def execute(runs: Sequence[plan.Run], parallel: int = 1, train_fn: TrainFn | None = None
             ) -> list[dict[str, Any]]:
   """Trains every unfinished run, in this process or in ``parallel`` subprocesses.
@@ -114,12 +149,7 @@ def execute(runs: Sequence[plan.Run], parallel: int = 1, train_fn: TrainFn | Non
 
   def log_result(i: int, result: dict[str, Any]) -> None:
     results[i] = result
-    run = runs[i]
-    what = ("finished before, skipped" if result.get("skipped") else
-            f"{result['status']} in {result.get('train_seconds', 0):.1f} s")
-    if result["status"] == "failed":
-      what += f": {result['error']}"
-    logging.info("[%d/%d] %s seed %d: %s", i + 1, total, run.point.label, run.point.seed, what)
+    log_run_result(runs[i], i, total, result)
 
   if parallel <= 1:
     for i, run in enumerate(runs):
@@ -139,12 +169,7 @@ def execute(runs: Sequence[plan.Run], parallel: int = 1, train_fn: TrainFn | Non
         try:
           result = future.result()
         except Exception as e:  # noqa: BLE001  (a worker that died, e.g. out of memory)
-          result = {"status": "failed", "error": f"worker process failed: {type(e).__name__}: {e}",
-                    "skipped": False}
-          run = runs[i]
-          os.makedirs(run.workdir, exist_ok=True)
-          _write_point(run.workdir, _run_info(run), run.config)
-          _record(run.workdir, result)
+          result = record_crash(runs[i], f"worker process failed: {type(e).__name__}: {e}")
         log_result(i, result)
     except KeyboardInterrupt:
       pool.shutdown(wait=False, cancel_futures=True)  # do not start the queued runs
@@ -199,7 +224,7 @@ def use_compilation_cache(path: str) -> str:
 
 def run_ablation(ablation_config: ml_collections.ConfigDict, workdir: str, *,
                  parallel: int = 1, dry_run: bool = False, compilation_cache: bool = False,
-                 train_fn: TrainFn | None = None) -> Outcome:
+                 train_fn: TrainFn | None = None, executor: Any = None) -> Outcome:
   """Plans, trains what is missing, and writes the report.
 
   Args:
@@ -209,6 +234,8 @@ def run_ablation(ablation_config: ml_collections.ConfigDict, workdir: str, *,
     dry_run: only list the runs and their workdirs.
     compilation_cache: use ``workdir/jax_cache`` (see ``use_compilation_cache``).
     train_fn: see ``run_point``.
+    executor: an ``executors.Executor`` (submitit, Ray); None trains here or
+      in ``parallel`` local processes.
 
   Returns:
     The dry-run listing, or the markdown table and the rows of results.csv.
@@ -219,6 +246,9 @@ def run_ablation(ablation_config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   if compilation_cache:
     use_compilation_cache(os.path.join(workdir, "jax_cache"))
-  execute(runs, parallel=parallel, train_fn=train_fn)
+  if executor is None:
+    execute(runs, parallel=parallel, train_fn=train_fn)
+  else:
+    executor.execute(runs, train_fn=train_fn)
   rows = report.collect_results(workdir, ablation_config.split, [run.workdir for run in runs])
   return Outcome(report.write_report(ablation_config, workdir, rows), rows)

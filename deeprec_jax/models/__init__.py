@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from deeprec_jax.models import bert4rec, caser, item_embedding, popularity, rnn, sasrec
+from deeprec_jax.models import bert4rec, caser, hstu, item_embedding, popularity, rnn, sasrec
 
 # What the pipeline builds examples for: 'autoregressive' (targets are the
 # next items), 'window' (L previous items -> T next items, Caser) or 'masked'
@@ -85,6 +85,7 @@ MODELS: dict[str, ModelSpec] = {
     "rnn": ModelSpec(rnn.Model, "autoregressive"),
     "sasrec": ModelSpec(sasrec.Model, "autoregressive", packs=True),
     "bert4rec": ModelSpec(bert4rec.Model, "masked", packs=True),
+    "hstu": ModelSpec(hstu.Model, "autoregressive", packs=True),
 }
 
 

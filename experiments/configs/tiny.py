@@ -2,10 +2,10 @@
 
 import ml_collections
 
-from experiments.configs import bert4rec, caser, popularity, rnn, sasrec
+from experiments.configs import bert4rec, caser, hstu, popularity, rnn, sasrec
 
 _MODELS = {"sasrec": sasrec, "bert4rec": bert4rec, "rnn": rnn, "caser": caser,
-           "popularity": popularity}
+           "popularity": popularity, "hstu": hstu}
 
 
 def get_config(model: str = "sasrec") -> ml_collections.ConfigDict:

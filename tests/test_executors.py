@@ -1,0 +1,229 @@
+"""Executors: submitit (LocalExecutor subprocesses; the sbatch script) and Ray.
+
+The real runs train 2 tiny SASRec points (dot-product and additive attention)
+x 2 seeds through each executor into the same results as the local executor,
+sharing one persistent compilation cache, so only the first (local) sweep
+compiles. The other tests use a fake train function (no JAX) in real job
+and task processes: a failing point and a job that dies are recorded while
+the other runs finish, and a rerun skips the finished ones.
+"""
+
+import os
+import re
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from deeprec_jax.ablation import executors, plan, report, run
+from experiments.configs.ablations import tiny_grid
+
+submitit = pytest.importorskip("submitit")
+ray = pytest.importorskip("ray")
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+METRICS = ("hr@10", "ndcg@10", "mrr@10")
+
+
+def fake_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Deterministic metrics from the config; 'linear' fails, 'crash' kills the process."""
+  if config.model.attention == "crash":
+    os._exit(3)  # a job that dies without recording itself (out of memory, node loss)
+  if config.model.attention not in ("dot_product", "additive"):
+    raise ValueError(f"model.attention={config.model.attention!r} is not supported")
+  value = 0.1 * config.model.num_blocks + 0.05 * (config.model.attention == "additive")
+  results = {f"{split}/{m}": value + 0.01 * config.seed for split in ("valid", "test")
+             for m in METRICS}
+  results["best_step"] = 1
+  plan.write_json(os.path.join(workdir, plan.FINAL_METRICS), results)
+  return results
+
+
+def _grid(epochs: int = 1, attentions=("dot_product", "additive")) -> ml_collections.ConfigDict:
+  config = tiny_grid.get_config()
+  config.overrides.train.num_epochs = epochs
+  config.axes = (("model.attention", attentions),)
+  return config
+
+
+@pytest.fixture
+def by_value():
+  """Pickles this module's functions (fake_train) by value: jobs never import it."""
+  import cloudpickle
+  from ray import cloudpickle as ray_cloudpickle
+
+  module = sys.modules[__name__]
+  for pickler in (cloudpickle, ray_cloudpickle):
+    pickler.register_pickle_by_value(module)
+  yield
+  for pickler in (cloudpickle, ray_cloudpickle):
+    pickler.unregister_pickle_by_value(module)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+  """A bounded local Ray instance for the module, shut down after it."""
+  ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+  yield
+  ray.shutdown()
+
+
+def _submitit_local(tmp_path, parallelism: int = 4) -> executors.SubmititExecutor:
+  options = executors.SlurmOptions(time_min=10, array_parallelism=parallelism)
+  return executors.SubmititExecutor(str(tmp_path / "submitit"), options, cluster="local")
+
+
+def _rows_by_run(rows):
+  return {(row["label"], row["seed"]): row for row in rows}
+
+
+# ----------------------------------------------------------------------------
+# Options and the sbatch script (no SLURM).
+
+
+def test_slurm_options_come_from_the_config_block_then_flags():
+  config = _grid()
+  config.slurm = ml_collections.ConfigDict({"partition": "cpu", "time_min": 30,
+                                            "sbatch": {"account": "abc"}})
+  options = executors.slurm_options(config, partition="gpu", gpus_per_run=None)
+  assert (options.partition, options.time_min, options.sbatch) == ("gpu", 30, {"account": "abc"})
+  config.slurm.partitoin = "x"
+  with pytest.raises(ValueError, match="partitoin"):
+    executors.slurm_options(config)
+  assert executors.parse_sbatch(["qos=high", "--exclusive"]) == {"qos": "high",
+                                                                 "exclusive": True}
+  with pytest.raises(ValueError, match="key=value"):
+    executors.parse_sbatch(["=x"])
+
+
+def test_sbatch_script_of_a_slurm_array_submission(tmp_path, monkeypatch):
+  """The real SlurmExecutor path up to sbatch: the script, the pickled runs."""
+  from submitit.core import utils
+
+  submitted = []
+
+  class FakeSbatch:
+    def __init__(self, command, **kwargs):
+      self.command = command
+
+    def __call__(self):
+      submitted.append(self.command)
+      with open(self.command[-1], encoding="utf-8") as f:
+        submitted.append(f.read())
+      return "Submitted batch job 4242"
+
+  monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+  monkeypatch.setattr(utils, "CommandFunction", FakeSbatch)
+  monkeypatch.chdir(tmp_path)
+  options = executors.SlurmOptions(
+      partition="gpu", time_min=90, gpus_per_run=1, cpus_per_task=8, mem_gb=32,
+      array_parallelism=2, sbatch={"account": "recsys", "qos": "high"},
+      setup=("source /opt/venv/bin/activate",))
+  executor = executors.SubmititExecutor(str(tmp_path / "jobs"), options)
+  runs = plan.plan_runs(_grid(), str(tmp_path / "sweep")) + plan.plan_runs(
+      _grid(attentions=("additive",)), str(tmp_path / "sweep2"))[:1]
+  jobs = executor.submit(runs, [None] * len(runs))
+  assert [job.job_id for job in jobs] == [f"4242_{i}" for i in range(len(runs))]
+  command, script = submitted
+  assert command[0] == "sbatch"
+  lines = script.splitlines()
+  for expected in ("#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --gpus-per-node=1",
+                   "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB",
+                   f"#SBATCH --array=0-{len(runs) - 1}%2", f"#SBATCH --chdir={tmp_path}",
+                   "#SBATCH --account=recsys", "#SBATCH --qos=high", "#SBATCH --nodes=1",
+                   "#SBATCH --ntasks-per-node=1", "#SBATCH --job-name=deeprec",
+                   "source /opt/venv/bin/activate"):
+    assert expected in lines, expected
+  srun = lines[-1] if lines[-1] else lines[-2]
+  assert re.fullmatch(r"srun --unbuffered --output \S+%A_%a_%t_log\.out --error \S+ "
+                      rf"{re.escape(sys.executable)} -u -m submitit\.core\._submit "
+                      rf"{re.escape(str(tmp_path / 'jobs'))}/%j", srun), srun
+  # The same text as --slurm_print_script shows.
+  assert executor.sbatch_script(len(runs)) == script
+  # Each array task unpickles run_job with its own run's config and sub-workdir.
+  for job, r in zip(jobs, runs, strict=True):
+    delayed = utils.DelayedSubmission.load(job.paths.submitted_pickle)
+    assert delayed.function is executors.run_job
+    config, workdir, info = delayed.args[:3]
+    assert workdir == r.workdir and workdir.endswith(f"_seed{r.point.seed}")
+    assert config.model.attention == r.config.model.attention and config.seed == r.point.seed
+    assert info["label"] == r.point.label
+
+
+# ----------------------------------------------------------------------------
+# Real job and task processes with a fake train function.
+
+
+@pytest.mark.parametrize("kind", ["submitit", "ray"])
+def test_failures_are_recorded_and_finished_runs_skipped(kind, tmp_path, by_value, request):
+  if kind == "ray":
+    request.getfixturevalue("local_ray")
+  executor = (_submitit_local(tmp_path) if kind == "submitit"
+              else executors.RayExecutor())
+  config = _grid(attentions=("dot_product", "linear", "crash"))
+  config.seeds = (0,)
+  workdir = str(tmp_path / "sweep")
+  outcome = run.run_ablation(config, workdir, executor=executor,
+                             train_fn=fake_train)
+  rows = {row["label"]: row for row in outcome.rows}
+  assert rows["attention=dot_product"]["status"] == "ok"
+  assert rows["attention=dot_product"]["hr@10"] == pytest.approx(0.1)
+  assert rows["attention=linear"]["status"] == "failed"
+  assert rows["attention=linear"]["error"].startswith("ValueError: model.attention='linear'")
+  assert rows["attention=crash"]["status"] == "failed"
+  assert "failed" in rows["attention=crash"]["error"]
+  assert os.path.exists(os.path.join(rows["attention=crash"]["workdir"], "error.txt"))
+  # A rerun skips the finished run and retries the failed ones.
+  finished = os.path.join(rows["attention=dot_product"]["workdir"], plan.FINAL_METRICS)
+  before = os.stat(finished).st_mtime_ns
+  again = run.run_ablation(config, workdir, executor=executor,
+                           train_fn=fake_train)
+  assert os.stat(finished).st_mtime_ns == before
+  assert [row["status"] for row in again.rows] == ["ok", "failed", "failed"]
+
+
+# ----------------------------------------------------------------------------
+# The real tiny runs: every executor, the same table.
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory):
+  root = tmp_path_factory.mktemp("executors")
+  cache = run.use_compilation_cache(str(root / "jax_cache"))
+  outcome = run.run_ablation(_grid(), str(root / "local"))
+  assert all(row["status"] == "ok" for row in outcome.rows), outcome.rows
+  return {"root": root, "cache": cache, "rows": outcome.rows, "text": outcome.text}
+
+
+def _same_results(rows, expected):
+  assert len(rows) == len(expected) == 4
+  got, want = _rows_by_run(rows), _rows_by_run(expected)
+  assert got.keys() == want.keys()
+  for key, row in got.items():
+    assert row["status"] == "ok", row["error"]
+    for metric in (*METRICS, "hr@20"):
+      np.testing.assert_allclose(row[metric], want[key][metric], rtol=1e-6, err_msg=str(key))
+
+
+def test_submitit_local_jobs_train_the_same_table(local_sweep):
+  workdir = str(local_sweep["root"] / "submitit")
+  executor = _submitit_local(local_sweep["root"], parallelism=2)
+  outcome = run.run_ablation(_grid(), workdir, executor=executor)
+  _same_results(outcome.rows, local_sweep["rows"])
+  table = [line for line in outcome.text.splitlines() if line.startswith("|")]
+  assert table == [line for line in local_sweep["text"].splitlines() if line.startswith("|")]
+  logs = [name for _, _, names in os.walk(local_sweep["root"] / "submitit")
+          for name in names if name.endswith("_log.err")]
+  assert len(logs) == 4  # one job per run
+  assert os.path.exists(os.path.join(workdir, "table.md"))
+  assert report.read_csv(os.path.join(workdir, "results.csv"))[0]["status"] == "ok"
+
+
+def test_ray_tasks_train_the_same_table(local_sweep, local_ray):
+  workdir = str(local_sweep["root"] / "ray")
+  outcome = run.run_ablation(_grid(), workdir, executor=executors.RayExecutor())
+  _same_results(outcome.rows, local_sweep["rows"])
+  table = [line for line in outcome.text.splitlines() if line.startswith("|")]
+  assert table == [line for line in local_sweep["text"].splitlines() if line.startswith("|")]
