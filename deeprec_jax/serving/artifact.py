@@ -145,9 +145,15 @@ class Artifact:
   """An exported recommender, ready to answer queries (``load`` builds one).
 
   Attributes:
+    directory: where the artifact was loaded from.
     manifest: the artifact's ``manifest.json``.
+    exported: the deserialized ``jax.export.Exported``.
+    item_ids: ``int64[num_items + 1]``, the original id of each model id.
+    user_ids: ``int64[num_users]``, the original id of each user index.
     max_batch: rows per call of the compiled function; bigger requests are
       split, smaller ones padded to the next power of two.
+    shapes_run: the ``(batch, exclusion width)`` shapes called so far (each
+      compiled once).
   """
 
   def __init__(self, directory: str, *, max_batch: int = DEFAULT_MAX_BATCH):
@@ -164,7 +170,9 @@ class Artifact:
     with open(os.path.join(directory, FUNCTION), "rb") as f:
       self.exported = jax.export.deserialize(bytearray(f.read()))
     backend = jax.default_backend()
-    if backend not in self.exported.platforms:
+    # jax names the CUDA/ROCm backend 'gpu'; lowering names them 'cuda', 'rocm'.
+    names = {"gpu": ("cuda", "rocm")}.get(backend, (backend,))
+    if not set(names) & set(self.exported.platforms):
       raise ValueError(f"{directory}: exported for {', '.join(self.exported.platforms)}; "
                        f"this process runs on {backend!r}. Export again on (or for) it.")
     with np.load(os.path.join(directory, PARAMS)) as stored:
@@ -177,7 +185,7 @@ class Artifact:
     self._items = _IdMap(self.item_ids, first=1)
     self._users = _IdMap(self.user_ids, first=0)
     self._call = jax.jit(self.exported.call)
-    self.shapes_run: set[tuple[int, int]] = set()  # (batch, exclude width) compiled so far.
+    self.shapes_run: set[tuple[int, int]] = set()
 
   @property
   def model(self) -> str:
