@@ -47,6 +47,19 @@ def _eval(dataset, **kwargs):
   return list(pipeline.eval_batches(dataset, **args))
 
 
+def _train_part(seq):
+  """Leave-one-out written out here, not read from ``preprocess``: all but the last two."""
+  seq = np.asarray(seq)
+  return seq[:len(seq) - 2]
+
+
+def _eval_part(seq, split):
+  """``(history, target)``: valid = (all but 2, 2nd to last), test = (all but 1, last)."""
+  seq = np.asarray(seq)
+  cut = len(seq) - (2 if split == "valid" else 1)
+  return seq[:cut], int(seq[cut])
+
+
 def _nonzero(row):
   return row[row != 0]
 
@@ -84,7 +97,7 @@ def test_autoregressive_targets_are_next_items():
     batch = ds[step]
     for item_seq, targets, user in zip(batch["item_seq"], batch["targets"], batch["user"],
                                        strict=True):
-      train = preprocess.split_train(dataset.source[user]["item_seq"])
+      train = _train_part(dataset.source[user]["item_seq"])
       inputs = _nonzero(item_seq)
       assert np.array_equal(item_seq != 0, targets != 0)
       # inputs followed by the last target is the tail of the training part.
@@ -99,7 +112,7 @@ def test_window_examples_cover_every_window_once():
   ds = _train(dataset, "window", global_batch_size=1, max_len=max_len, num_targets=num_targets)
   expected = []
   for user in range(dataset.num_users):
-    train = preprocess.split_train(dataset.source[user]["item_seq"])
+    train = _train_part(dataset.source[user]["item_seq"])
     for start in range(1, len(train) - num_targets + 1):
       window = train[max(start - max_len, 0):start]
       expected.append((user, tuple(window), tuple(train[start:start + num_targets])))
@@ -113,23 +126,39 @@ def test_window_examples_cover_every_window_once():
 
 
 def test_masked_examples():
-  dataset = _random_dataset(max_length=12)
+  """Cloze rows; the masked count is what ``mask_prob`` predicts, within 4.5 sigma.
+
+  Each of a row's n items is masked with probability p, and a row with none
+  drawn gets its last item masked: per row the count is ``X + [X = 0]`` with
+  ``X ~ Binomial(n, p)``, of mean ``n p + q^n`` and variance
+  ``n p q + q^n - q^(2n) - 2 n p q^n`` (q = 1 - p). Over ~6,000 items the
+  bound is about +-0.025 around the expected fraction (p = 0.3 plus the
+  few forced masks): a wrong rate such as the default 0.2 is far outside it.
+  """
+  mask_prob, max_len = 0.3, 20
+  dataset = _random_dataset(num_users=500, max_length=30)
   mask_token = NUM_ITEMS + 1
-  ds = _train(dataset, "masked", mask_prob=0.3)
-  num_masked = num_items = 0
+  ds = _train(dataset, "masked", mask_prob=mask_prob, max_len=max_len)
+  num_masked, mean, variance, num_items = 0, 0.0, 0.0, 0
+  p, q = mask_prob, 1.0 - mask_prob
   for step in range(len(ds)):
     batch = ds[step]
     for item_seq, targets, user in zip(batch["item_seq"], batch["targets"], batch["user"],
                                        strict=True):
-      tail = preprocess.split_train(dataset.source[user]["item_seq"])[-6:]
+      tail = _train_part(dataset.source[user]["item_seq"])[-max_len:]
       real = item_seq != 0
       masked = item_seq == mask_token
       assert masked.any()
       np.testing.assert_array_equal(targets != 0, masked)
       np.testing.assert_array_equal(np.where(masked, targets, item_seq)[real], tail)
-      num_masked += masked.sum()
-      num_items += real.sum()
-  assert 0.15 < num_masked / num_items < 0.5
+      n = int(real.sum())
+      num_masked += int(masked.sum())
+      num_items += n
+      mean += n * p + q**n
+      variance += n * p * q + q**n - q**(2 * n) - 2 * n * p * q**n
+  assert num_items > 5000
+  assert abs(num_masked - mean) <= 4.5 * np.sqrt(variance), (num_masked, mean, variance)
+  assert 4.5 * np.sqrt(variance) / num_items < 0.03  # The bound is tight.
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -282,7 +311,7 @@ def test_eval_layout_and_targets(split, task):
       assert batch[key].dtype == np.int32
     for row in np.flatnonzero(batch["weight"]):
       seq = dataset.source[batch["user"][row]]["item_seq"]
-      history, target = preprocess.split_eval(seq, split)
+      history, target = _eval_part(seq, split)
       assert batch["target"][row] == target
       item_seq = batch["item_seq"][row]
       if task == "masked":
@@ -444,7 +473,7 @@ def test_train_item_counts():
   dataset = _random_dataset()
   expected = np.zeros(NUM_ITEMS + 1, np.int64)
   for user in range(dataset.num_users):
-    for item in preprocess.split_train(dataset.source[user]["item_seq"]):
+    for item in _train_part(dataset.source[user]["item_seq"]):
       expected[item] += 1
   counts = pipeline.train_item_counts(dataset)
   assert counts.dtype == np.int64 and counts[0] == 0

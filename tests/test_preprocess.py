@@ -160,9 +160,11 @@ def test_leave_one_out_never_leaks(x, max_history):
     train = preprocess.split_train(seq)
     valid_history, valid_item = preprocess.split_eval(seq, "valid")
     test_history, test_item = preprocess.split_eval(seq, "test")
-    np.testing.assert_array_equal(np.concatenate([train, [valid_item, test_item]]), seq)
-    np.testing.assert_array_equal(valid_history, train)
-    np.testing.assert_array_equal(test_history, seq[:-1])
+    n = len(seq)
+    np.testing.assert_array_equal(train, seq[:n - 2])
+    np.testing.assert_array_equal(valid_history, seq[:n - 2])
+    np.testing.assert_array_equal(test_history, seq[:n - 1])
+    assert (valid_item, test_item) == (seq[n - 2], seq[n - 1])
     assert test_item not in train and test_item not in valid_history
     assert valid_item not in train
     assert valid_item in test_history
@@ -240,6 +242,21 @@ def test_nothing_left_is_an_error():
                            timestamp=np.arange(3, dtype=np.int64))
   with pytest.raises(ValueError, match="no interactions left.*min_user_interactions=4"):
     preprocess.preprocess(x, min_user_interactions=4, log=None)
+
+
+def test_leave_one_out_by_example():
+  seq = np.array([7, 3, 9, 4, 1], np.int64)
+  assert preprocess.split_train(seq).tolist() == [7, 3, 9]
+  history, target = preprocess.split_eval(seq, "valid")
+  assert history.tolist() == [7, 3, 9] and target == 4
+  history, target = preprocess.split_eval(seq, "test")
+  assert history.tolist() == [7, 3, 9, 4] and target == 1
+  shortest = np.array([5, 6, 8], np.int64)  # MIN_SEQUENCE_LENGTH items
+  assert preprocess.split_train(shortest).tolist() == [5]
+  assert [x.tolist() if hasattr(x, "tolist") else x
+          for x in preprocess.split_eval(shortest, "valid")] == [[5], 6]
+  assert [x.tolist() if hasattr(x, "tolist") else x
+          for x in preprocess.split_eval(shortest, "test")] == [[5, 6], 8]
 
 
 def test_split_eval_errors():
