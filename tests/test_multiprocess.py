@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -94,20 +93,40 @@ def test_item_table_split_across_processes(one_process, tmp_path):
 
 
 _FAIL_ONE = """
-import sys, time
+import os, sys, time
+marker = os.environ["FAIL_ONE_DIR"]
 if "--process_id=1" in sys.argv:
+  # Fail only once process 0 is surely running, so that it has to be stopped.
+  while not os.path.exists(os.path.join(marker, "pid0")):
+    time.sleep(0.05)
   sys.exit(3)
+with open(os.path.join(marker, "pid0.tmp"), "w") as f:
+  f.write(str(os.getpid()))
+os.rename(os.path.join(marker, "pid0.tmp"), os.path.join(marker, "pid0"))
 time.sleep(120)  # Process 0 would wait for its peer for ever.
+open(os.path.join(marker, "finished0"), "w").close()
 """
+
+
+def _is_running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True
 
 
 def test_launcher_fails_with_the_first_failure_and_stops_the_rest(tmp_path):
   (tmp_path / "fail_one.py").write_text(_FAIL_ONE)
-  env = dict(os.environ, PYTHONPATH=str(tmp_path))
-  start = time.time()
+  env = dict(os.environ, PYTHONPATH=str(tmp_path), FAIL_ONE_DIR=str(tmp_path))
+  # The timeout is below process 0's sleep: a launcher that waited for it would fail here.
   result = subprocess.run(
       [sys.executable, "-m", "experiments.launch_local", "--num_processes=2", "--module=fail_one"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=100)
   assert result.returncode == 3, result.stdout + result.stderr
   assert "process 1 exited with status 3" in result.stderr
-  assert time.time() - start < 60  # Process 0 was stopped, not waited for.
+  # Process 0 was running when process 1 failed, and the launcher stopped it:
+  # it is gone (reaped, not left behind) and never got to the end of its sleep.
+  pid = int((tmp_path / "pid0").read_text())
+  assert not _is_running(pid)
+  assert not (tmp_path / "finished0").exists()
