@@ -12,8 +12,9 @@ The published ML-1M settings (``facebookresearch/generative-recommenders``,
 
 Both: d_model 50, maxlen 200, dropout 0.2, lr 1e-3, batch 128, sampled
 softmax with 128 negatives; the paper trains 101 epochs (add
-``--config.train.num_epochs=101``). The paper's ML-1M is the GroupLens
-``ratings.dat`` (``ml-1m-raw`` here); ``ml-1m`` is the SASRec-layout file.
+``--config.train.num_epochs=101``). The paper's ML-1M has all 3,706 movies
+(``ml-1m-chrono`` here, or ``ml-1m-raw`` with GroupLens' ``ratings.dat``);
+``ml-1m`` is the 3,416-item SASRec-layout file.
 The argument after ``:`` is ``<dataset>[,<variant>]``; other keys are
 documented in default.py.
 """
@@ -52,7 +53,7 @@ def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:
   dataset, _, variant = arg.partition(",")
   config = default.get_config(dataset)
   config.model = model_config(variant or "base")
-  if dataset in ("ml-1m", "ml-1m-raw"):
+  if dataset in ("ml-1m", "ml-1m-chrono", "ml-1m-raw"):
     config.data.max_len = 200  # the paper's maxlen on ML-1M
     config.train.learning_rate = 1e-3  # the paper's rate
   # The paper's loss: sampled softmax over 128 negatives. It also divides the
