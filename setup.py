@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6,<3",  # TensorBoard event files without TensorFlow
     "matplotlib>=3.8,<4",  # ablation plots
     "tqdm>=4.66,<5",  # the training progress bar
+    "flatbuffers>=24,<26",  # jax.export serialization (serving artifacts)
 ]
 
 # Sweep executors and the search (experiments.ablate --executor, experiments.search);
