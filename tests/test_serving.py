@@ -13,11 +13,9 @@ import textwrap
 import numpy as np
 import pytest
 
-pytest.importorskip("flatbuffers", reason="jax.export serialization needs flatbuffers")
-
-from deeprec_jax import recommend, run_config, train  # noqa: E402  (after the skip)
-from deeprec_jax.data import builders, pipeline  # noqa: E402
-from deeprec_jax.serving import artifact as artifact_lib  # noqa: E402
+from deeprec_jax import recommend, run_config, train
+from deeprec_jax.data import builders, pipeline
+from deeprec_jax.serving import artifact as artifact_lib
 from deeprec_jax.serving import exporter, server  # noqa: E402
 from experiments.configs import tiny  # noqa: E402
 
