@@ -16,8 +16,8 @@ import pytest
 from deeprec_jax import recommend, run_config, train
 from deeprec_jax.data import builders, pipeline
 from deeprec_jax.serving import artifact as artifact_lib
-from deeprec_jax.serving import exporter, server  # noqa: E402
-from experiments.configs import tiny  # noqa: E402
+from deeprec_jax.serving import exporter, server
+from experiments.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("sasrec", "bert4rec", "rnn", "caser")
