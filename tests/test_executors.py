@@ -65,9 +65,15 @@ def by_value():
 @pytest.fixture(scope="module")
 def local_ray():
   """A bounded local Ray instance for the module, shut down after it."""
+  before = os.environ.get("RAY_worker_niceness")
+  os.environ["RAY_worker_niceness"] = "0"  # as RayExecutor starts its own instances
   ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
   yield
   ray.shutdown()
+  if before is None:
+    os.environ.pop("RAY_worker_niceness")
+  else:
+    os.environ["RAY_worker_niceness"] = before
 
 
 def _submitit_local(tmp_path, parallelism: int = 4) -> executors.SubmititExecutor:

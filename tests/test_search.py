@@ -15,7 +15,7 @@ import ml_collections
 import pytest
 
 from deeprec_jax import writers
-from deeprec_jax.ablation import plan, report, search
+from deeprec_jax.ablation import executors, plan, report, search
 from experiments.configs.ablations import search_tiny
 
 optuna = pytest.importorskip("optuna")
@@ -178,6 +178,17 @@ def test_killed_search_resumes_the_same_study(tmp_path):
   # A third invocation with a larger budget continues the same study.
   search.run_search(BASE, _space(), str(tmp_path), 4, train_fn=fake_train)
   assert [t.number for t in _load(tmp_path).trials] == [0, 1, 2, 3]
+
+
+def test_concurrent_trials_go_through_an_executor(tmp_path):
+  executor = executors.LocalExecutor(parallel=2)  # spawned processes
+  outcome = search.run_search(BASE, _space(final_seeds=(0,)), str(tmp_path), 2,
+                              executor=executor, concurrent=2, train_fn=fake_train)
+  study = _load(tmp_path)
+  assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+  # Both trials reported their validation rows from their worker processes.
+  assert all(t.intermediate_values.keys() == {1, 2, 3} for t in study.trials)
+  assert [row["seed"] for row in outcome.final_rows] == [0]
 
 
 # ----------------------------------------------------------------------------

@@ -103,15 +103,7 @@ class LocalExecutor:
   def execute(self, runs: Sequence[plan.Run], train_fn: run.TrainFn | None = None,
               train_fns: Sequence[run.TrainFn | None] | None = None
               ) -> list[dict[str, Any]]:
-    if train_fns is None:
-      return run.execute(runs, parallel=self.parallel, train_fn=train_fn)
-    results = [None] * len(runs)  # per-run train functions: one group at a time
-    for fn in {id(f): f for f in train_fns}.values():
-      idx = [i for i, f in enumerate(train_fns) if f is fn]
-      for i, result in zip(idx, run.execute([runs[i] for i in idx], self.parallel, fn),
-                           strict=True):
-        results[i] = result
-    return results
+    return run.execute(runs, parallel=self.parallel, train_fn=train_fn, train_fns=train_fns)
 
 
 @dataclasses.dataclass
@@ -283,12 +275,15 @@ class RayOptions:
     gpus_per_run: ``num_gpus`` of each task.
     resources: custom resources per task, e.g. ``{'TPU': 4}``.
     num_cpus: CPUs of a local instance this executor starts (None = all).
+    niceness: of the workers of a local instance it starts (Ray's default 15
+      starves training on a busy machine).
   """
   address: str | None = None
   cpus_per_run: float = 1.0
   gpus_per_run: float = 0.0
   resources: dict[str, float] = dataclasses.field(default_factory=dict)
   num_cpus: int | None = None
+  niceness: int = 0
 
 
 class RayExecutor:
@@ -306,6 +301,8 @@ class RayExecutor:
     import ray  # noqa: PLC0415  (optional dependency)
     started = not ray.is_initialized()
     if started:
+      # Ray starts workers at nice 15; runs should compete like local ones do.
+      os.environ.setdefault("RAY_worker_niceness", str(self.options.niceness))
       ray.init(address=self.options.address, num_cpus=self.options.num_cpus,
                include_dashboard=False, log_to_driver=False)
     try:

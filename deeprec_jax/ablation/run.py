@@ -131,8 +131,8 @@ def record_crash(run: plan.Run, error: str) -> dict[str, Any]:
   return result
 
 
-def execute(runs: Sequence[plan.Run], parallel: int = 1, train_fn: TrainFn | None = None
-            ) -> list[dict[str, Any]]:
+def execute(runs: Sequence[plan.Run], parallel: int = 1, train_fn: TrainFn | None = None,
+            train_fns: Sequence[TrainFn | None] | None = None) -> list[dict[str, Any]]:
   """Trains every unfinished run, in this process or in ``parallel`` subprocesses.
 
   Args:
@@ -140,12 +140,14 @@ def execute(runs: Sequence[plan.Run], parallel: int = 1, train_fn: TrainFn | Non
     parallel: runs trained at once; 1 trains in this process, more use a
       spawn-started process pool (JAX does not survive fork).
     train_fn: see ``run_point``; must be picklable when ``parallel > 1``.
+    train_fns: one train function per run instead (a search's trials).
 
   Returns:
     ``run_point``'s result per run, in order.
   """
   total = len(runs)
   results = [None] * total
+  fns = list(train_fns) if train_fns is not None else [train_fn] * total
 
   def log_result(i: int, result: dict[str, Any]) -> None:
     results[i] = result
@@ -153,16 +155,16 @@ def execute(runs: Sequence[plan.Run], parallel: int = 1, train_fn: TrainFn | Non
 
   if parallel <= 1:
     for i, run in enumerate(runs):
-      log_result(i, run_point(run.config, run.workdir, _run_info(run), train_fn))
+      log_result(i, run_point(run.config, run.workdir, _run_info(run), fns[i]))
     return results
   context = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(parallel, mp_context=context) as pool:
     futures = {}
     for i, run in enumerate(runs):
       if plan.run_status(run.workdir) == "ok":  # no process start for finished runs
-        log_result(i, run_point(run.config, run.workdir, _run_info(run), train_fn))
+        log_result(i, run_point(run.config, run.workdir, _run_info(run), fns[i]))
       else:
-        futures[pool.submit(run_point, run.config, run.workdir, _run_info(run), train_fn)] = i
+        futures[pool.submit(run_point, run.config, run.workdir, _run_info(run), fns[i])] = i
     try:
       for future in concurrent.futures.as_completed(futures):
         i = futures[future]
