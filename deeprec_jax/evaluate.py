@@ -27,17 +27,19 @@ from deeprec_jax import metrics, models
 
 Array = jax.Array
 Batch = Mapping[str, Any]
-EvalStep = Callable[[Any, Batch], dict[str, Array]]
+EvalStep = Callable[..., dict[str, Array]]
+# Pictures the image tower encodes at a time in evaluation's catalogue pass.
+ENCODE_CHUNK = 1024
 
 
 def score_items(model: nn.Module, params: Any, num_items: int, item_seq: Array, *,
-                user: Array | None = None) -> Array:
+                user: Array | None = None, item_vectors: Array | None = None) -> Array:
   """Scores of every item after each history: ``float32[B, N + 1]``.
 
   ``hidden = model.apply(..., last_only=True)`` in inference mode; ``[B, 1, D]``
   outputs are the last position (the state after the whole history, or
   BERT4Rec's mask slot), ``[B, D]`` outputs are used as they are; then
-  ``scores = h @ item_table.T`` in float32. Column 0 is padding: rank or
+  ``scores = h @ item_vectors.T`` in float32. Column 0 is padding: rank or
   recommend through ``metrics``, which masks it.
 
   Args:
@@ -46,14 +48,17 @@ def score_items(model: nn.Module, params: Any, num_items: int, item_seq: Array, 
     num_items: ``N``; the item table is ``models.item_table(params, N)``.
     item_seq: ``int[B, L]`` left-padded histories, as in an eval batch.
     user: ``int[B]`` user ids, or ``None``.
+    item_vectors: ``float[N + 1, D]`` from ``models.item_vectors`` (required
+      by image encoders, computed once per evaluation); None = the id table.
 
   Returns:
     ``float32[B, N + 1]``.
   """
-  hidden = model.apply({"params": params}, item_seq, user=user, last_only=True)
+  inputs = {} if item_vectors is None else {"item_vectors": item_vectors}
+  hidden = model.apply({"params": params}, item_seq, user=user, last_only=True, **inputs)
   if hidden.ndim == 3:
     hidden = hidden[:, -1]
-  table = models.item_table(params, num_items)
+  table = models.item_vectors(model, params, num_items) if item_vectors is None else item_vectors
   return jnp.einsum("bd,nd->bn", hidden.astype(jnp.float32), table.astype(jnp.float32))
 
 
@@ -85,8 +90,9 @@ def top_k(model: nn.Module, params: Any, num_items: int, item_seq: Array, exclud
 
 
 def make_eval_step(model: nn.Module, num_items: int, ks: Sequence[int],
-                   exclude_history: bool = True, *, ties: str = "pessimistic") -> EvalStep:
-  """Builds ``eval_step(params, batch) -> {metric: weighted sum, 'count': sum of weights}``.
+                   exclude_history: bool = True, *, ties: str = "pessimistic",
+                   cold_items: Any = None) -> EvalStep:
+  """Builds ``eval_step(params, batch[, item_vectors]) -> {metric: weighted sum, 'count'}``.
 
   For each row: the scores of all items (``score_items``: the last hidden
   state against the item table, in float32), the full rank of
@@ -100,6 +106,9 @@ def make_eval_step(model: nn.Module, num_items: int, ks: Sequence[int],
     exclude_history: rank without the items in ``batch['exclude']`` (the
       target is never excluded). Padding (item 0) is always excluded.
     ties: tie rule for ranks, see ``metrics`` (default pessimistic).
+    cold_items: item ids withheld from training (``cold_start``); if given,
+      every metric and ``count`` are also summed over the rows whose target is
+      one of them (``'cold/<name>'``) and over the others (``'warm/<name>'``).
 
   Returns:
     A pure function of ``(params, batch)`` (no Python-side state, no host
@@ -114,8 +123,14 @@ def make_eval_step(model: nn.Module, num_items: int, ks: Sequence[int],
   ks = tuple(int(k) for k in ks)
   metrics.check_ties(ties)
 
-  def eval_step(params: Any, batch: Batch) -> dict[str, Array]:
-    scores = score_items(model, params, num_items, batch["item_seq"], user=batch.get("user"))
+  is_cold = None
+  if cold_items is not None and len(cold_items):
+    is_cold = jnp.zeros(num_items + 1, bool).at[jnp.asarray(cold_items)].set(True)
+
+  def eval_step(params: Any, batch: Batch, item_vectors: Array | None = None
+                ) -> dict[str, Array]:
+    scores = score_items(model, params, num_items, batch["item_seq"], user=batch.get("user"),
+                         item_vectors=item_vectors)
     target = batch["target"]
     exclude = batch["exclude"] if exclude_history else None
     per_row = metrics.rank_metrics(metrics.full_ranks(scores, target, exclude, ties=ties), ks)
@@ -132,12 +147,19 @@ def make_eval_step(model: nn.Module, num_items: int, ks: Sequence[int],
     sums = {name: jnp.sum(jnp.where(weight > 0, weight * value, 0.0))
             for name, value in per_row.items()}
     sums["count"] = jnp.sum(weight)
+    if is_cold is not None:
+      cold = is_cold[target]
+      for prefix, rows in (("cold/", cold), ("warm/", ~cold)):
+        sums.update({prefix + name: jnp.sum(jnp.where(rows & (weight > 0), weight * value, 0.0))
+                     for name, value in per_row.items()})
+        sums[prefix + "count"] = jnp.sum(jnp.where(rows, weight, 0.0))
     return sums
 
   return eval_step
 
 
-def evaluate(eval_step: EvalStep, params: Any, batches: Iterable[Batch]) -> dict[str, float]:
+def evaluate(eval_step: EvalStep, params: Any, batches: Iterable[Batch], *,
+             item_vectors: Array | None = None) -> dict[str, float]:
   """Runs ``eval_step`` over ``batches`` and returns weighted means.
 
   The per-batch sums stay on device and are added there; the only host
@@ -151,10 +173,13 @@ def evaluate(eval_step: EvalStep, params: Any, batches: Iterable[Batch]) -> dict
     params: model parameters, as ``eval_step`` expects them.
     batches: evaluation batches (numpy or ``jax.Array``), e.g. one pass of the
       validation or test pipeline.
+    item_vectors: the catalogue's ``models.item_vectors``, computed once by
+      the caller and given to every step (image encoders); None = not passed.
 
   Returns:
     ``{metric: sum(weight * value) / sum(weight)}`` plus ``'count'``, the
-    total weight (the number of real users evaluated).
+    total weight (the number of real users evaluated). ``'cold/<metric>'``
+    and ``'warm/<metric>'`` are divided by their own ``count`` (0 without rows).
 
   Raises:
     ValueError: if there are no batches or the total weight is 0.
@@ -163,7 +188,8 @@ def evaluate(eval_step: EvalStep, params: Any, batches: Iterable[Batch]) -> dict
     eval_step = jax.jit(eval_step)
   totals = None
   for batch in batches:
-    sums = eval_step(params, batch)
+    sums = (eval_step(params, batch) if item_vectors is None
+            else eval_step(params, batch, item_vectors))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError("evaluate() got no batches.")
@@ -171,6 +197,13 @@ def evaluate(eval_step: EvalStep, params: Any, batches: Iterable[Batch]) -> dict
   count = float(totals.pop("count"))
   if count <= 0:
     raise ValueError("evaluate() got only padding rows (total weight 0).")
-  results = {name: float(value) / count for name, value in totals.items()}
+  counts = {prefix: float(totals.pop(prefix + "count")) for prefix in ("cold/", "warm/")
+            if prefix + "count" in totals}
+  results = {}
+  for name, value in totals.items():
+    prefix = name[:5] if name[:5] in counts else ""
+    total = counts[prefix] if prefix else count
+    results[name] = float(value) / total if total > 0 else 0.0
   results["count"] = count
+  results.update({prefix + "count": value for prefix, value in counts.items()})
   return results

@@ -8,6 +8,7 @@ exactly what an uninterrupted one would.
 """
 
 import collections
+import functools
 import json
 import math
 import os
@@ -25,7 +26,8 @@ from flax import linen as nn
 
 from deeprec_jax import checkpoints, evaluate, losses, models, run_config, sharding, writers
 from deeprec_jax import workdir as workdir_lib
-from deeprec_jax.data import builders, packing, pipeline
+from deeprec_jax.data import builders, cold_start, packing, pipeline
+from deeprec_jax.data import images as images_lib
 from deeprec_jax.models import validation
 
 State = dict[str, Any]  # {'params', 'opt_state', 'step', 'rng'}
@@ -91,25 +93,31 @@ def create_optimizer(train_config: ml_collections.ConfigDict,
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
-                    num_items: int, temperature: float = 1.0, gbce_t: float = 0.75
-                    ) -> Callable[[State, dict], tuple[State, dict]]:
+                    num_items: int, temperature: float = 1.0, gbce_t: float = 0.75,
+                    images: Any = None) -> Callable[[State, dict], tuple[State, dict]]:
   """Returns ``train_step(state, batch) -> (state, {'loss', 'grad_norm'})``.
 
   Dropout's RNG is ``fold_in(state['rng'], step)``, computed inside the step,
   so it depends on the step alone, not on how the run was split or resumed.
+  ``images`` (``uint8[N + 1, H, W, 3]``, image encoders only) is a constant of
+  the step's closure: every step encodes the whole catalogue
+  (``models.item_vectors``) for the inputs and the scores.
   """
   loss_fn = losses.loss_fn(loss, temperature=temperature, gbce_t=gbce_t)
+  uses_images = models.item_encoder(model) != "id"
+  images = jnp.asarray(images) if uses_images and images is not None else None
 
   def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
     dropout_rng = jax.random.fold_in(
         jax.random.wrap_key_data(state["rng"], impl=DROPOUT_RNG_IMPL), state["step"])
 
     def objective(params):
+      vectors = models.item_vectors(model, params, num_items, images)
+      inputs = {"item_vectors": vectors} if uses_images else {}
       hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
                            deterministic=False, rngs={"dropout": dropout_rng},
-                           **packing.packing_kwargs(batch))
-      return loss_fn(hidden, models.item_table(params, num_items), batch["targets"],
-                     batch["negatives"])
+                           **packing.packing_kwargs(batch), **inputs)
+      return loss_fn(hidden, vectors, batch["targets"], batch["negatives"])
 
     value, grads = jax.value_and_grad(objective)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -131,6 +139,11 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, dataset: builders.Dataset):
     self.config = config
+    # Cold-start items leave training here (data/cold_start.py); pictures
+    # (data/images.py) only for models whose item encoder reads them.
+    dataset = cold_start.split(dataset, config.data.get("cold_start_fraction", 0.0), config.seed,
+                               task=models.spec(config.model.name).task)
+    self.images = images_lib.for_model(config, dataset)
     self.dataset = dataset
     self.spec = models.spec(config.model.name)
     self.task = self.spec.task
@@ -152,12 +165,18 @@ class Trainer:
     sharding.check_batch_size(config.eval.batch_size, self.mesh, "eval.batch_size")
     self.tx = create_optimizer(config.train, max(self.total_steps, 1))
     eval_step = evaluate.make_eval_step(self.model, dataset.num_items, tuple(config.eval.ks),
-                                        exclude_history=config.eval.exclude_history)
+                                        exclude_history=config.eval.exclude_history,
+                                        cold_items=dataset.withheld_items)
     self._eval_step = jax.jit(
         eval_step,
-        # None: params keep the shardings they come with (state or restored).
-        in_shardings=(None, sharding.batch_sharding(self.mesh)),
+        # None: params (and item vectors) keep the shardings they come with.
+        in_shardings=(None, sharding.batch_sharding(self.mesh))
+        + ((None,) if self.images is not None else ()),
         out_shardings=sharding.replicated(self.mesh))
+    # The catalogue's vectors, once per evaluation (image encoders only).
+    self._item_vectors = jax.jit(functools.partial(
+        models.item_vectors, self.model, num_items=dataset.num_items,
+        chunk_size=evaluate.ENCODE_CHUNK))
 
   @property
   def is_trainable(self) -> bool:
@@ -165,7 +184,8 @@ class Trainer:
 
   def _init_params(self, rng: jax.Array) -> Any:
     item_seq = jnp.zeros((1, self.config.data.max_len), jnp.int32)
-    return self.model.init(rng, item_seq, user=jnp.zeros((1,), jnp.int32))["params"]
+    return models.init_params(self.model, rng, item_seq, user=jnp.zeros((1,), jnp.int32),
+                              images=self.images)
 
   def init_state(self) -> State:
     """Fresh (or fitted) parameters and optimizer state, placed by ``sharding.param_shardings``."""
@@ -204,8 +224,10 @@ class Trainer:
         batches = self._eval_cache[split] = list(batches)
     batches = writers.progress(batches, f"evaluate {split}",
                                enabled=jax.process_index() == 0)
+    vectors = None if self.images is None else self._item_vectors(params, images=self.images)
     return evaluate.evaluate(self._eval_step, params,
-                             (sharding.to_global(b, self.mesh) for b in batches))
+                             (sharding.to_global(b, self.mesh) for b in batches),
+                             item_vectors=vectors)
 
   def _eval_batches(self, split: str):
     block, num_blocks = sharding.batch_block(self.mesh)
@@ -298,7 +320,7 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
   train_step = jax.jit(
       make_train_step(trainer.model, trainer.tx, loss=config.loss,
                       num_items=trainer.dataset.num_items, temperature=config.temperature,
-                      gbce_t=config.gbce_t),
+                      gbce_t=config.gbce_t, images=trainer.images),
       in_shardings=(state_shardings, sharding.batch_sharding(trainer.mesh)),
       out_shardings=(state_shardings, sharding.replicated(trainer.mesh)), donate_argnums=0)
   all_finite = jax.jit(_all_finite)

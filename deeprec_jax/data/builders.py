@@ -73,6 +73,8 @@ class Dataset:
       the pipeline can index examples without reading every record; None
       means "read them from ``source``".
     stats: summary counts (users, items, interactions, lengths).
+    withheld_items: int64 item ids kept out of training and of its negatives
+      (``cold_start.split``), or None.
   """
 
   source: Sequence[Mapping[str, Any]]
@@ -85,6 +87,7 @@ class Dataset:
   genre_names: tuple[str, ...] = ()
   lengths: np.ndarray | None = None
   stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  withheld_items: np.ndarray | None = None
 
 
 def from_sequences(seq_data: preprocess.SequenceData, name: str = "in_memory") -> Dataset:

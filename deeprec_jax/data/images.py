@@ -34,6 +34,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from deeprec_jax.data import builders, sources, synthetic
 
@@ -273,3 +274,15 @@ def _save_atomic(file: str, array: np.ndarray) -> None:
     if os.path.exists(temporary):
       os.remove(temporary)
     raise
+
+
+def for_model(config: ml_collections.ConfigDict, dataset: builders.Dataset
+              ) -> np.ndarray | None:
+  """The pictures ``uint8[N + 1, S, S, 3]`` a run's model reads, or None ('id' encoder)."""
+  if config.model.get("item_encoder", "id") == "id":
+    return None
+  table = load(config.data, dataset)
+  if table.num_missing:
+    logging.warning("%d of %d items have no picture (zeros).", table.num_missing,
+                    dataset.num_items)
+  return table.images

@@ -347,8 +347,10 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
     batch["item_seq"][row, max_len - len(inputs):] = inputs
     batch["targets"][row, max_len - len(targets):] = targets
     has_target = batch["targets"][row] != 0
+    seen = np.unique(seq) if dataset.withheld_items is None else np.union1d(
+        seq, dataset.withheld_items)  # Cold-start items are never negatives either.
     batch["negatives"][row, has_target] = negatives.sample_uniform(
-        rng, dataset.num_items, np.unique(seq), (int(has_target.sum()), num_negatives))
+        rng, dataset.num_items, seen, (int(has_target.sum()), num_negatives))
   return batch
 
 

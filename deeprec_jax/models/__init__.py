@@ -5,8 +5,10 @@ A model is a flax linen ``Module`` that maps left-padded item sequences
 ``float32[batch, seq_len, dim]`` (``[batch, dim]`` for window models), called
 as ``SequenceModel`` states. Its item vectors are the shared table
 (``item_embedding.ItemEmbedding`` at ``ITEM_TABLE``), and every score is
-``hidden @ item_table(params, num_items).T``; losses and metrics see nothing
-else. ``MODELS`` names each model's spec: its module, the training task the
+``hidden @ item_vectors(model, params, num_items, images).T`` (the table's
+rows, or the item pictures' CNN vectors when ``model.item_encoder`` says so);
+losses and metrics see nothing else.
+``MODELS`` names each model's spec: its module, the training task the
 pipeline builds examples for, whether rows may be packed, and how it is fitted
 when it has no gradient training. A new model is one file, one entry here and
 one config; ``train.py`` names no model.
@@ -18,6 +20,7 @@ from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -114,3 +117,64 @@ def item_table(params: Any, num_items: int) -> jax.Array:
   dropped.
   """
   return params[ITEM_TABLE[0]][ITEM_TABLE[1]][: num_items + 1]
+
+
+def item_encoder(model: nn.Module) -> str:
+  """``model.item_encoder`` ('id', 'image' or 'id+image'); 'id' for models without one."""
+  return getattr(model, "item_encoder", "id")
+
+
+def item_vectors(model: nn.Module, params: Any, num_items: int, images: Any = None, *,
+                 chunk_size: int = 0) -> jax.Array:
+  """The scored item vectors ``[num_items + 1, dim]``; every score is ``hidden @ this.T``.
+
+  'id': exactly ``item_table(params, num_items)``. 'image': the model's image
+  tower (``encode_images``) over ``images``, row 0 (padding) zeroed. 'id+image':
+  their sum. Models with an image encoder take these vectors as their input
+  embedding too (``item_vectors=`` in their call).
+
+  Args:
+    model: a module following the model contract.
+    params: its parameters.
+    num_items: N.
+    images: ``uint8[N + 1, H, W, 3]`` item pictures (``data.images``); only
+      read by the image encoders.
+    chunk_size: if > 0, the tower runs over this many pictures at a time
+      (``lax.map``), bounding its activations (evaluation's catalogue pass).
+
+  Returns:
+    ``float32[N + 1, dim]``.
+  """
+  table = item_table(params, num_items)
+  encoder = item_encoder(model)
+  if encoder == "id":
+    return table
+  if images is None or images.shape[0] != num_items + 1:
+    raise ValueError(f"model.item_encoder={encoder!r} needs the pictures of items 0..{num_items} "
+                     f"(data.images), got {None if images is None else images.shape}.")
+  encode = lambda x: model.apply({"params": params}, x, method="encode_images")
+  if chunk_size and images.shape[0] > chunk_size:
+    rows = images.shape[0]
+    padded = jnp.pad(images, ((0, -rows % chunk_size),) + ((0, 0),) * (images.ndim - 1))
+    chunks = padded.reshape((-1, chunk_size) + images.shape[1:])
+    pictures = jax.lax.map(encode, chunks).reshape(-1, table.shape[-1])[:rows]
+  else:
+    pictures = encode(images)
+  pictures = pictures.astype(jnp.float32).at[0].set(0.0)
+  return pictures if encoder == "image" else table.astype(jnp.float32) + pictures
+
+
+def init_params(model: nn.Module, rng: jax.Array, item_seq: jax.Array, *,
+                user: jax.Array | None = None, images: Any = None) -> Any:
+  """``model.init(rng, item_seq, user=user)['params']``, plus the image tower's if it has one."""
+  if item_encoder(model) == "id":
+    return model.init(rng, item_seq, user=user)["params"]
+  if images is None:
+    raise ValueError(f"model.item_encoder={item_encoder(model)!r} needs the item pictures "
+                     "(data.images).")
+
+  def both(module, item_seq, user, images):
+    module.encode_images(images)
+    return module(item_seq, user=user)
+
+  return model.init(rng, item_seq, user, jnp.asarray(images[:1]), method=both)["params"]

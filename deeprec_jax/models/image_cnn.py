@@ -14,10 +14,13 @@ sequential model may build its item vectors (``models.item_vectors``).
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from deeprec_jax.models import validation
 
 # How a sequential model builds item vectors: the id table row ('id'), the
 # CNN of the item's picture ('image'), or their sum ('id+image').
@@ -69,3 +72,27 @@ class ItemImageCNN(nn.Module):
       x = nn.relu(nn.Dense(self.dense_dim, name="dense")(x))
     return nn.Dense(self.out_dim, name="out")(x)
 
+
+
+def check_fields(model: Any) -> None:
+  """Raises ValueError naming ``model.<field>`` for bad item-encoder fields."""
+  validation.validate_fields(model, {
+      "item_encoder": lambda m, f: validation.check_choice(m, f, ITEM_ENCODERS),
+      "image_kernel": lambda m, f: validation.check_int(m, f, 1),
+      "image_pool": lambda m, f: validation.check_int(m, f, 1),
+      "image_dense": lambda m, f: validation.check_int(m, f, 0),
+  })
+  channels = model.image_channels
+  validation.check(isinstance(channels, (tuple, list)) and len(channels) > 0
+                   and all(validation.is_int(c) and c >= 1 for c in channels),
+                   "model.image_channels", "a non-empty tuple of positive ints", channels)
+
+
+def tower_of(model: Any) -> ItemImageCNN:
+  """The image tower of a sequential model with the ``image_*`` fields, out_dim = its dim.
+
+  Call it in the model's ``setup`` (it is then named by the attribute, ``IMAGE_TOWER``).
+  """
+  return ItemImageCNN(out_dim=model.dim, channels=tuple(model.image_channels),
+                      kernel_size=model.image_kernel, pool_size=model.image_pool,
+                      dense_dim=model.image_dense)

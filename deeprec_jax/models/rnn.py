@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes as flax_dtypes
 
-from deeprec_jax.models import item_embedding, layers, validation
+from deeprec_jax.models import image_cnn, item_embedding, layers, validation
 
 CELLS = ("peephole_lstm", "lstm", "gru")
 
@@ -203,6 +203,7 @@ def _validate(model: Any) -> None:
       "dropout_rate": validation.check_fraction,
   })
   validation.compute_dtype(model.dtype)
+  image_cnn.check_fields(model)
 
 
 class Model(nn.Module):
@@ -220,6 +221,13 @@ class Model(nn.Module):
     dropout_rate: dropout on the item embeddings and between layers.
     dtype: computation dtype, ``'float32'`` or ``'bfloat16'``; parameters and
       the recurrent carry stay float32, the output is float32.
+    item_encoder: item vectors from the id table ('id'), the pictures
+      ('image', ``image_cnn.ItemImageCNN`` with ``out_dim = dim``) or their
+      sum ('id+image'); see ``models.item_vectors``.
+    image_channels: the image tower's conv channels.
+    image_kernel: its square kernel side.
+    image_pool: its max-pool window side.
+    image_dense: its hidden dense width (0 = none).
   """
 
   num_items: int
@@ -230,15 +238,29 @@ class Model(nn.Module):
   num_layers: int = 1
   dropout_rate: float = 0.2
   dtype: str = "float32"
+  item_encoder: str = "id"
+  image_channels: tuple[int, ...] = (32, 64, 128)
+  image_kernel: int = 3
+  image_pool: int = 2
+  image_dense: int = 128
 
   def __post_init__(self) -> None:
     _validate(self)
     super().__post_init__()
 
+  def setup(self) -> None:
+    if self.item_encoder != "id":
+      self.item_image = image_cnn.tower_of(self)
+
+  def encode_images(self, images: Array) -> Array:
+    """``uint8[n, H, W, 3] -> float32[n, dim]``: the image tower (not for 'id')."""
+    return self.item_image(images)
+
   @nn.compact
   def __call__(self, item_seq: Array, *, deterministic: bool = True,
                user: Array | None = None, last_only: bool = False,
-               segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+               segment_ids: Array | None = None, positions: Array | None = None,
+               item_vectors: Array | None = None) -> Array:
     """Hidden states for next-item prediction.
 
     Args:
@@ -248,6 +270,8 @@ class Model(nn.Module):
       last_only: return the last position only (the scan still runs over all).
       segment_ids: must be None: the recurrence does not pack rows.
       positions: must be None.
+      item_vectors: ``float[N + 1, dim]`` (``models.item_vectors``) to embed
+        the inputs with instead of the id table; None = the table.
 
     Returns:
       ``hidden float32[B, L, dim]`` (``[B, 1, dim]`` with ``last_only``);
@@ -262,6 +286,8 @@ class Model(nn.Module):
     mask = item_seq > 0  # [B, L]
     x = item_embedding.ItemEmbedding(self.num_items + 1, self.dim, dtype=compute_dtype,
                                      name=item_embedding.ITEM_TABLE[0])(item_seq)
+    if item_vectors is not None:
+      x = jnp.take(item_vectors, item_seq, axis=0).astype(compute_dtype)
     x = layers.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
     # nn.scan (the lifted scan under nn.RNN) over time, with the mask as a

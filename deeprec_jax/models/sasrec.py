@@ -24,17 +24,46 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeprec_jax.models import item_embedding, layers, validation
+from deeprec_jax.models import image_cnn, item_embedding, layers, validation
 
 
 class Model(layers.AttentionEncoder):
-  """SASRec; its fields are ``layers.AttentionEncoder``'s (N items, 0 = padding)."""
+  """SASRec (N items, 0 = padding).
+
+  Attributes are ``layers.AttentionEncoder``'s, plus the item encoder's:
+    item_encoder: item vectors from the id table ('id'), from the pictures
+      ('image': ``image_cnn.ItemImageCNN`` at ``image_cnn.IMAGE_TOWER`` with
+      ``out_dim = dim``) or their sum ('id+image'); see ``models.item_vectors``.
+    image_channels: the tower's conv channels.
+    image_kernel: its square kernel side.
+    image_pool: its max-pool window side.
+    image_dense: its hidden dense width (0 = none).
+  """
+
+  item_encoder: str = "id"
+  image_channels: tuple[int, ...] = (32, 64, 128)
+  image_kernel: int = 3
+  image_pool: int = 2
+  image_dense: int = 128
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    image_cnn.check_fields(self)
+
+  def setup(self) -> None:
+    if self.item_encoder != "id":
+      self.item_image = image_cnn.tower_of(self)
+
+  def encode_images(self, images: jax.Array) -> jax.Array:
+    """``uint8[n, H, W, 3] -> float32[n, dim]``: the image tower (not for 'id')."""
+    return self.item_image(images)
 
   @nn.compact
   def __call__(self, item_seq: jax.Array, *, deterministic: bool = True,
                user: jax.Array | None = None, last_only: bool = False,
                segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None,
+               item_vectors: jax.Array | None = None) -> jax.Array:
     """Encodes left-padded item sequences.
 
     Args:
@@ -51,6 +80,8 @@ class Model(layers.AttentionEncoder):
         rows (each segment keeps the right-aligned rows it would have alone).
         Given together with ``segment_ids``, every segment's outputs equal
         those of the sequence on its own row.
+      item_vectors: ``float[N + 1, dim]`` (``models.item_vectors``) to embed
+        the inputs with instead of the id table; None = the table.
 
     Returns:
       ``float32[batch, seq_len, dim]`` (``[batch, 1, dim]`` with
@@ -66,6 +97,8 @@ class Model(layers.AttentionEncoder):
     # Embeddings are summed in float32 (param dtype), then cast for compute.
     x = item_embedding.ItemEmbedding(self.num_items + 1, self.dim, embedding_init=init,
                                      name=item_embedding.ITEM_TABLE[0])(item_seq)
+    if item_vectors is not None:
+      x = jnp.take(item_vectors.astype(jnp.float32), item_seq, axis=0)
     x = x * (self.dim**0.5)  # scaled as in the SASRec code
     if self.positional:
       x = x + layers.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,

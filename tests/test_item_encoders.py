@@ -1,0 +1,112 @@
+"""Image-aware item vectors (model.item_encoder) and the item_vectors contract."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deeprec_jax import evaluate, models, train
+from deeprec_jax.models import image_cnn
+from experiments.configs import tiny
+
+NUM_ITEMS, SIZE = 12, 12
+TOWER = dict(image_channels=(3, 5), image_dense=8)
+
+
+def _model(name, encoder, **fields):
+  config = tiny.get_config(name).model
+  config.item_encoder = encoder
+  config.update(TOWER)
+  config.update(fields)
+  return models.create_model(config, num_items=NUM_ITEMS, num_users=5, max_len=6)
+
+
+def _images(rows=NUM_ITEMS + 1):
+  images = np.random.default_rng(0).integers(0, 256, (rows, SIZE, SIZE, 3), dtype=np.uint8)
+  images[0] = 0
+  return images
+
+
+def _item_seq():
+  return jnp.array([[0, 0, 3, 1, 7, 2], [0, 0, 0, 0, 5, 12]], jnp.int32)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "rnn"])
+def test_id_encoder_is_the_table(name):
+  config = tiny.get_config(name).model
+  model = models.create_model(config, num_items=NUM_ITEMS, num_users=5, max_len=6)
+  seq = _item_seq()
+  params = models.init_params(model, jax.random.key(0), seq, user=jnp.array([1, 2]))
+  np.testing.assert_array_equal(models.item_vectors(model, params, NUM_ITEMS),
+                                models.item_table(params, NUM_ITEMS))
+  assert models.item_encoder(model) == "id"
+
+
+@pytest.mark.parametrize("name", ["sasrec", "rnn"])
+def test_image_vectors_are_the_tower(name):
+  images = _images()
+  model = _model(name, "image")
+  params = models.init_params(model, jax.random.key(0), _item_seq(), images=images)
+  assert image_cnn.IMAGE_TOWER in params
+  tower = image_cnn.ItemImageCNN(out_dim=model.dim, channels=(3, 5), dense_dim=8)
+  direct = np.asarray(tower.apply({"params": params[image_cnn.IMAGE_TOWER]}, images))
+  vectors = np.asarray(models.item_vectors(model, params, NUM_ITEMS, images))
+  assert vectors.shape == (NUM_ITEMS + 1, model.dim)
+  np.testing.assert_array_equal(vectors[0], 0.0)
+  np.testing.assert_allclose(vectors[1:], direct[1:], rtol=1e-6, atol=1e-6)
+  chunked = models.item_vectors(model, params, NUM_ITEMS, images, chunk_size=5)
+  np.testing.assert_allclose(chunked, vectors, rtol=1e-6, atol=1e-6)
+
+  both = _model(name, "id+image")
+  np.testing.assert_allclose(models.item_vectors(both, params, NUM_ITEMS, images),
+                             vectors + np.asarray(models.item_table(params, NUM_ITEMS)),
+                             rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "rnn"])
+def test_inputs_use_the_given_vectors(name):
+  model = _model(name, "id")
+  seq = _item_seq()
+  params = models.init_params(model, jax.random.key(0), seq)
+  table = models.item_table(params, NUM_ITEMS)
+  plain = model.apply({"params": params}, seq)
+  np.testing.assert_array_equal(model.apply({"params": params}, seq, item_vectors=table), plain)
+  # Other vectors change the inputs, hence the outputs at real positions.
+  moved = model.apply({"params": params}, seq, item_vectors=table + 1.0)
+  assert not np.allclose(moved[:, -1], plain[:, -1])
+  # Scoring with the vectors given equals scoring through the table.
+  scores = evaluate.score_items(model, params, NUM_ITEMS, seq)
+  np.testing.assert_array_equal(
+      evaluate.score_items(model, params, NUM_ITEMS, seq, item_vectors=table), scores)
+
+
+def test_image_encoder_train_step_and_eval():
+  images = _images()
+  model = _model("sasrec", "image")
+  seq = _item_seq()
+  params = models.init_params(model, jax.random.key(0), seq, images=images)
+  tx = train.create_optimizer(tiny.get_config("sasrec").train, 10)
+  state = dict(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+               rng=jax.random.key_data(jax.random.key(0, impl=train.DROPOUT_RNG_IMPL)))
+  batch = {"item_seq": seq, "targets": jnp.roll(seq, -1, axis=1) * (seq > 0),
+           "negatives": jnp.full(seq.shape + (1,), 4, jnp.int32) * (seq[..., None] > 0),
+           "user": jnp.array([1, 2], jnp.int32)}
+  step = jax.jit(train.make_train_step(model, tx, loss="bce", num_items=NUM_ITEMS,
+                                       images=images))
+  new_state, metrics = step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  tower_grad_moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)),
+                                  params[image_cnn.IMAGE_TOWER],
+                                  new_state["params"][image_cnn.IMAGE_TOWER])
+  assert all(jax.tree.leaves(tower_grad_moved))
+  with pytest.raises(ValueError, match="needs the pictures"):
+    models.item_vectors(model, params, NUM_ITEMS)
+  with pytest.raises(ValueError, match="needs the item pictures"):
+    models.init_params(model, jax.random.key(0), seq)
+
+
+def test_bad_encoder_field():
+  with pytest.raises(ValueError, match="model.item_encoder"):
+    _model("sasrec", "pixels")
+  with pytest.raises(ValueError, match="model.image_channels"):
+    _model("rnn", "image", image_channels=())
