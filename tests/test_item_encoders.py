@@ -110,3 +110,12 @@ def test_bad_encoder_field():
     _model("sasrec", "pixels")
   with pytest.raises(ValueError, match="model.image_channels"):
     _model("rnn", "image", image_channels=())
+
+
+def test_configs_carry_the_encoder_keys():
+  for name in ("sasrec", "rnn"):
+    assert tiny.get_config(name).model.item_encoder == "id"
+  config = tiny.get_config("bert4rec").model
+  config.item_encoder = "image"
+  with pytest.raises(ValueError, match="BERT4Rec has no image encoder"):
+    models.create_model(config, num_items=NUM_ITEMS, num_users=5, max_len=6)

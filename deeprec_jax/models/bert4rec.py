@@ -38,6 +38,11 @@ from deeprec_jax.models import item_embedding, layers, validation
 class Model(layers.AttentionEncoder):
   """BERT4Rec; fields as ``layers.AttentionEncoder`` (ids 1..N, 0 = padding, N + 1 = [mask])."""
 
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    validation.check(self.item_encoder == "id", "model.item_encoder",
+                     "'id' (BERT4Rec has no image encoder)", self.item_encoder)
+
   @property
   def mask_token(self) -> int:
     """The id of the [mask] token, ``num_items + 1``."""

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import random as jex_random
 
-from deeprec_jax.models import validation
+from deeprec_jax.models import image_cnn, validation
 
 Array = jax.Array
 Dtype = Any
@@ -570,6 +570,12 @@ class AttentionEncoder(nn.Module):
     attention: 'dot_product' or 'additive'.
     positional: add the learned positional embedding.
     dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
+    item_encoder: item vectors from the id table ('id'), the pictures' CNN
+      ('image') or their sum ('id+image'); SASRec only (``models.item_vectors``).
+    image_channels: the image tower's conv channels (``image_cnn.ItemImageCNN``).
+    image_kernel: its square kernel side.
+    image_pool: its max-pool window side.
+    image_dense: its hidden dense width (0 = none).
   """
 
   num_items: int
@@ -582,11 +588,17 @@ class AttentionEncoder(nn.Module):
   attention: str = "dot_product"
   positional: bool = True
   dtype: str = "float32"
+  item_encoder: str = "id"
+  image_channels: tuple[int, ...] = (32, 64, 128)
+  image_kernel: int = 3
+  image_pool: int = 2
+  image_dense: int = 128
 
   def __post_init__(self) -> None:
     super().__post_init__()
     # Fail at construction (create_model), not at the first trace.
     validation.check_attention_encoder(self)
+    image_cnn.check_fields(self)
 
   def blocks(self, x: Array, valid: Array, *, causal: bool, activation: Callable[[Array], Array],
              kernel_init: Initializer, dtype: Dtype, deterministic: bool, last_only: bool,

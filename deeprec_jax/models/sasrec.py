@@ -28,27 +28,11 @@ from deeprec_jax.models import image_cnn, item_embedding, layers, validation
 
 
 class Model(layers.AttentionEncoder):
-  """SASRec (N items, 0 = padding).
+  """SASRec; its fields are ``layers.AttentionEncoder``'s (N items, 0 = padding).
 
-  Attributes are ``layers.AttentionEncoder``'s, plus the item encoder's:
-    item_encoder: item vectors from the id table ('id'), from the pictures
-      ('image': ``image_cnn.ItemImageCNN`` at ``image_cnn.IMAGE_TOWER`` with
-      ``out_dim = dim``) or their sum ('id+image'); see ``models.item_vectors``.
-    image_channels: the tower's conv channels.
-    image_kernel: its square kernel side.
-    image_pool: its max-pool window side.
-    image_dense: its hidden dense width (0 = none).
+  With ``item_encoder != 'id'`` the image tower (``image_cnn.ItemImageCNN``,
+  ``out_dim = dim``) sits at ``image_cnn.IMAGE_TOWER``; see ``models.item_vectors``.
   """
-
-  item_encoder: str = "id"
-  image_channels: tuple[int, ...] = (32, 64, 128)
-  image_kernel: int = 3
-  image_pool: int = 2
-  image_dense: int = 128
-
-  def __post_init__(self) -> None:
-    super().__post_init__()
-    image_cnn.check_fields(self)
 
   def setup(self) -> None:
     if self.item_encoder != "id":

@@ -89,12 +89,22 @@ def model_config() -> ml_collections.ConfigDict:
   return model
 
 
+def add_item_encoder(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the item-encoder fields (SASRec, RNN: models/image_cnn.py) to ``model``."""
+  model.item_encoder = "id"  # item vectors: id (table) | image (CNN of data.images) | id+image
+  model.image_channels = (32, 64, 128)  # image tower: conv + ReLU + max-pool channels
+  model.image_kernel = 3  # image tower: square conv kernel side
+  model.image_pool = 2  # image tower: max-pool window (and stride)
+  model.image_dense = 128  # image tower: hidden dense width before the dim-wide output
+  return model
+
+
 def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   """Returns the default config (SASRec) for ``dataset``."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # one seed for init, dropout, negatives and data order
   config.data = data_config(dataset)
-  config.model = model_config()
+  config.model = add_item_encoder(model_config())
 
   # Settings of the training task the model's spec names (models.MODELS).
   config.task = ml_collections.ConfigDict()

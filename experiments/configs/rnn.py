@@ -18,5 +18,5 @@ def model_config() -> ml_collections.ConfigDict:
 
 def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config = default.get_config(dataset)
-  config.model = model_config()
+  config.model = default.add_item_encoder(model_config())
   return config
