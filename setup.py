@@ -22,6 +22,9 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8,<4",  # ablation plots
     "tqdm>=4.66,<5",  # the training progress bar
     "flatbuffers>=24,<26",  # jax.export serialization (serving artifacts)
+    # DP-SGD accounting (privacy.py); tested with dp-accounting 0.6.0 and scipy 1.17.1.
+    "dp-accounting>=0.6,<0.7",
+    "scipy>=1.10,<2",  # privacy.py: the Poisson batch cap (a binomial tail)
 ]
 
 # Sweep executors and the search (experiments.ablate --executor, experiments.search);

@@ -21,6 +21,15 @@ _ADDED = {
     ("train", "temperature"): 1.0,
     ("train", "gbce_t"): 0.75,
     ("eval", "length_buckets"): 4,  # The metrics do not depend on it.
+    # Runs before DP-SGD were not private; the other keys are read only when enabled.
+    ("privacy", "enabled"): False,
+    ("privacy", "l2_clip_norm"): 1.0,
+    ("privacy", "noise_multiplier"): 0.0,
+    ("privacy", "target_epsilon"): 0.0,
+    ("privacy", "delta"): 1e-6,
+    ("privacy", "accountant"): "pld",
+    ("privacy", "sampling"): "poisson",
+    ("privacy", "microbatch_size"): 0,
 }
 # Pipeline settings that were model fields: (old model key, task key, default).
 _MOVED_TO_TASK = (("mask_prob", "mask_prob", 0.2), ("num_targets", "num_targets", 1))

@@ -25,6 +25,7 @@ from absl import logging
 from flax import linen as nn
 
 from deeprec_jax import checkpoints, evaluate, losses, models, run_config, sharding, writers
+from deeprec_jax import privacy as privacy_lib
 from deeprec_jax import workdir as workdir_lib
 from deeprec_jax.data import builders, cold_start, packing, pipeline
 from deeprec_jax.data import images as images_lib
@@ -162,6 +163,11 @@ class Trainer:
       self.total_steps = config.train.num_steps or self.steps_per_epoch * config.train.num_epochs
     else:
       self.steps_per_epoch, self.total_steps = 1, 0
+    # DP-SGD (privacy.py): never packed, its own sampling, step and accounting.
+    self.privacy = (privacy_lib.Plan(config, dataset, self.spec, self.mesh,
+                                     total_steps=self.total_steps)
+                    if config.privacy.enabled else None)
+    self.pack = self.pack and not self.privacy
     sharding.check_batch_size(config.eval.batch_size, self.mesh, "eval.batch_size")
     self.tx = create_optimizer(config.train, max(self.total_steps, 1))
     eval_step = evaluate.make_eval_step(self.model, dataset.num_items, tuple(config.eval.ks),
@@ -202,6 +208,8 @@ class Trainer:
     return sharding.shard(state, self.mesh)
 
   def train_batches(self, epoch: int):
+    if self.privacy and self.privacy.sampler:  # Poisson-sampled users
+      return self.privacy.train_batches(epoch, self.steps_per_epoch)
     block, num_blocks = sharding.batch_block(self.mesh)  # This process's rows.
     # Packed rows split evenly over the data-parallel devices; a multiple of 8
     # keeps the number of distinct shapes (compilations) small.
@@ -317,15 +325,20 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
   """Runs from ``state['step']`` to the end (or early stop), checkpointing each eval."""
   config = trainer.config.train
   state_shardings = sharding.param_shardings(state, trainer.mesh)
+  step_fn = (trainer.privacy.train_step(trainer.model, trainer.tx, rng_impl=DROPOUT_RNG_IMPL)
+             if trainer.privacy else
+             make_train_step(trainer.model, trainer.tx, loss=config.loss,
+                             num_items=trainer.dataset.num_items, temperature=config.temperature,
+                             gbce_t=config.gbce_t, images=trainer.images))
   train_step = jax.jit(
-      make_train_step(trainer.model, trainer.tx, loss=config.loss,
-                      num_items=trainer.dataset.num_items, temperature=config.temperature,
-                      gbce_t=config.gbce_t, images=trainer.images),
+      step_fn,
       in_shardings=(state_shardings, sharding.batch_sharding(trainer.mesh)),
       out_shardings=(state_shardings, sharding.replicated(trainer.mesh)), donate_argnums=0)
   all_finite = jax.jit(_all_finite)
   guard = DivergenceGuard(config.divergence_factor, manager)
   step = int(state["step"])
+  # Under privacy.target_epsilon the run may stop before its last step.
+  total_steps = trainer.privacy.start(step, record) if trainer.privacy else trainer.total_steps
   spe = trainer.steps_per_epoch
   progress = writers.ProgressBar(trainer.total_steps, config.batch_size, enabled=is_writer,
                                  initial_step=step)
@@ -333,14 +346,14 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
   first_step, pending = True, {}
   logging.info("training %s: %d steps (%d per epoch) on %d devices", trainer.config.model.name,
                trainer.total_steps, spe, trainer.mesh.devices.size)
-  while step < trainer.total_steps:
+  while step < total_steps:
     if patience and record["evals_without_improvement"] >= patience:
       logging.info("early stop at step %d: %d evaluations without improvement of %s", step,
                    patience, config.best_metric)
       break
     epoch, offset = divmod(step, spe)
     batches = trainer.train_batches(epoch)
-    end = min(spe, offset + trainer.total_steps - step)
+    end = min(spe, offset + total_steps - step)
     for index in range(offset, end):
       batch = sharding.to_global(batches[index], trainer.mesh)
       if first_step:
@@ -355,19 +368,21 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
       else:
         state, metrics = train_step(state, batch)
       step += 1
-      if step % config.log_every_steps == 0 or step == trainer.total_steps:
+      if step % config.log_every_steps == 0 or step == total_steps:
         loss = guard.check(metrics, step)
         rates = progress.update(step, loss)
-        writer.write(step, "train", {"loss": loss, "epoch": epoch, **rates, **pending})
+        private = {k: float(metrics[k]) for k in privacy_lib.TRAIN_METRICS if k in metrics}
+        writer.write(step, "train", {"loss": loss, "epoch": epoch, **rates, **pending, **private})
         pending = {}
     epoch_done = end == spe
-    finished = step >= trainer.total_steps
+    finished = step >= total_steps
     if (epoch_done and (epoch + 1) % config.eval_every_epochs == 0) or finished:
       guard.check(metrics, step)  # Nothing diverged is ever saved.
       if not bool(all_finite(state["params"])):
         guard.stop(step, "non-finite parameters")
       valid = trainer.evaluate(state["params"], "valid")
-      writer.write(step, "valid", valid)
+      writer.write(step, "valid", {**valid, **(trainer.privacy.report(step)
+                                               if trainer.privacy else {})})
       logging.info("step %d valid %s", step, _format(valid))
       value = valid[config.best_metric]
       if record["best"] is None or value > record["best"]:
@@ -376,6 +391,8 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
         record["evals_without_improvement"] += 1
       record["epoch"] = epoch + 1 if epoch_done else epoch
       checkpoints.save(manager, step, state, record, valid)
+  if step == total_steps < trainer.total_steps:
+    trainer.privacy.stop(step)  # The budget's last step is saved: raises.
 
 
 class DivergenceGuard:
@@ -423,6 +440,8 @@ def _final_evaluation(trainer: Trainer, manager, writer, workdir: str,
     writer.write(best, f"final_{split}", split_metrics)
     results.update({f"{split}/{k}": v for k, v in split_metrics.items()})
   results["best_step"] = best
+  if trainer.privacy:  # (epsilon, delta) of every step trained, not only up to the best.
+    results.update(trainer.privacy.report(manager.latest_step()))
   if is_writer:
     with open(os.path.join(workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2, sort_keys=True)

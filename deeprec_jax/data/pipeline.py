@@ -21,7 +21,7 @@ Batch layouts are documented in README.md ("Contracts between the pieces").
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -142,6 +142,51 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
           .shuffle(seed=shuffle_seed)
           .batch(global_batch_size, drop_remainder=True)
           .map(make_batch))
+
+
+def num_examples(dataset: builders.Dataset, *, task: str, num_targets: int = 1) -> int:
+  """Number of training examples of ``task`` (users for the sequence tasks)."""
+  return len(_examples(dataset, task, num_targets)[0])
+
+
+def sampled_train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
+                          sample: Callable[[int], np.ndarray], num_rows: int, first_step: int,
+                          num_steps: int, num_negatives: int, seed: int, mask_prob: float = 0.2,
+                          process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Training batches whose examples are drawn per step (Poisson sampling, ``privacy``).
+
+  Element ``i`` is global step ``s = first_step + i``: the examples
+  ``sample(s)`` (indices into the task's examples, at most ``num_rows``),
+  built as ``train_batches`` builds them (per-example draws seeded by ``(seed,
+  s, example index)``) and followed by zero rows up to ``num_rows``; this
+  process yields rows ``[p * R, (p + 1) * R)``, ``R = num_rows /
+  process_count``. Never packed; sequence tasks only.
+
+  Returns:
+    A MapDataset of ``num_steps`` elements, the arrays of ``train_batches``
+    plus ``weight float32[R]`` (1 for a sampled example, 0 for padding).
+  """
+  _check_choice("task", task, ("autoregressive", "masked"))
+  local_rows = _local_batch_size(num_rows, process_index, process_count)
+  users, _ = _examples(dataset, task, 1)
+
+  def make_batch(index: int) -> dict[str, np.ndarray]:
+    step = first_step + int(index)
+    chosen = np.asarray(sample(step), np.int64)
+    if len(chosen) > num_rows:
+      raise ValueError(f"sampled {len(chosen)} examples for {num_rows} rows at step {step}.")
+    mine = chosen[process_index * local_rows:(process_index + 1) * local_rows]
+    built = _train_batch(mine, rows=slice(None), dataset=dataset, users=users, task=task,
+                         max_len=max_len, num_negatives=num_negatives, mask_prob=mask_prob,
+                         seed=seed, epoch=step)
+    batch = {key: np.zeros((local_rows,) + value.shape[1:], value.dtype)
+             for key, value in built.items()}
+    for key, value in built.items():
+      batch[key][:len(mine)] = value
+    batch["weight"] = (np.arange(local_rows) < len(mine)).astype(np.float32)
+    return batch
+
+  return grain.MapDataset.range(num_steps).map(make_batch)
 
 
 def eval_lengths(max_len: int, num_buckets: int) -> tuple[int, ...]:

@@ -136,6 +136,17 @@ def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config.train.num_devices = 0  # devices in the data-parallel mesh (0 = all)
   config.train.model_parallel = 1  # devices on the 'model' mesh axis (item-table rows split)
 
+  # User-level DP-SGD (deeprec_jax/privacy.py, docs/privacy.md): one example = one user.
+  config.privacy = ml_collections.ConfigDict()
+  config.privacy.enabled = False  # DP-SGD on/off (rows unpacked; window models are refused)
+  config.privacy.l2_clip_norm = 1.0  # C: each user's gradient clipped to this L2 norm
+  config.privacy.noise_multiplier = 0.0  # sigma: noise std sigma * C (0 = calibrate to target)
+  config.privacy.target_epsilon = 0.0  # epsilon budget: calibrates sigma, stops past it (0 = none)
+  config.privacy.delta = 1e-6  # delta; must be well below 1/num_users (>= 1/num_users raises)
+  config.privacy.accountant = "pld"  # pld | rdp (dp-accounting)
+  config.privacy.sampling = "poisson"  # poisson | shuffle (fixed batches, accounted as Poisson)
+  config.privacy.microbatch_size = 0  # per-example gradients this many at a time (0 = all)
+
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 256  # users per evaluation batch
   config.eval.ks = (1, 5, 10, 20)  # cut-offs for HR/NDCG/MRR@K
