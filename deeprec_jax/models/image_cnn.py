@@ -75,9 +75,10 @@ class ItemImageCNN(nn.Module):
 
 
 def check_fields(model: Any) -> None:
-  """Raises ValueError naming ``model.<field>`` for bad item-encoder fields."""
+  """Raises ValueError naming ``model.<field>`` for bad item-encoder (and tower) fields."""
+  if hasattr(model, "item_encoder"):
+    validation.check_choice(model, "item_encoder", ITEM_ENCODERS)
   validation.validate_fields(model, {
-      "item_encoder": lambda m, f: validation.check_choice(m, f, ITEM_ENCODERS),
       "image_kernel": lambda m, f: validation.check_int(m, f, 1),
       "image_pool": lambda m, f: validation.check_int(m, f, 1),
       "image_dense": lambda m, f: validation.check_int(m, f, 0),

@@ -1,0 +1,167 @@
+"""The click-through ('ctr') task: pairs, BCE training, logloss / AUC / accuracy.
+
+Examples are ``(history, candidate, label)`` pairs built from the per-user
+sequences (``builders.Dataset``) with leave-one-out:
+
+* training: for every position ``t >= 1`` of a user's training part
+  ``seq[:-2]``, the clicked item ``seq[t]`` after ``seq[:t]`` (label 1) and
+  ``num_negatives`` items the user never had (label 0);
+* held out (``split='valid'`` or ``'test'``): the held-out item after its
+  history (label 1) and as many sampled unseen items (label 0).
+
+Items of ``Dataset.withheld_items`` (cold start) are never training
+candidates, so held-out pairs measure how well pictures stand in for them.
+``train(...)`` fits ``models.ctr.Model`` with Adam on ``sigmoid`` BCE and
+``evaluate(...)`` returns ``{'logloss', 'auc', 'accuracy', 'count'}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from deeprec_jax.data import builders, negatives, pipeline, preprocess
+from deeprec_jax.models import ctr
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairs:
+  """``history int32[P, L]`` (left-padded), ``candidate int32[P]``, ``label float32[P]``."""
+
+  history: np.ndarray
+  candidate: np.ndarray
+  label: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.label)
+
+
+def make_pairs(dataset: builders.Dataset, *, split: str, max_len: int, num_negatives: int = 1,
+               seed: int = 0) -> Pairs:
+  """The labelled pairs of ``split`` (see the module doc); a function of ``seed``."""
+  if split not in SPLITS:
+    raise ValueError(f"split={split!r}; expected one of {', '.join(SPLITS)}.")
+  rng = np.random.default_rng([int(seed) % 2**32, SPLITS.index(split)])
+  withheld = (np.zeros(0, np.int64) if dataset.withheld_items is None
+              else np.asarray(dataset.withheld_items, np.int64))
+  histories, candidates, labels = [], [], []
+  for user in range(dataset.num_users):
+    seq = np.asarray(dataset.source[user]["item_seq"], np.int64)
+    seen = np.union1d(seq, withheld)
+    if split == "train":
+      train = preprocess.split_train(seq)
+      steps = [(train[:t], int(train[t])) for t in range(1, len(train))]
+    elif len(seq) >= preprocess.MIN_SEQUENCE_LENGTH:
+      steps = [preprocess.split_eval(seq, split)]
+    else:
+      steps = []
+    for history, positive in steps:
+      row = pipeline.eval_input(history, task="autoregressive", max_len=max_len,
+                                num_items=dataset.num_items)
+      drawn = negatives.sample_uniform(rng, dataset.num_items, seen, (num_negatives,))
+      for candidate, label in [(positive, 1.0)] + [(int(d), 0.0) for d in drawn if d > 0]:
+        histories.append(row)
+        candidates.append(candidate)
+        labels.append(label)
+  if not labels:
+    raise ValueError(f"{dataset.name} has no {split!r} pairs.")
+  return Pairs(np.stack(histories).astype(np.int32), np.asarray(candidates, np.int32),
+               np.asarray(labels, np.float32))
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+  """Area under the ROC curve: P(score of a positive > a negative's), ties count 1/2."""
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
+  order = np.argsort(scores, kind="stable")
+  ranks = np.empty(len(scores))
+  sorted_scores = scores[order]
+  # Average ranks (1-based) over ties.
+  _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+  average = first + (counts + 1) / 2.0
+  ranks[order] = np.repeat(average, counts)
+  positives, negatives_ = int(labels.sum()), int((~labels).sum())
+  if not positives or not negatives_:
+    return float("nan")
+  return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives_))
+
+
+def metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """``logloss`` (mean BCE), ``auc``, ``accuracy`` (p > 0.5) and ``count``."""
+  logits = np.asarray(logits, np.float64)
+  labels = np.asarray(labels, np.float64)
+  # log(1 + exp(-|x|)) + max(x, 0) - x * y: BCE with logits, stable.
+  loss = np.logaddexp(0.0, logits) - logits * labels
+  return {"logloss": float(loss.mean()), "auc": auc(logits, labels),
+          "accuracy": float(((logits > 0) == (labels > 0.5)).mean()),
+          "count": float(len(labels))}
+
+
+def _images_of(images: jax.Array, items: jax.Array) -> jax.Array:
+  return jnp.take(images, items, axis=0)
+
+
+def make_train_step(model: ctr.Model, tx: optax.GradientTransformation, images: Any):
+  """``step(state, batch) -> (state, loss)``; ``images`` is a closure constant."""
+  images = jnp.asarray(images)
+
+  def step(state, batch):
+    def objective(params):
+      logits = model.apply({"params": params}, batch["history"], batch["candidate"],
+                           _images_of(images, batch["candidate"]))
+      return optax.sigmoid_binary_cross_entropy(logits, batch["label"]).mean()
+
+    loss, grads = jax.value_and_grad(objective)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state}, loss
+
+  return step
+
+
+def predict(model: ctr.Model, params: Any, pairs: Pairs, images: Any,
+            batch_size: int = 512) -> np.ndarray:
+  """``float32[P]`` logits of every pair."""
+  apply = jax.jit(lambda p, h, c, im: model.apply({"params": p}, h, c, _images_of(im, c)))
+  images = jnp.asarray(images)
+  out = []
+  for start in range(0, len(pairs), batch_size):
+    rows = slice(start, start + batch_size)
+    out.append(np.asarray(apply(params, pairs.history[rows], pairs.candidate[rows], images)))
+  return np.concatenate(out)
+
+
+def train(model: ctr.Model, pairs: Pairs, images: Any, *, num_steps: int, batch_size: int,
+          learning_rate: float = 1e-3, seed: int = 0) -> tuple[Any, list[float]]:
+  """Fits ``model`` on ``pairs`` by Adam; returns ``(params, losses)``.
+
+  Batches are drawn without replacement within each pass, by ``seed``.
+  """
+  rng = np.random.default_rng(seed)
+  params = model.init(jax.random.key(seed), pairs.history[:1], pairs.candidate[:1],
+                      jnp.asarray(images)[pairs.candidate[:1]])["params"]
+  tx = optax.adam(learning_rate)
+  state = {"params": params, "opt_state": tx.init(params)}
+  step = jax.jit(make_train_step(model, tx, images))
+  order, position, losses = rng.permutation(len(pairs)), 0, []
+  for _ in range(num_steps):
+    if position + batch_size > len(order):
+      order, position = rng.permutation(len(pairs)), 0
+    rows = order[position:position + batch_size]
+    position += batch_size
+    batch = {"history": pairs.history[rows], "candidate": pairs.candidate[rows],
+             "label": pairs.label[rows]}
+    state, loss = step(state, batch)
+    losses.append(float(loss))
+  return state["params"], losses
+
+
+def evaluate(model: ctr.Model, params: Any, pairs: Pairs, images: Any) -> dict[str, float]:
+  """``metrics`` of ``model`` on ``pairs``."""
+  return metrics(predict(model, params, pairs, images), pairs.label)
