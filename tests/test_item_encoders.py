@@ -119,3 +119,22 @@ def test_configs_carry_the_encoder_keys():
   config.item_encoder = "image"
   with pytest.raises(ValueError, match="BERT4Rec has no image encoder"):
     models.create_model(config, num_items=NUM_ITEMS, num_users=5, max_len=6)
+
+
+@pytest.mark.slow  # ~35 s of CPU: a whole run, then load_trained.
+def test_train_and_evaluate_with_pictures_on_four_devices(tmp_path):
+  config = tiny.get_config("sasrec")
+  config.model.item_encoder = "id+image"
+  config.model.update(TOWER)
+  config.data.images.size = SIZE
+  config.data.cold_start_fraction = 0.2
+  config.train.num_epochs = 1
+  config.eval.num_sampled_negatives = 0
+  assert jax.device_count() == 4 and config.train.num_devices == 0  # all four
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["test/cold/count"] + result["test/warm/count"] == result["test/count"]
+  assert 0.0 <= result["test/cold/ndcg@10"] <= 1.0
+  # The restored run scores with the same pictures.
+  trainer, params, _ = train.load_trained(str(tmp_path))
+  assert trainer.images is not None and trainer.images.shape[1:] == (SIZE, SIZE, 3)
+  assert trainer.evaluate(params, "test")["ndcg@10"] == pytest.approx(result["test/ndcg@10"])
