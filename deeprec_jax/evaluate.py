@@ -63,8 +63,8 @@ def score_items(model: nn.Module, params: Any, num_items: int, item_seq: Array, 
 
 
 def top_k(model: nn.Module, params: Any, num_items: int, item_seq: Array, exclude: Array,
-          k: int, *, user: Array | None = None,
-          mesh: Mesh | None = None) -> tuple[Array, Array]:
+          k: int, *, user: Array | None = None, mesh: Mesh | None = None,
+          item_vectors: Array | None = None) -> tuple[Array, Array]:
   """The ``k`` best items after each history (``score_items``, then ``metrics.top_k_items``).
 
   With ``mesh`` (a model axis of size > 1 and the item table split over it)
@@ -81,11 +81,12 @@ def top_k(model: nn.Module, params: Any, num_items: int, item_seq: Array, exclud
     k: how many items to return.
     user: ``int[B]`` user ids, or ``None``.
     mesh: the run's mesh, or ``None`` for one ``jax.lax.top_k``.
+    item_vectors: as in ``score_items`` (image encoders).
 
   Returns:
     ``(items int32[B, k], scores float32[B, k])``, best first.
   """
-  scores = score_items(model, params, num_items, item_seq, user=user)
+  scores = score_items(model, params, num_items, item_seq, user=user, item_vectors=item_vectors)
   return metrics.top_k_items(scores, exclude, k, mesh=mesh)
 
 

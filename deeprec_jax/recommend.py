@@ -88,12 +88,16 @@ def recommend(trainer: Any, params: Any, histories: Sequence[np.ndarray], *, top
 
   user = None if users is None else jnp.asarray(users, jnp.int32)
 
+  # Image encoders: the catalogue's vectors once, from the run's pictures.
+  images = getattr(trainer, "images", None)
+  vectors = None if images is None else trainer.item_vectors(params)
+
   @jax.jit
-  def top_items(params, item_seq, exclude, user):
+  def top_items(params, item_seq, exclude, user, vectors):
     return evaluate.top_k(trainer.model, params, dataset.num_items, item_seq, exclude, top_k,
-                          user=user, mesh=trainer.mesh)
+                          user=user, mesh=trainer.mesh, item_vectors=vectors)
 
   items, scores = jax.device_get(top_items(params, jnp.asarray(item_seq), jnp.asarray(exclude),
-                                           user))
+                                           user, vectors))
   return [[(int(dataset.item_ids[i]), float(s)) for i, s in zip(row_items, row_scores, strict=True)
            if np.isfinite(s)] for row_items, row_scores in zip(items, scores, strict=True)]

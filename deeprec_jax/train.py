@@ -222,6 +222,10 @@ class Trainer:
         mask_prob=self.config.task.mask_prob, pack_row_multiple=pack_row_multiple,
         process_index=block, process_count=num_blocks)
 
+  def item_vectors(self, params: Any) -> jax.Array | None:
+    """The catalogue's ``models.item_vectors`` for image encoders, once; None for 'id'."""
+    return None if self.images is None else self._item_vectors(params, images=self.images)
+
   def evaluate(self, params: Any, split: str) -> dict[str, float]:
     """Full-ranking (and sampled) metrics of ``params`` on ``split`` (valid or test)."""
     batches = self._eval_cache.get(split)
@@ -232,7 +236,7 @@ class Trainer:
         batches = self._eval_cache[split] = list(batches)
     batches = writers.progress(batches, f"evaluate {split}",
                                enabled=jax.process_index() == 0)
-    vectors = None if self.images is None else self._item_vectors(params, images=self.images)
+    vectors = self.item_vectors(params)
     return evaluate.evaluate(self._eval_step, params,
                              (sharding.to_global(b, self.mesh) for b in batches),
                              item_vectors=vectors)

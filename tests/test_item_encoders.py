@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deeprec_jax import evaluate, models, train
+from deeprec_jax import evaluate, models, recommend, train
+from deeprec_jax.data import builders
 from deeprec_jax.models import image_cnn
 from experiments.configs import tiny
 
@@ -138,3 +139,26 @@ def test_train_and_evaluate_with_pictures_on_four_devices(tmp_path):
   trainer, params, _ = train.load_trained(str(tmp_path))
   assert trainer.images is not None and trainer.images.shape[1:] == (SIZE, SIZE, 3)
   assert trainer.evaluate(params, "test")["ndcg@10"] == pytest.approx(result["test/ndcg@10"])
+
+
+def test_recommend_with_pictures():
+  config = tiny.get_config("rnn")
+  config.model.item_encoder = "image"
+  config.model.update(TOWER)
+  config.data.images.size = SIZE
+  config.train.num_devices = 1
+  trainer = train.Trainer(config, builders.load(config.data))
+  params = trainer.init_state()["params"]
+  history = np.asarray(trainer.dataset.source[0]["item_seq"])[:4]
+  (ranked,) = recommend.recommend(trainer, params, [history], top_k=5)
+  assert len(ranked) == 5
+  ids = [trainer.dataset.item_ids[i] for i in history]
+  assert not set(ids) & {item for item, _ in ranked}
+  # The same order as scoring every item by hand with the pictures' vectors.
+  vectors = models.item_vectors(trainer.model, params, trainer.dataset.num_items, trainer.images)
+  seq = jnp.asarray(history[None], jnp.int32)
+  scores = np.array(evaluate.score_items(trainer.model, params, trainer.dataset.num_items, seq,
+                                          item_vectors=vectors))[0]
+  scores[0], scores[history] = -np.inf, -np.inf
+  np.testing.assert_array_equal([i for i, _ in ranked],
+                                trainer.dataset.item_ids[np.argsort(-scores)[:5]])
