@@ -3,7 +3,7 @@
 Most tests use ``fake_train``, which writes validation rows through the real
 ``MetricWriter`` (so pruning sees them) and final metrics whose test values
 differ from the validation ones (so a test metric used as the objective would
-show). ``test_tiny_search_through_the_binary`` trains for real.
+show). ``test_tiny_search_through_the_binary`` trains for real (``-m slow``).
 """
 
 import math
@@ -195,6 +195,7 @@ def test_concurrent_trials_go_through_an_executor(tmp_path):
 # The real tiny search, through the binary.
 
 
+@pytest.mark.slow  # 3 trials + 2 seeds of real training (~4 compiles): 1-4 minutes
 def test_tiny_search_through_the_binary(tmp_path):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)

@@ -338,7 +338,8 @@ def _finish(study: Any, base: str, space_config: ml_collections.ConfigDict,
   report.write_csv(rows, os.path.join(workdir, "trials.csv"))
   text = "\n\n".join([
       f"# Search over {', '.join(p.key for p in params)} ({base})",
-      f"Study {study.study_name!r} in {url}; {budget}. This invocation: {seconds:.0f} s.",
+      f"Study {study.study_name!r} in {url}; {budget}. Trials trained by this invocation "
+      f"took {seconds:.0f} s of wall time.",
       "## Trials (validation only)", _markdown(rows),
       f"## Best config, {len(final.seeds)} seeds, test split ({final_dir})", outcome.text])
   with open(os.path.join(workdir, SEARCH_FILE), "w", encoding="utf-8") as f:
