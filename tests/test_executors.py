@@ -11,6 +11,7 @@ finished ones.
 
 import os
 import re
+import subprocess
 import sys
 
 import ml_collections
@@ -157,6 +158,24 @@ def test_sbatch_script_of_a_slurm_array_submission(tmp_path, monkeypatch):
     assert workdir == r.workdir and workdir.endswith(f"_seed{r.point.seed}")
     assert config.model.attention == r.config.model.attention and config.seed == r.point.seed
     assert info["label"] == r.point.label
+
+
+def test_ablate_binary_prints_the_script_and_refuses_it_without_submitit(tmp_path):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+  base = [sys.executable, "-m", "experiments.ablate",
+          "--config=experiments/configs/ablations/tiny_grid.py", f"--workdir={tmp_path}/w"]
+  result = subprocess.run([*base, "--executor=submitit", "--slurm_partition=gpu",
+                           "--slurm_gpus_per_run=2", "--slurm_sbatch=account=abc",
+                           "--slurm_print_script"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for line in ("#SBATCH --array=0-7%8", "#SBATCH --partition=gpu", "#SBATCH --account=abc",
+               "#SBATCH --gpus-per-node=2", f"#SBATCH --chdir={REPO}"):
+    assert line in result.stdout.splitlines(), line
+  assert not os.path.exists(tmp_path / "w" / "runs")  # nothing submitted or trained
+  result = subprocess.run([*base, "--slurm_print_script"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and "needs --executor=submitit" in result.stderr
 
 
 # ----------------------------------------------------------------------------

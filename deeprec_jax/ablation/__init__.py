@@ -9,5 +9,8 @@ experiment config, the keys to vary (a grid of ``axes`` or explicit
   rows = report.collect_results(workdir, "test", [r.workdir for r in runs])
   report.write_report(ablation_config, workdir, rows)  # report: csv, md, tex, png
 
-``run.run_ablation`` does all three.
+``run.run_ablation`` does all three. ``executors`` trains the runs elsewhere
+(SLURM jobs through submitit, Ray tasks) with the same guarantees, and
+``search`` runs an Optuna search whose trials go through the same executors
+(docs/sweeps.md).
 """
