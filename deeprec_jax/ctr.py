@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from deeprec_jax.data import builders, negatives, pipeline, preprocess
+from deeprec_jax.data import builders, cold_start, images, negatives, pipeline, preprocess
 from deeprec_jax.models import ctr
 
 SPLITS = ("train", "valid", "test")
@@ -165,3 +165,31 @@ def train(model: ctr.Model, pairs: Pairs, images: Any, *, num_steps: int, batch_
 def evaluate(model: ctr.Model, params: Any, pairs: Pairs, images: Any) -> dict[str, float]:
   """``metrics`` of ``model`` on ``pairs``."""
   return metrics(predict(model, params, pairs, images), pairs.label)
+
+
+def run(config: Any) -> dict[str, float]:
+  """Trains the CTR model of ``config`` (``experiments/configs/ctr.py``) and evaluates it.
+
+  Returns:
+    ``valid/<metric>`` and ``test/<metric>`` (``logloss``, ``auc``,
+    ``accuracy``, ``count``) and ``train/final_loss``.
+  """
+  dataset = cold_start.split(builders.load(config.data), config.data.cold_start_fraction,
+                             config.seed)
+  pictures = images.load(config.data, dataset).images  # uint8[N + 1, S, S, 3]
+  fields = dict(config.model)
+  fields.pop("name")
+  model = ctr.Model(num_items=dataset.num_items, num_users=dataset.num_users,
+                    max_len=config.data.max_len, **fields)
+  pairs = make_pairs(dataset, split="train", max_len=config.data.max_len,
+                     num_negatives=config.train.num_negatives, seed=config.seed)
+  params, losses = train(model, pairs, pictures, num_steps=config.train.num_steps,
+                         batch_size=config.train.batch_size,
+                         learning_rate=config.train.learning_rate, seed=config.seed)
+  results = {"train/final_loss": float(np.mean(losses[-10:]))}
+  for split in ("valid", "test"):
+    held_out = make_pairs(dataset, split=split, max_len=config.data.max_len,
+                          num_negatives=config.eval.num_negatives, seed=config.seed)
+    results.update({f"{split}/{k}": v
+                    for k, v in evaluate(model, params, held_out, pictures).items()})
+  return results

@@ -64,3 +64,20 @@ def test_fit_beats_chance(data):
   assert result["count"] == 2 * dataset.num_users
   assert result["auc"] > 0.6 and result["logloss"] < 0.69, result
   assert jax.tree.leaves(params)
+
+
+@pytest.mark.slow  # A second compile of the whole model (~25 s of CPU).
+def test_run_from_config():
+  from experiments.configs import ctr as ctr_config
+
+  config = ctr_config.get_config()
+  config.data = tiny.get_config("sasrec").data
+  config.data.images.size = 12
+  config.data.max_len = 6
+  config.model.update(dim=8, hidden=(8,), image_channels=(4,), image_dense=8, use_id=True)
+  config.train.update(num_steps=5, batch_size=32)
+  result = ctr.run(config)
+  assert set(result) == {"train/final_loss"} | {f"{split}/{name}" for split in ("valid", "test")
+                                                for name in ("logloss", "auc", "accuracy",
+                                                             "count")}
+  assert result["test/count"] == 2 * 64
