@@ -1,4 +1,9 @@
-"""Learning test: on cold items, pictures carry what the id table cannot."""
+"""Learning test: on cold items, pictures carry what the id table cannot.
+
+400 users walking 5 clusters of 100 items; 30 % of the items are withheld
+from training. Their pictures share shape and colour with their cluster's
+warm items, so the image tower places them where the sequences lead.
+"""
 
 import pytest
 
@@ -32,4 +37,6 @@ def test_image_encoder_beats_id_on_cold_targets(tmp_path):
              for encoder in ("id", "image")}
   cold = {encoder: r["test/cold/ndcg@10"] for encoder, r in results.items()}
   assert results["image"]["test/cold/count"] > 20
-  assert cold["image"] > cold["id"] + 0.05, cold
+  # Measured (seed 0): id 0.042 (near chance: a cold row is never trained),
+  # image 0.108; overall test NDCG@10 0.136 -> 0.160.
+  assert cold["image"] > max(cold["id"] + 0.03, 1.5 * cold["id"]), cold
