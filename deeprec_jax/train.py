@@ -190,8 +190,11 @@ class Trainer:
 
   def _init_params(self, rng: jax.Array) -> Any:
     item_seq = jnp.zeros((1, self.config.data.max_len), jnp.int32)
-    return models.init_params(self.model, rng, item_seq, user=jnp.zeros((1,), jnp.int32),
-                              images=self.images)
+    params = models.init_params(self.model, rng, item_seq, user=jnp.zeros((1,), jnp.int32),
+                                images=self.images)
+    if models.item_encoder(self.model) == "id+image" and self.dataset.withheld_items is not None:
+      params = cold_start.zero_table_rows(params, self.dataset.withheld_items)
+    return params
 
   def init_state(self) -> State:
     """Fresh (or fitted) parameters and optimizer state, placed by ``sharding.param_shardings``."""

@@ -82,3 +82,16 @@ def test_metrics_by_target_kind(dataset):
              + result["warm/" + name] * result["warm/count"]) / result["count"]
     assert mixed == pytest.approx(result[name], abs=1e-6)
 
+
+
+def test_id_plus_image_starts_cold_rows_at_zero(dataset):
+  config = tiny.get_config("sasrec")
+  config.model.update(item_encoder="id+image", image_channels=(3,), image_dense=4)
+  config.data.images.size = 8
+  config.data.cold_start_fraction = 0.25
+  trainer = train.Trainer(config, dataset)
+  table = np.asarray(trainer.init_state()["params"]["item_embed"]["embedding"])
+  cold = trainer.dataset.withheld_items
+  assert not table[cold].any()
+  warm = np.setdiff1d(np.arange(1, dataset.num_items + 1), cold)
+  assert (np.abs(table[warm]).sum(1) > 0).all()

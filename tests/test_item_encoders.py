@@ -138,6 +138,10 @@ def test_train_and_evaluate_with_pictures_on_four_devices(tmp_path):
   # The restored run scores with the same pictures.
   trainer, params, _ = train.load_trained(str(tmp_path))
   assert trainer.images is not None and trainer.images.shape[1:] == (SIZE, SIZE, 3)
+  # Withheld items' id rows start at zero and, never trained, stay there.
+  table = np.asarray(models.item_table(params, trainer.dataset.num_items))
+  cold = trainer.dataset.withheld_items
+  assert len(cold) and not table[cold].any() and table[np.setdiff1d(np.arange(1, 41), cold)].any()
   assert trainer.evaluate(params, "test")["ndcg@10"] == pytest.approx(result["test/ndcg@10"])
 
 

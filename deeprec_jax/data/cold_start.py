@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from deeprec_jax.data import builders, preprocess
+from deeprec_jax.models.item_embedding import ITEM_TABLE
 
 _SALT = 0xC01D  # keeps the choice of items apart from the run's other draws
 
@@ -92,3 +93,15 @@ def split(dataset: builders.Dataset, fraction: float, seed: int, *,
                      np.int64)
   return dataclasses.replace(dataset, source=source, lengths=lengths,
                              name=f"{dataset.name}+cold{fraction:g}", withheld_items=cold)
+
+
+def zero_table_rows(params: Any, items: np.ndarray) -> Any:
+  """``params`` with the id-table rows of ``items`` set to 0 (``'id+image'`` encoders).
+
+  A withheld item's row never gets a gradient (it is neither an input, a
+  target nor a negative in training), so its random initial row would only
+  add noise to its picture's vector; zeroed, it stays zero.
+  """
+  table, param = ITEM_TABLE
+  rows = params[table][param]
+  return {**params, table: {**params[table], param: rows.at[np.asarray(items)].set(0.0)}}
