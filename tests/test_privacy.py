@@ -6,6 +6,7 @@ import os
 
 import dp_accounting
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -121,7 +122,8 @@ def noisy_steps():
     tx = optax.sgd(1.0)
     step = jax.jit(privacy.make_private_train_step(
         trainer.model, tx, loss="bce", num_items=trainer.dataset.num_items, l2_clip_norm=0.5,
-        noise_multiplier=2.0, expected_batch_size=16, microbatch_size=8))
+        noise_multiplier=2.0, expected_batch_size=16,
+        microbatch_size=trainer.privacy.microbatch_size))
     outputs[num_devices] = (trainer, step, _sgd_state(trainer, tx))
   return outputs
 
@@ -129,10 +131,15 @@ def noisy_steps():
 def test_one_and_four_devices_give_the_same_private_step(noisy_steps):
   results = []
   for trainer, step, state in (noisy_steps[1], noisy_steps[4]):
-    assert trainer.privacy.rows == 40  # the cap rounds to 8 (microbatch) on both meshes
-    batch = sharding.to_global(trainer.train_batches(epoch=0)[3], trainer.mesh)
-    results.append(jax.device_get(step(state, batch)))
-  (state_1, metrics_1), (state_4, metrics_4) = results
+    local = trainer.train_batches(epoch=0)[3]
+    assert trainer.privacy.microbatch_size <= 8 < trainer.privacy.rows  # several chunks
+    assert trainer.privacy.microbatch_size % trainer.mesh.shape["data"] == 0
+    results.append((local, jax.device_get(step(state, sharding.to_global(local, trainer.mesh)))))
+  # The same users on both meshes (the caps may differ: padding rows add nothing).
+  (local_1, (state_1, metrics_1)), (local_4, (state_4, metrics_4)) = results
+  real = int(local_1["weight"].sum())
+  assert real == local_4["weight"].sum()
+  np.testing.assert_array_equal(local_1["item_seq"][:real], local_4["item_seq"][:real])
   np.testing.assert_allclose(metrics_1["loss"], metrics_4["loss"], rtol=1e-5)
   _close(state_1["params"], state_4["params"], rtol=1e-4, atol=1e-6)
 
@@ -153,6 +160,17 @@ def test_noise_has_std_noise_multiplier_times_clip(noisy_steps):
   assert noise.size > 25_000
   np.testing.assert_allclose(noise.std(), 2.0 * 0.5, rtol=0.02)
   assert abs(noise.mean()) < 0.02
+
+
+def test_the_per_example_softmax_is_the_streamed_one():
+  keys = jax.random.split(jax.random.key(0), 2)
+  hidden, table = jax.random.normal(keys[0], (1, 7, 4)), jax.random.normal(keys[1], (11, 4))
+  targets = jnp.array([[0, 0, 3, 5, 1, 10, 2]])
+  ours = lambda h, t: privacy.example_softmax_ce(h, t, targets)
+  streamed = lambda h, t: train.losses.softmax_ce(h, t, targets)
+  np.testing.assert_allclose(ours(hidden, table), streamed(hidden, table), rtol=1e-6)
+  _close(jax.grad(ours, (0, 1))(hidden, table), jax.grad(streamed, (0, 1))(hidden, table),
+         rtol=1e-5, atol=1e-6)
 
 
 def test_epsilon_and_calibration_match_dp_accounting():
