@@ -13,7 +13,7 @@ jitted in float32. Two things are compared:
 
 Tolerance (``assert_close``): ``|model - reference| <= RTOL * |reference| +
 ATOL * max|reference|`` element-wise, with RTOL = 1e-4 and ATOL = 1e-5. The
-measured error is about 1e-6 of the largest value (float32 eps is 1.2e-7, a
+measured error is at most 6e-7 of the largest value (float32 eps is 1.2e-7, a
 model is a few hundred roundings deep); a wrong equation (a missing
 ``sqrt(d)`` scale, a layer reading the wrong input) moves values by O(1).
 """
