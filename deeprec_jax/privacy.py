@@ -131,17 +131,9 @@ def batch_cap(batch_size: int, num_examples: int, total_steps: int, overflow: fl
               multiple: int = 1) -> int:
   """Rows of a padded Poisson batch: overflowed with chance <= ``overflow`` over the run.
 
-  Args:
-    batch_size: the expected batch size ``q * num_examples``.
-    num_examples: N, the users that can be sampled.
-    total_steps: steps of the planned run.
-    overflow: the chance that any step draws more users than the cap.
-    multiple: the cap is rounded up to a multiple of this.
-
-  Returns:
-    The smallest multiple of ``multiple`` at or above the Binomial(N, q)
-    quantile with tail ``overflow / total_steps`` (never above ``N`` rounded
-    up, where no draw can overflow).
+  The smallest multiple of ``multiple`` at or above the Binomial(N, q)
+  quantile with tail ``overflow / total_steps`` (N = ``num_examples``, q =
+  ``batch_size / N``), and never above N rounded up: no draw exceeds N.
   """
   rate = batch_size / num_examples
   quantile = stats.binom.isf(overflow / max(total_steps, 1), num_examples, rate)
@@ -176,16 +168,10 @@ class PoissonSampler:
 
 
 def clip_examples(grads: Any, l2_clip_norm: float, weight: jax.Array) -> tuple[Any, jax.Array]:
-  """Clips each example's gradient tree to ``l2_clip_norm``; rows of weight 0 become 0.
+  """``(clipped, norms)``: each row of the ``[B, ...]`` leaves scaled by ``min(1, C / norm)``.
 
-  Args:
-    grads: per-example gradients, every leaf ``[B, ...]``.
-    l2_clip_norm: C.
-    weight: ``float32[B]``, 1 for real rows, 0 for padding.
-
-  Returns:
-    ``(clipped, norms)``: the tree with each row scaled by ``min(1, C / norm)``
-    (zero where ``weight == 0``) and the unclipped norms ``float32[B]``.
+  ``norm`` is the row's L2 norm over the whole tree (returned, ``float32[B]``);
+  rows with ``weight float32[B]`` 0 (padding) become 0.
   """
   squares = [jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
              for g in jax.tree.leaves(grads)]
@@ -246,22 +232,13 @@ def make_example_loss(model: nn.Module, *, loss: str, num_items: int, temperatur
 def clipped_example_grads(example_loss: ExampleLoss, params: Any, batch: Batch,
                           step_key: jax.Array, *, l2_clip_norm: float
                           ) -> tuple[Any, jax.Array, jax.Array]:
-  """Each example's loss and clipped gradient (``jax.vmap`` over the batch axis).
+  """Each example's clipped gradient, norm and loss (``jax.vmap`` over the batch axis).
 
-  Args:
-    example_loss: ``(params, example, dropout_key) -> scalar`` for one example
-      whose arrays have batch dim 1.
-    params: the parameter tree.
-    batch: every array ``[B, ...]``; ``weight float32[B]`` (1 real, 0
-      padding) if present, else every row is real; ``row int32[B]`` (the
-      dropout key of a row is ``fold_in(step_key, row)``) if present, else
-      ``arange(B)``.
-    step_key: the step's PRNG key.
-    l2_clip_norm: C.
-
-  Returns:
-    ``(clipped, norms, losses)``: the clipped gradients (params' tree, leaves
-    ``[B, ...]``, 0 at padding), the unclipped norms and losses ``float32[B]``.
+  ``batch`` arrays are ``[B, ...]``, with ``weight float32[B]`` (1 real, 0
+  padding; default all 1) and ``row int32[B]`` (row r's dropout key is
+  ``fold_in(step_key, r)``; default ``arange(B)``). Returns ``(clipped,
+  norms, losses)``: params' tree with leaves ``[B, ...]`` (0 at padding), the
+  unclipped norms and the losses, ``float32[B]``.
   """
   rows = batch["item_seq"].shape[0]
   batch = {"row": jnp.arange(rows, dtype=jnp.int32),
@@ -280,17 +257,10 @@ def clipped_example_grads(example_loss: ExampleLoss, params: Any, batch: Batch,
 def clipped_gradient_sum(example_loss: ExampleLoss, params: Any, batch: Batch,
                          step_key: jax.Array, *, l2_clip_norm: float,
                          microbatch_size: int = 0) -> tuple[Any, dict[str, jax.Array]]:
-  """The sum over real rows of each example's clipped gradient, in microbatches.
+  """``(summed, stats)``: ``clipped_example_grads`` summed, ``microbatch_size`` rows at a time.
 
-  Args:
-    example_loss, params, batch, step_key, l2_clip_norm: as for
-      ``clipped_example_grads``.
-    microbatch_size: examples per chunk (0 = all at once); must divide B.
-
-  Returns:
-    ``(summed, stats)``: the clipped sum (params' tree) and ``{'loss_sum',
-    'count', 'clipped'}`` (sum of real rows' losses, number of real rows,
-    rows whose norm exceeded C).
+  ``microbatch_size`` (0 = all at once) must divide B. ``stats``: ``loss_sum``
+  over real rows, ``count`` of real rows, rows ``clipped`` (norm > C).
   """
   rows = batch["item_seq"].shape[0]
   batch = {"row": jnp.arange(rows, dtype=jnp.int32),
@@ -325,13 +295,10 @@ def clipped_gradient_sum(example_loss: ExampleLoss, params: Any, batch: Batch,
 
 
 def add_noise(tree: Any, key: jax.Array, stddev: float) -> Any:
-  """``tree`` plus i.i.d. N(0, stddev^2) on every coordinate (Threefry: sharding-invariant).
+  """``tree`` plus i.i.d. N(0, stddev^2) on every coordinate.
 
-  Args:
-    tree: float arrays.
-    key: any PRNG key; its bits seed a Threefry key, whose draws do not depend
-      on how the arrays are sharded.
-    stddev: the noise standard deviation.
+  The bits of ``key`` (any PRNG key) seed a Threefry key, whose draws do not
+  depend on how the arrays are sharded.
   """
   if stddev == 0:
     return tree
@@ -350,23 +317,11 @@ def make_private_train_step(model: nn.Module, tx: optax.GradientTransformation, 
                             gbce_t: float = 0.75) -> Callable[[State, Batch], tuple[State, dict]]:
   """``train_step(state, batch) -> (state, metrics)`` of DP-SGD (module docstring).
 
-  Args:
-    model: the module; called on one example (batch dim 1) at a time.
-    tx: the optimizer, applied to the noisy mean gradient.
-    loss: ``config.train.loss``; each example's loss is the mean over its
-      own targets, so every user weighs the same.
-    num_items: N of the item table.
-    l2_clip_norm: C.
-    noise_multiplier: sigma; the noise std is ``sigma * C``.
-    expected_batch_size: the divisor (``q * num_examples``).
-    microbatch_size: examples per per-example-gradient chunk (0 = all).
-    rng_impl: the PRNG implementation of ``state['rng']``.
-    temperature: ``losses.loss_fn``'s logit temperature.
-    gbce_t: ``losses.loss_fn``'s gBCE calibration.
-
-  Returns:
-    The step; metrics ``loss`` (mean over real rows), ``grad_norm`` (of the
-    noisy mean gradient), ``batch_users`` and ``clipped_fraction``.
+  ``loss`` (and ``temperature``, ``gbce_t``) as in ``make_example_loss``; the
+  noise std is ``noise_multiplier * l2_clip_norm``; the noisy sum is divided
+  by ``expected_batch_size`` (q * num_examples); ``rng_impl`` is that of
+  ``state['rng']``. Metrics: ``loss`` (mean over real rows), ``grad_norm``
+  (of the noisy mean gradient), ``batch_users``, ``clipped_fraction``.
   """
   example_loss = make_example_loss(model, loss=loss, num_items=num_items,
                                    temperature=temperature, gbce_t=gbce_t)
@@ -511,14 +466,16 @@ class Plan:
                  "%d steps: %.4g.", p.l2_clip_norm, sigma, self.rate, self.batch_size,
                  self.num_examples, self.rows, p.delta, p.accountant, self.total_steps,
                  self.epsilon(self.total_steps))
+    if sigma == 0:
+      logging.warning("privacy: no noise (noise_multiplier 0, no target_epsilon): clipping "
+                      "only, epsilon is infinite.")
     last = self.total_steps
-    if p.target_epsilon > 0:
+    if 0 < p.target_epsilon < self.epsilon(self.total_steps):
       last = last_allowed_step(sigma, self.rate, self.total_steps, p.delta, p.target_epsilon,
                                p.accountant)
-      if last < self.total_steps:
-        logging.warning("privacy: epsilon would pass target_epsilon=%g after step %d; the run "
-                        "stops there with an error.", p.target_epsilon, last)
-      if step >= last and step < self.total_steps:
+      logging.warning("privacy: epsilon would pass target_epsilon=%g after step %d; the run "
+                      "stops there with an error.", p.target_epsilon, last)
+      if step >= last:
         self.stop(step)
     return last
 

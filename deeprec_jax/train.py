@@ -388,8 +388,9 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
       if not bool(all_finite(state["params"])):
         guard.stop(step, "non-finite parameters")
       valid = trainer.evaluate(state["params"], "valid")
-      writer.write(step, "valid", {**valid, **(trainer.privacy.report(step)
-                                               if trainer.privacy else {})})
+      private = trainer.privacy.report(step) if trainer.privacy else {}
+      progress.epsilon = private.get("epsilon")
+      writer.write(step, "valid", {**valid, **private})
       logging.info("step %d valid %s", step, _format(valid))
       value = valid[config.best_metric]
       if record["best"] is None or value > record["best"]:

@@ -73,11 +73,12 @@ def progress(items: Iterable[Any], description: str, enabled: bool = True,
 
 
 class ProgressBar:
-  """Training progress: step, loss, steps/s, sequences/s and ETA.
+  """Training progress: step, loss, steps/s, sequences/s, ETA (and DP epsilon).
 
   On a terminal a ``tqdm`` bar redraws in place; when the stream is piped or
   a file, one plain line is printed every ``line_every`` of the run (and at
-  the end), so logs stay short.
+  the end), so logs stay short. ``epsilon``, when set (a private run, at each
+  evaluation), is shown too.
   """
 
   def __init__(self, total_steps: int, sequences_per_step: int, enabled: bool = True,
@@ -92,6 +93,7 @@ class ProgressBar:
     self._line_steps = max(1, int(self._total * line_every))
     self._next_line = initial_step + self._line_steps
     self._bar = None
+    self.epsilon: float | None = None  # privacy: epsilon of the latest evaluation
     if enabled and stream.isatty():
       self._bar = tqdm.tqdm(total=self._total, initial=initial_step, file=stream, unit="step",
                             dynamic_ncols=True, leave=True)
@@ -110,6 +112,8 @@ class ProgressBar:
       postfix = {"loss": f"{loss:.4f}"}
       if rates:
         postfix["seq/s"] = f"{rates['sequences_per_sec']:.0f}"
+      if self.epsilon is not None:
+        postfix["eps"] = f"{self.epsilon:.3g}"
       self._bar.set_postfix(postfix, refresh=True)
       if step >= self._total:
         self._bar.close()
@@ -124,6 +128,8 @@ class ProgressBar:
     if rates:
       text += (f" | {rates['steps_per_sec']:.1f} steps/s "
                f"{rates['sequences_per_sec']:.0f} seq/s")
+    if self.epsilon is not None:
+      text += f" | epsilon {self.epsilon:.3g}"
     start_time, start_step = self._start
     if step > start_step and step < self._total:
       eta = (self._total - step) * (now - start_time) / (step - start_step)
