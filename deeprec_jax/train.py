@@ -113,7 +113,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss:
         jax.random.wrap_key_data(state["rng"], impl=DROPOUT_RNG_IMPL), state["step"])
 
     def objective(params):
-      vectors = models.item_vectors(model, params, num_items, images)
+      vectors = models.item_vectors(model, params, num_items, images,
+                                    rng=jax.random.fold_in(dropout_rng, 1))
       inputs = {"item_vectors": vectors} if uses_images else {}
       hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
                            deterministic=False, rngs={"dropout": dropout_rng},

@@ -58,10 +58,16 @@ def test_image_vectors_are_the_tower(name):
   chunked = models.item_vectors(model, params, NUM_ITEMS, images, chunk_size=5)
   np.testing.assert_allclose(chunked, vectors, rtol=1e-6, atol=1e-6)
 
-  both = _model(name, "id+image")
+  both = _model(name, "id+image", id_dropout=0.5)
+  table = np.asarray(models.item_table(params, NUM_ITEMS))
   np.testing.assert_allclose(models.item_vectors(both, params, NUM_ITEMS, images),
-                             vectors + np.asarray(models.item_table(params, NUM_ITEMS)),
-                             rtol=1e-6, atol=1e-6)
+                             vectors + table, rtol=1e-6, atol=1e-6)
+  # id_dropout (training, with a key): each row keeps its id part or drops all of it.
+  dropped = np.asarray(models.item_vectors(both, params, NUM_ITEMS, images,
+                                           rng=jax.random.key(3))) - vectors
+  kept = np.isclose(dropped, table, atol=1e-6).all(1)
+  assert (kept | np.isclose(dropped, 0.0, atol=1e-6).all(1)).all()
+  assert 0 < kept[1:].sum() < NUM_ITEMS
 
 
 @pytest.mark.parametrize("name", ["sasrec", "rnn"])

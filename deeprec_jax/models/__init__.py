@@ -125,13 +125,14 @@ def item_encoder(model: nn.Module) -> str:
 
 
 def item_vectors(model: nn.Module, params: Any, num_items: int, images: Any = None, *,
-                 chunk_size: int = 0) -> jax.Array:
+                 chunk_size: int = 0, rng: jax.Array | None = None) -> jax.Array:
   """The scored item vectors ``[num_items + 1, dim]``; every score is ``hidden @ this.T``.
 
   'id': exactly ``item_table(params, num_items)``. 'image': the model's image
   tower (``encode_images``) over ``images``, row 0 (padding) zeroed. 'id+image':
-  their sum. Models with an image encoder take these vectors as their input
-  embedding too (``item_vectors=`` in their call).
+  their sum (with ``rng``, training only, each id row dropped with probability
+  ``model.id_dropout``). Models with an image encoder take these vectors as
+  their input embedding too (``item_vectors=`` in their call).
 
   Args:
     model: a module following the model contract.
@@ -141,6 +142,7 @@ def item_vectors(model: nn.Module, params: Any, num_items: int, images: Any = No
       read by the image encoders.
     chunk_size: if > 0, the tower runs over this many pictures at a time
       (``lax.map``), bounding its activations (evaluation's catalogue pass).
+    rng: the key of ``id_dropout`` ('id+image' training); None = no dropout.
 
   Returns:
     ``float32[N + 1, dim]``.
@@ -161,7 +163,13 @@ def item_vectors(model: nn.Module, params: Any, num_items: int, images: Any = No
   else:
     pictures = encode(images)
   pictures = pictures.astype(jnp.float32).at[0].set(0.0)
-  return pictures if encoder == "image" else table.astype(jnp.float32) + pictures
+  if encoder == "image":
+    return pictures
+  table = table.astype(jnp.float32)
+  rate = getattr(model, "id_dropout", 0.0)
+  if rng is not None and rate > 0:
+    table = table * jax.random.bernoulli(rng, 1.0 - rate, (table.shape[0], 1))
+  return table + pictures
 
 
 def init_params(model: nn.Module, rng: jax.Array, item_seq: jax.Array, *,

@@ -78,6 +78,8 @@ def check_fields(model: Any) -> None:
   """Raises ValueError naming ``model.<field>`` for bad item-encoder (and tower) fields."""
   if hasattr(model, "item_encoder"):
     validation.check_choice(model, "item_encoder", ITEM_ENCODERS)
+  if hasattr(model, "id_dropout"):
+    validation.check_fraction(model, "id_dropout")
   validation.validate_fields(model, {
       "image_kernel": lambda m, f: validation.check_int(m, f, 1),
       "image_pool": lambda m, f: validation.check_int(m, f, 1),

@@ -576,6 +576,8 @@ class AttentionEncoder(nn.Module):
     image_kernel: its square kernel side.
     image_pool: its max-pool window side.
     image_dense: its hidden dense width (0 = none).
+    id_dropout: 'id+image' training drops each item's id row with this
+      probability per step, so that pictures alone must carry items too.
   """
 
   num_items: int
@@ -593,6 +595,7 @@ class AttentionEncoder(nn.Module):
   image_kernel: int = 3
   image_pool: int = 2
   image_dense: int = 128
+  id_dropout: float = 0.0
 
   def __post_init__(self) -> None:
     super().__post_init__()

@@ -228,6 +228,8 @@ class Model(nn.Module):
     image_kernel: its square kernel side.
     image_pool: its max-pool window side.
     image_dense: its hidden dense width (0 = none).
+    id_dropout: 'id+image' training drops each item's id row with this
+      probability per step, so that pictures alone must carry items too.
   """
 
   num_items: int
@@ -243,6 +245,7 @@ class Model(nn.Module):
   image_kernel: int = 3
   image_pool: int = 2
   image_dense: int = 128
+  id_dropout: float = 0.0
 
   def __post_init__(self) -> None:
     _validate(self)

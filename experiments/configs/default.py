@@ -96,6 +96,7 @@ def add_item_encoder(model: ml_collections.ConfigDict) -> ml_collections.ConfigD
   model.image_kernel = 3  # image tower: square conv kernel side
   model.image_pool = 2  # image tower: max-pool window (and stride)
   model.image_dense = 128  # image tower: hidden dense width before the dim-wide output
+  model.id_dropout = 0.0  # id+image training: drop each id row with this probability per step
   return model
 
 
