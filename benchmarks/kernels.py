@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks import harness, inputs
 from deeprec_jax import evaluate, losses, metrics, models, train
 from deeprec_jax.data import packing
-from deeprec_jax.models import layers, popularity, rnn, validation
+from deeprec_jax.models import encoder, layers, popularity, rnn, validation
 from experiments.configs import bert4rec as bert4rec_config
 from experiments.configs import caser as caser_config
 from experiments.configs import popularity as popularity_config
@@ -502,14 +502,14 @@ def breakdown_kernels(quick: bool) -> list[Kernel]:
                         _grad_of_sum(attend, (0, 1)), (attention_params, x, mask, rng), items=b,
                         params={"batch": b, "max_len": seq_len, "dropout_rate": rate},
                         note="one block's attention (x2 per step), dropout on"))
-  ffn = layers.PointwiseFeedForward(dropout_rate=rate)
+  ffn = encoder.PointwiseFeedForward(dropout_rate=rate)
   ffn_params = ffn.init(_rng(0), x[:1])
   feed = lambda p, x, rng: ffn.apply(p, x, deterministic=False, rngs={"dropout": rng})
   kernels.append(Kernel("breakdown", "ffn_fwd_bwd_per_block", _grad_of_sum(feed, (0, 1)),
                         (ffn_params, x, rng), items=b,
                         params={"batch": b, "max_len": seq_len, "dropout_rate": rate},
                         note="one block's FFN (x2 per step), dropout on"))
-  block = layers.SelfAttentionBlock(dropout_rate=rate, causal=True,
+  block = encoder.SelfAttentionBlock(dropout_rate=rate, causal=True,
                                     kernel_init=nn.initializers.xavier_uniform())
   block_params = block.init(_rng(0), x[:1], valid[:1])
   run_block = lambda p, x, valid, rng: block.apply(p, x, valid, deterministic=False,

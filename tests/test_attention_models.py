@@ -18,7 +18,7 @@ import pytest
 
 from deeprec_jax import models
 from deeprec_jax.data import packing
-from deeprec_jax.models import bert4rec, item_embedding, layers, sasrec, validation
+from deeprec_jax.models import bert4rec, encoder, item_embedding, layers, sasrec, validation
 from experiments.configs import default as default_config
 
 NUM_ITEMS = 13
@@ -215,7 +215,7 @@ def test_block_matches_numpy(attention, num_heads, causal, activation, np_activa
   """One SelfAttentionBlock (eval mode) vs float64 NumPy: rel. error < 1e-5."""
   x, valid = _attention_inputs(seed=2)
   x = x * valid[..., None]  # blocks receive zeros at padding
-  block = layers.SelfAttentionBlock(attention=attention, num_heads=num_heads, causal=causal,
+  block = encoder.SelfAttentionBlock(attention=attention, num_heads=num_heads, causal=causal,
                                     activation=activation, dropout_rate=0.5)
   params = _random_params(block, x, valid, seed=2)
   out = block.apply({"params": params}, x, valid)
@@ -234,7 +234,7 @@ def test_block_ignores_content_at_padding(attention):
   x, valid = _attention_inputs(seed=3)
   clean = x * valid[..., None]
   garbage = np.where(valid[..., None], x, 50.0 * x + 7.0)
-  block = layers.SelfAttentionBlock(attention=attention, num_heads=2, causal=False,
+  block = encoder.SelfAttentionBlock(attention=attention, num_heads=2, causal=False,
                                     activation=nn.gelu)
   params = _random_params(block, clean, valid, seed=3)
   out_clean = np.asarray(block.apply({"params": params}, clean, valid))

@@ -235,7 +235,7 @@ def np_attention(q_in, kv_in, allowed, p, kind: str, num_heads: int):
 
 
 def np_block(x, valid, p, kind, num_heads, causal, activation):
-  """layers.SelfAttentionBlock: q = LN1(x); h = q + Att(q, x); f = LN2(h); (f + FFN(f)) * valid."""
+  """encoder.SelfAttentionBlock: q = LN1(x); h = q + Att(q, x); f = LN2(h); (f + FFN(f)) * valid."""
   seq_len = x.shape[1]
   allowed = np.repeat(valid[:, None, :], seq_len, axis=1)
   if causal:

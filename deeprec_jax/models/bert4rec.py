@@ -15,7 +15,7 @@ scores with the item table alone.
 
 Differences from the original (kept so that SASRec and BERT4Rec differ only in
 what the paper is about, direction and objective): the blocks are the SASRec
-pre-LN blocks of ``layers.SelfAttentionBlock`` with a final LayerNorm, rather
+pre-LN blocks of ``encoder.SelfAttentionBlock`` with a final LayerNorm, rather
 than BERT's post-LN blocks, and layer norms use epsilon 1e-8. As in BERT the
 embeddings are not scaled, are layer-normed, and all weights start from a
 truncated normal with stddev 0.02.
@@ -32,11 +32,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeprec_jax.models import item_embedding, layers, validation
+from deeprec_jax.models import encoder, item_embedding, layers, validation
 
 
-class Model(layers.AttentionEncoder):
-  """BERT4Rec; fields as ``layers.AttentionEncoder`` (ids 1..N, 0 = padding, N + 1 = [mask])."""
+class Model(encoder.AttentionEncoder):
+  """BERT4Rec; fields as ``encoder.AttentionEncoder`` (ids 1..N, 0 = padding, N + 1 = [mask])."""
 
   def __post_init__(self) -> None:
     super().__post_init__()
@@ -84,7 +84,7 @@ class Model(layers.AttentionEncoder):
     x = item_embedding.ItemEmbedding(self.num_items + 2, self.dim, embedding_init=init,
                                      name=item_embedding.ITEM_TABLE[0])(item_seq)
     if self.positional:
-      x = x + layers.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
+      x = x + encoder.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
                                          name="pos_embed")(item_seq.shape[1], positions)
     x = layer_norm("embed_ln")(x.astype(dtype))
     x = layers.Dropout(self.dropout_rate)(x, deterministic=deterministic) * valid_f

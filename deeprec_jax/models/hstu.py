@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deeprec_jax.models import item_embedding, layers, validation
+from deeprec_jax.models import encoder, item_embedding, layers, validation
 
 Array = jax.Array
 
@@ -285,7 +285,7 @@ class Model(nn.Module):
         self.num_items + 1, self.dim, embedding_init=nn.initializers.truncated_normal(0.02),
         name=item_embedding.ITEM_TABLE[0])(item_seq)
     x = x * (self.dim**0.5)
-    x = x + layers.PositionalEmbedding(
+    x = x + encoder.PositionalEmbedding(
         self.max_len, self.dim, embedding_init=nn.initializers.truncated_normal(self.dim**-0.5),
         name="pos_embed")(item_seq.shape[1], positions)
     x = layers.Dropout(self.dropout_rate)(x.astype(dtype), deterministic=deterministic)

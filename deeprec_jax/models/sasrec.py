@@ -10,7 +10,7 @@ the shared item embedding. Follows the public code (``kang205/SASRec``,
     hidden = LayerNorm(x) * valid
 
 with learned positions ``P`` aligned to the right end of the sequence (see
-``layers.PositionalEmbedding``) and Xavier-uniform initialization throughout,
+``encoder.PositionalEmbedding``) and Xavier-uniform initialization throughout,
 as in the public code. Parameters (dot-product attention, N items, d = dim,
 L = max_len, B = num_blocks):
 
@@ -24,11 +24,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeprec_jax.models import image_cnn, item_embedding, layers, validation
+from deeprec_jax.models import encoder, image_cnn, item_embedding, layers, validation
 
 
-class Model(layers.AttentionEncoder):
-  """SASRec; its fields are ``layers.AttentionEncoder``'s (N items, 0 = padding).
+class Model(encoder.AttentionEncoder):
+  """SASRec; its fields are ``encoder.AttentionEncoder``'s (N items, 0 = padding).
 
   With ``item_encoder != 'id'`` the image tower (``image_cnn.ItemImageCNN``,
   ``out_dim = dim``) sits at ``image_cnn.IMAGE_TOWER``; see ``models.item_vectors``.
@@ -56,7 +56,7 @@ class Model(layers.AttentionEncoder):
       user: ``int32[batch]``, ignored.
       deterministic: False enables dropout (needs the ``'dropout'`` RNG).
       last_only: return the last position only; the last block then computes
-        that one row (``layers.SelfAttentionBlock``).
+        that one row (``encoder.SelfAttentionBlock``).
       segment_ids: ``int32[batch, seq_len]`` for packed rows (several users'
         sequences side by side, ``packing.pack_batch``): 0 at padding, and
         positions attend only within their own segment.
@@ -85,7 +85,7 @@ class Model(layers.AttentionEncoder):
       x = jnp.take(item_vectors.astype(jnp.float32), item_seq, axis=0)
     x = x * (self.dim**0.5)  # scaled as in the SASRec code
     if self.positional:
-      x = x + layers.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
+      x = x + encoder.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
                                          name="pos_embed")(item_seq.shape[1], positions)
     x = layers.Dropout(self.dropout_rate)(x.astype(dtype), deterministic=deterministic)
     x = x * valid[..., None].astype(dtype)

@@ -1,0 +1,259 @@
+"""The self-attention encoder: feed-forward, positions, the block, the shared fields.
+
+``SelfAttentionBlock`` is SASRec's pre-LN block over ``layers``' attention
+kernels; ``AttentionEncoder`` holds the fields and the block stack that
+SASRec, BERT4Rec and HSTU share. Conventions (padding, masks, dtypes) are
+those of ``layers``.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deeprec_jax.models import image_cnn, layers, validation
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+
+class PointwiseFeedForward(nn.Module):
+  """Position-wise FFN: Dense -> activation -> dropout -> Dense -> dropout.
+
+  SASRec's two kernel-size-1 convolutions (``2 * (dim * dim + dim)``
+  parameters with the default ``hidden_dim = dim``). The residual connection
+  is added by the caller (``SelfAttentionBlock``).
+
+  Attributes:
+    hidden_dim: inner width; None = the input feature size (as in SASRec).
+    activation: ``nn.relu`` (SASRec) or ``nn.gelu`` (BERT4Rec).
+    dropout_rate: dropout after each dense layer's activation / output.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    kernel_init: kernel initializer.
+  """
+
+  hidden_dim: int | None = None
+  activation: Callable[[Array], Array] = nn.relu
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+    """``[batch, seq_len, dim]`` -> ``[batch, seq_len, dim]``."""
+    features = x.shape[-1]
+    dense = lambda size, name: nn.Dense(size, dtype=self.dtype, param_dtype=self.param_dtype,
+                                        kernel_init=self.kernel_init, name=name)
+    y = self.activation(dense(self.hidden_dim or features, "dense_in")(x))
+    y = layers.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = dense(features, "dense_out")(y)
+    return layers.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class PositionalEmbedding(nn.Module):
+  """Learned positional embedding of ``max_len`` positions, aligned to the right.
+
+  A sequence of length ``seq_len <= max_len`` gets rows
+  ``max_len - seq_len .. max_len - 1``: the last (most recent) position always
+  uses row ``max_len - 1``. Since sequences are left-padded, this makes a
+  sequence's real items get the same embeddings whether it is padded to
+  ``seq_len`` or to ``max_len``, which is what makes padding invariance hold.
+
+  Attributes:
+    max_len: number of positions (rows).
+    features: embedding size.
+    param_dtype: parameter dtype.
+    embedding_init: initializer of the ``embedding`` table ``[max_len, features]``.
+  """
+
+  max_len: int
+  features: int
+  param_dtype: Dtype = jnp.float32
+  embedding_init: Initializer = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, seq_len: int, positions: Array | None = None) -> Array:
+    """Returns ``[1, seq_len, features]`` in ``param_dtype``.
+
+    Args:
+      seq_len: the input length L (rows ``max_len - L .. max_len - 1``).
+      positions: ``int[batch, seq_len]`` explicit rows instead (packed rows,
+        where each sequence keeps its own right-aligned rows); the result is
+        then ``[batch, seq_len, features]``.
+    """
+    if seq_len > self.max_len:
+      raise ValueError(f"sequence length {seq_len} exceeds max_len={self.max_len} "
+                       "(config key data.max_len).")
+    table = self.param("embedding", self.embedding_init, (self.max_len, self.features),
+                       self.param_dtype)
+    if positions is not None:
+      return jnp.take(table, positions, axis=0)
+    return table[self.max_len - seq_len:][None]
+
+
+class SelfAttentionBlock(nn.Module):
+  """A SASRec self-attention block, as in the public SASRec code.
+
+  With ``x`` the block input ``[batch, seq_len, dim]``:
+
+      q = LN_1(x)
+      h = q + Attention(query=q, key=value=x, mask)   # residual adds LN_1(x)
+      f = LN_2(h)
+      y = (f + FFN(f)) * valid                        # residual adds LN_2(h)
+
+  This is SASRec's arrangement (``kang205/SASRec`` ``model.py`` and
+  ``pmixer/SASRec.pytorch``): the query is layer-normed but the keys/values
+  are the raw input, and the residuals add the *normalized* tensors (not x, as
+  a textbook pre-LN transformer would). Multiplying by the timeline mask
+  zeroes padding positions so that they carry nothing into the next block.
+  The model applies a final LayerNorm after the last block.
+
+  Attributes:
+    attention: 'dot_product' or 'additive'.
+    num_heads: attention heads.
+    dropout_rate: dropout on attention weights and inside the FFN.
+    dtype: compute dtype (layer-norm statistics and softmax stay float32).
+    param_dtype: parameter dtype.
+    causal: forbid attending to later positions (SASRec: True; BERT4Rec: False).
+    activation: FFN activation (``nn.relu`` for SASRec, ``nn.gelu`` for BERT4Rec).
+    ffn_dim: FFN inner width; None = dim.
+    attention_dim: additive attention-hidden size; None = dim.
+    epsilon: layer-norm epsilon.
+    kernel_init: initializer of all dense kernels.
+  """
+
+  attention: str = "dot_product"
+  num_heads: int = 1
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  causal: bool = True
+  activation: Callable[[Array], Array] = nn.relu
+  ffn_dim: int | None = None
+  attention_dim: int | None = None
+  epsilon: float = layers.LAYER_NORM_EPSILON
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x: Array, valid: Array, *, deterministic: bool = True,
+               last_only: bool = False, segment_ids: Array | None = None) -> Array:
+    """Applies the block.
+
+    Args:
+      x: ``[batch, seq_len, dim]``, zero at padding positions.
+      valid: ``bool[batch, seq_len]``, True at real items.
+      deterministic: disables dropout.
+      segment_ids: ``int[batch, seq_len]`` for packed rows: attention stays
+        within each segment (``layers.attention_mask``).
+      last_only: compute the output at the last position only (the queries,
+        output projection and FFN of one row; keys and values still cover
+        every position). For a model's last block when only the most recent
+        state is read (evaluation, recommendation).
+
+    Returns:
+      ``[batch, seq_len, dim]`` in ``dtype`` (``[batch, 1, dim]`` with
+      ``last_only``), zero at padding positions.
+    """
+    if self.attention not in validation.ATTENTION_KINDS:
+      raise ValueError(f"attention must be one of {', '.join(validation.ATTENTION_KINDS)}; "
+                       f"got {self.attention!r}.")
+    layer_norm = lambda name: nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype,
+                                           param_dtype=self.param_dtype,
+                                           use_fast_variance=False, name=name)
+    common = dict(num_heads=self.num_heads, dropout_rate=self.dropout_rate, dtype=self.dtype,
+                  param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                  causal=self.causal, name="attention")
+    if self.attention == "dot_product":
+      attend = layers.DotProductAttention(**common)
+    else:
+      attend = layers.AdditiveAttention(hidden_dim=self.attention_dim, **common)
+
+    x = x.astype(self.dtype)
+    # [batch, 1, seq_len, seq_len]
+    mask = layers.attention_mask(valid, causal=self.causal, segment_ids=segment_ids)
+    if last_only:
+      mask, valid = mask[:, :, -1:], valid[:, -1:]
+    q = layer_norm("ln_attention")(x[:, -1:] if last_only else x)
+    h = q + attend(q, x, mask, deterministic=deterministic)
+    f = layer_norm("ln_ffn")(h)
+    y = f + PointwiseFeedForward(hidden_dim=self.ffn_dim, activation=self.activation,
+                                 dropout_rate=self.dropout_rate, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                                 name="ffn")(f, deterministic=deterministic)
+    return y * valid[..., None].astype(y.dtype)
+
+
+class AttentionEncoder(nn.Module):
+  """The fields every self-attention recommender takes (SASRec, BERT4Rec), checked at construction.
+
+  Attributes:
+    num_items: catalogue size N; item ids are 1..N, 0 = padding.
+    num_users: unused (not personalized beyond the sequence).
+    max_len: longest input sequence (number of learned positions).
+    dim: embedding and hidden width.
+    num_blocks: self-attention blocks.
+    num_heads: attention heads.
+    dropout_rate: dropout on embeddings, attention weights and FFN.
+    attention: 'dot_product' or 'additive'.
+    positional: add the learned positional embedding.
+    dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
+    item_encoder: item vectors from the id table ('id'), the pictures' CNN
+      ('image') or their sum ('id+image'); SASRec only (``models.item_vectors``).
+    image_channels: the image tower's conv channels (``image_cnn.ItemImageCNN``).
+    image_kernel: its square kernel side.
+    image_pool: its max-pool window side.
+    image_dense: its hidden dense width (0 = none).
+    id_dropout: 'id+image' training drops each item's id row with this
+      probability per step, so that pictures alone must carry items too.
+  """
+
+  num_items: int
+  num_users: int
+  max_len: int
+  dim: int = 50
+  num_blocks: int = 2
+  num_heads: int = 1
+  dropout_rate: float = 0.2
+  attention: str = "dot_product"
+  positional: bool = True
+  dtype: str = "float32"
+  item_encoder: str = "id"
+  image_channels: tuple[int, ...] = (32, 64, 128)
+  image_kernel: int = 3
+  image_pool: int = 2
+  image_dense: int = 128
+  id_dropout: float = 0.0
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    # Fail at construction (create_model), not at the first trace.
+    validation.check_attention_encoder(self)
+    image_cnn.check_fields(self)
+
+  def blocks(self, x: Array, valid: Array, *, causal: bool, activation: Callable[[Array], Array],
+             kernel_init: Initializer, dtype: Dtype, deterministic: bool, last_only: bool,
+             segment_ids: Array | None) -> Array:
+    """``num_blocks`` ``SelfAttentionBlock``s named ``block_<i>``, called from ``__call__``.
+
+    ``x [batch, seq_len, dim]`` -> ``[batch, seq_len, dim]``, or
+    ``[batch, 1, dim]`` with ``last_only`` (the last block computes only the
+    last position).
+    """
+    for i in range(self.num_blocks):
+      last = last_only and i == self.num_blocks - 1
+      x = SelfAttentionBlock(attention=self.attention, num_heads=self.num_heads,
+                             dropout_rate=self.dropout_rate, dtype=dtype, causal=causal,
+                             activation=activation, kernel_init=kernel_init, name=f"block_{i}")(
+          x, valid, deterministic=deterministic, last_only=last, segment_ids=segment_ids)
+    return x
+
+  def check_input(self, item_seq: Array) -> None:
+    """Raises unless ``item_seq`` is ``[batch, seq_len]`` with ``seq_len <= max_len``."""
+    if item_seq.ndim != 2 or item_seq.shape[1] > self.max_len:
+      raise ValueError(f"item_seq must be [batch, seq_len] with seq_len <= max_len="
+                       f"{self.max_len}; got shape {item_seq.shape}.")
