@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-# Attention forms of the self-attention models (layers.SelfAttentionBlock).
+# Attention forms of the self-attention models (encoder.SelfAttentionBlock).
 ATTENTION_KINDS = ("dot_product", "additive")
 # Names accepted by ``config.model.dtype``; parameters always stay float32.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
