@@ -98,6 +98,20 @@ def test_gbce_calibration_and_its_ends(gbce_t):
     losses.loss_fn("gbce", gbce_t=1.5)(hidden, table, targets, negatives)
 
 
+def test_gbce_default_t_and_the_smallest_catalogue():
+  """gbce's own default t is gSASRec's 0.75; with N = 2 items and k = 1, alpha = 1 exactly."""
+  hidden, table, targets, negatives = _inputs(13)
+  np.testing.assert_allclose(losses.gbce(hidden, table, targets, negatives),
+                             _np_loss("gbce", hidden, table, targets, negatives, gbce_t=0.75),
+                             rtol=1e-5)
+  # Items 1 and 2 only: alpha = k / (N - 1) = 1, so beta = 1 and gbce is plain BCE.
+  small, small_targets = table[:3], np.minimum(targets, 2)
+  small_negatives = np.where(small_targets == 1, 2, 1)[..., None]
+  np.testing.assert_allclose(losses.gbce(hidden, small, small_targets, small_negatives),
+                             losses.bce_sampled(hidden, small, small_targets, small_negatives),
+                             rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_temperature_divides_every_logit(name):
   hidden, table, targets, negatives = _inputs(12)

@@ -140,3 +140,19 @@ def test_top_k_items_match_numpy():
 def test_bad_cutoff():
   with pytest.raises(ValueError, match="positive integers"):
     metrics.rank_metrics(np.array([0]), (0,))
+
+
+def test_defaults_message_and_dtypes():
+  """What the matching tests leave implicit (mutmut survivors, docs/testing.md)."""
+  scores = np.array([[0.0, 1.0, 1.0, 2.0]], np.float32)  # Item 2 ties with target 1.
+  target, negatives = np.array([1], np.int32), np.array([[2, 3]], np.int32)
+  # The default tie rule is pessimistic for both rankings: the tied item beats the target.
+  assert np.asarray(metrics.sampled_ranks(scores, target, negatives)).tolist() == [2]
+  assert np.asarray(metrics.sampled_ranks(scores, target, negatives,
+                                          ties="optimistic")).tolist() == [1]
+  assert np.asarray(metrics.full_ranks(scores, target)).tolist() == [2]
+  with pytest.raises(ValueError, match="expected one of pessimistic, optimistic"):
+    metrics.check_ties("random")
+  # Every metric is float32 (summed with weights on device), hr@K included.
+  values = metrics.rank_metrics(np.array([0, 3], np.int32), (1, 5))
+  assert {name: v.dtype for name, v in values.items()} == {name: np.float32 for name in values}
