@@ -7,13 +7,14 @@ import os
 import dp_accounting
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 from dp_accounting import pld, rdp
 from scipy import stats
 
-from deeprec_jax import privacy, sharding, train
+from deeprec_jax import privacy, run_config, sharding, train
 from experiments.configs import tiny
 
 
@@ -233,6 +234,10 @@ def test_poisson_batches():
 
 
 def test_config_errors_and_the_budget():
+  saved = tiny.get_config("sasrec").to_dict()
+  del saved["privacy"]  # a run saved before DP-SGD
+  upgraded = run_config.upgrade_config(ml_collections.ConfigDict(saved))
+  assert upgraded.privacy.enabled is False and upgraded.privacy.delta == 1e-6
   with pytest.raises(ValueError, match="1/num_users"):
     _trainer(_config(delta=1 / 64))
   for model in ("caser", "popularity"):
@@ -255,17 +260,20 @@ def test_config_errors_and_the_budget():
 
 @pytest.mark.slow
 def test_private_sasrec_beats_popularity(tmp_path):
-  """SASRec at epsilon 8 on the synthetic default still beats the popularity ranking."""
+  """SASRec at epsilon 8 on the synthetic default still beats the popularity ranking.
+
+  ~4.5 min on 2 loaded cores. Measured NDCG@10: 0.132 vs 0.104. Batch 128 and
+  30 epochs tie with popularity (0.1035); big batches and many epochs suit
+  DP-SGD.
+  """
   from experiments.configs import popularity, sasrec
 
   results = {}
   for name, module in (("popularity", popularity), ("sasrec", sasrec)):
     config = module.get_config("synthetic")
     if name == "sasrec":
-      config.privacy.enabled = True
-      config.privacy.target_epsilon = 8.0
-      config.train.num_epochs = 30
-      config.train.eval_every_epochs = 10
+      config.privacy.update(enabled=True, target_epsilon=8.0, microbatch_size=64)
+      config.train.update(batch_size=512, loss="softmax", num_epochs=60, eval_every_epochs=20)
     results[name] = train.train_and_evaluate(config, str(tmp_path / name))
   assert results["sasrec"]["epsilon"] <= 8.0
   assert results["sasrec"]["test/ndcg@10"] > results["popularity"]["test/ndcg@10"]
