@@ -54,8 +54,9 @@ def test_pictures_of_one_cluster_are_closer():
   assert (clusters[distance.argmin(1)] == clusters).mean() > 0.95
 
 
-def test_dataset_table_follows_remapped_ids():
+def test_dataset_table_follows_remapped_ids(tmp_path):
   config = _data_config()
+  config.data_dir = str(tmp_path)  # Its own cache: other tests add pictures of other settings.
   dataset = builders.load(config)
   table = images.load(config, dataset)
   assert table.images.shape == (dataset.num_items + 1, 16, 16, 3)
