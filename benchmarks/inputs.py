@@ -6,7 +6,7 @@ as in the real ML-1M batches (6,040 users, 3,416 items; a median user has
 about 96 interactions, so at maxlen 200 many rows are padded), because the
 padding fraction decides how much of the masked softmax is live.
 
-Layouts follow README.md ("Batches").
+Layouts follow docs/contracts.md ("Batches").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Jitted, batched full-ranking evaluation.
 
 ``make_eval_step`` builds a pure function ``eval_step(params, batch)`` that
-scores every item for each user of an evaluation batch (README, "Batches":
+scores every item for each user of an evaluation batch (docs/contracts.md, "Batches":
 ``item_seq``, ``target``, ``exclude``, ``sampled_negatives``, ``user``,
 ``weight``) and returns weighted metric *sums* plus ``'count'``, so that
 batches, devices and hosts combine by addition. ``evaluate`` adds those sums

@@ -15,7 +15,7 @@ in ``packing``, negative sampling in ``negatives``.
 
 Leave-one-out: ``seq[-1]`` is the test target, ``seq[-2]`` the validation
 target; training examples only ever see ``preprocess.split_train(seq)``.
-Batch layouts are documented in README.md ("Contracts between the pieces").
+Batch layouts are documented in docs/contracts.md.
 """
 
 from __future__ import annotations

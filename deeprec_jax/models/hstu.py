@@ -26,7 +26,7 @@ and one layer (pre-norm, residual; h heads, widths d_qk and d_v per head):
   (``invalid_attn_mask.size(-1)``), which is the maximum length because its
   inputs are always padded to it; a constant keeps the output at a real
   position independent of how much left padding precedes it, which the
-  evaluation's length groups rely on (README, "Contracts").
+  evaluation's length groups rely on (docs/contracts.md).
 * ``rab_h`` is a learned relative-position bias per head: ``rab[h, min(i - j,
   max_len - 1)]`` for query position i and key position j <= i, so buckets
   ``0..max_len - 1``. The official bias is one table for all heads over every
