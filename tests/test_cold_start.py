@@ -84,6 +84,7 @@ def test_metrics_by_target_kind(dataset):
 
 
 
+@pytest.mark.slow  # ~10 s
 def test_id_plus_image_starts_cold_rows_at_zero(dataset):
   config = tiny.get_config("sasrec")
   config.model.update(item_encoder="id+image", image_channels=(3,), image_dense=4)

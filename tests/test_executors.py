@@ -182,7 +182,8 @@ def test_ablate_binary_prints_the_script_and_refuses_it_without_submitit(tmp_pat
 # Real job and task processes with a fake train function.
 
 
-@pytest.mark.parametrize("kind", ["submitit", "ray"])
+# The submitit case (~35 s on 2 busy cores) is slow; its real runs stay in the table test.
+@pytest.mark.parametrize("kind", [pytest.param("submitit", marks=pytest.mark.slow), "ray"])
 def test_failures_are_recorded_and_finished_runs_skipped(kind, tmp_path, by_value, request):
   if kind == "ray":
     request.getfixturevalue("local_ray")

@@ -78,6 +78,7 @@ def test_two_processes_train_what_one_does_and_their_checkpoint_restores(one_pro
   _assert_same_run(jax.device_get(params), metrics, one_process)
 
 
+@pytest.mark.slow  # ~60 s; the sharded table on one process: test_sharded.py.
 def test_item_table_split_across_processes(one_process, tmp_path):
   # One device per process and model_parallel=2: the 'model' axis spans the
   # two processes, which both feed the whole batch (sharding.batch_block).

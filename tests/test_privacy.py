@@ -163,6 +163,7 @@ def test_noise_has_std_noise_multiplier_times_clip(noisy_steps):
   assert abs(noise.mean()) < 0.02
 
 
+@pytest.mark.slow  # ~14 s; the private steps of the other tests use it all the same.
 def test_the_per_example_softmax_is_the_streamed_one():
   keys = jax.random.split(jax.random.key(0), 2)
   hidden, table = jax.random.normal(keys[0], (1, 7, 4)), jax.random.normal(keys[1], (11, 4))

@@ -179,6 +179,7 @@ def test_rnn_shapes_param_count_causality_and_left_padding(cell):
   np.testing.assert_array_equal(hidden_longer[:, :7], 0.0)
 
 
+@pytest.mark.slow  # ~70 s for the three cells; float32 gradients: test_gradient_equality.py.
 @pytest.mark.parametrize("cell", rnn.CELLS)
 def test_rnn_jit_grad_no_nan_float32_and_bfloat16(cell):
   seq = jnp.array([[0, 0, 3, 1, 4], [1, 5, 9, 2, 6]], jnp.int32)
@@ -315,6 +316,7 @@ def test_caser_padding_rows_read_as_zero_and_only_window_and_user_matter():
   assert np.abs(apply(params, direct[:1], user[:1] + 1) - base).max() > 1e-4
 
 
+@pytest.mark.slow  # ~38 s on 2 busy cores, mostly the bfloat16 compile.
 def test_caser_jit_grad_no_nan_float32_and_bfloat16():
   for dtype in ("float32", "bfloat16"):
     model = caser_model(dtype=dtype)

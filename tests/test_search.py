@@ -180,6 +180,7 @@ def test_killed_search_resumes_the_same_study(tmp_path):
   assert [t.number for t in _load(tmp_path).trials] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow  # ~14 s; the executors have their own tests.
 def test_concurrent_trials_go_through_an_executor(tmp_path):
   executor = executors.LocalExecutor(parallel=2)  # spawned processes
   outcome = search.run_search(BASE, _space(final_seeds=(0,)), str(tmp_path), 2,
