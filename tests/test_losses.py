@@ -1,6 +1,7 @@
 """Tests for deeprec_jax.losses against float64 NumPy references."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -204,6 +205,33 @@ def test_return_count():
   hidden, table, targets, negatives = _inputs(5)
   _, count = losses.bce_sampled(hidden, table, targets, negatives, return_count=True)
   assert float(count) == np.sum(targets > 0)
+  assert count.dtype == jnp.float32  # As documented: callers re-weight across shards with it.
+  # Keyword arguments pass through the temperature wrapper.
+  loss, count = losses.loss_fn("sampled_softmax", temperature=0.5)(
+      hidden, table, targets, negatives, return_count=True)
+  np.testing.assert_allclose(loss, _np_loss("sampled_softmax", hidden / 0.5, table, targets,
+                                            negatives), rtol=1e-5)
+  assert float(count) == np.sum(targets > 0)
+
+
+def test_error_messages_name_the_expected_inputs():
+  hidden, table, targets, negatives = _inputs(14)
+  expected = ("expected hidden [*targets.shape, D] or, for window models, [B, D] with targets "
+              "[B, T].")
+  with pytest.raises(ValueError, match=re.escape(expected) + "$"):
+    losses.bce_sampled(hidden[..., None], table, targets, negatives)
+  with pytest.raises(ValueError, match="^" + re.escape(
+      "this loss needs sampled negatives (batch['negatives']); only train.loss='softmax' "
+      "works without them.") + "$"):
+    losses.bce_sampled(hidden, table, targets, None)
+
+
+def test_window_softmax_rows_whose_only_target_is_item_1():
+  """A window row is scored when any target is real, item 1 included (ids start at 1)."""
+  hidden, table, targets, negatives = _inputs(15, window=True)
+  targets[0], targets[1] = [1, 0, 0, 0], [1, 1, 0, 1]
+  np.testing.assert_allclose(_compute("softmax", hidden, table, targets, negatives),
+                             _np_loss("softmax", hidden, table, targets, negatives), rtol=1e-5)
 
 
 def test_loss_fn_dispatch_and_errors():
