@@ -11,6 +11,9 @@ jitted in float32. Two things are compared:
 * the scores ``hidden @ models.item_table(params, N).T``, the contract
   every loss and metric relies on.
 
+The CTR model has no hidden states or item scores: its click logits are
+compared, with the same tolerance.
+
 Tolerance (``assert_close``): ``|model - reference| <= RTOL * |reference| +
 ATOL * max|reference|`` element-wise, with RTOL = 1e-4 and ATOL = 1e-5. The
 measured error is at most 6e-7 of the largest value (float32 eps is 1.2e-7, a
@@ -18,13 +21,16 @@ model is a few hundred roundings deep); a wrong equation (a missing
 ``sqrt(d)`` scale, a layer reading the wrong input) moves values by O(1).
 """
 
+import functools
+
 import jax
 import numpy as np
 import pytest
+from test_image_cnn import _reference as image_tower_reference  # ItemImageCNN's, reused.
 from test_rnn_caser_models import caser_reference  # Caser's float64 reference, reused.
 
 from deeprec_jax import models
-from deeprec_jax.models import bert4rec, caser, rnn, sasrec
+from deeprec_jax.models import bert4rec, caser, ctr, image_cnn, rnn, sasrec
 from experiments.configs import tiny
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -320,3 +326,61 @@ def test_caser_from_config_matches_numpy_scores():
   assert_close(hidden, expected, "caser hidden")
   assert_close(scores, scores_of(expected, params), "caser scores")
 
+
+
+# --------------------------------------------------------------------------
+# The CTR model: mean of the recent items, image tower (+ id), MLP -> logit.
+# --------------------------------------------------------------------------
+
+
+def np_ctr(params, history, candidate, images, *, max_len, use_id, num_blocks, pool):
+  """ctr.Model: u = masked mean of E[h] over the last max_len; c = CNN(img) (+ E[cand]).
+
+  logit = MLP([u, c, u * c]) with ReLU hidden layers; a row without items has u = 0.
+  """
+  p = f64(params)
+  table = p["item_embed"]["embedding"]
+  recent = history[:, -max_len:]
+  real = (recent > 0)[..., None]
+  user = (table[recent] * real).sum(1) / np.maximum(real.sum(1), 1)
+  item = image_tower_reference(params[image_cnn.IMAGE_TOWER], images, num_blocks, pool)
+  if use_id:
+    item = item + table[candidate]
+  x = np.concatenate([user, item, user * item], axis=-1)
+  layer = 0
+  while f"mlp_{layer}" in p:
+    x = np_relu(x @ p[f"mlp_{layer}"]["kernel"] + p[f"mlp_{layer}"]["bias"])
+    layer += 1
+  return (x @ p["logit"]["kernel"] + p["logit"]["bias"])[:, 0]
+
+
+def test_ctr_model_matches_numpy():
+  max_len = 5
+  # Rows longer than max_len (older items must be ignored), shorter, one item, none.
+  history = left_padded([7, 7, 3, 1, 0], 7, seed=7)
+  candidate = np.array([3, 11, 1, 5, 8], np.int32)
+  images = np.random.default_rng(8).integers(0, 256, (5, 10, 10, 3), dtype=np.uint8)
+  kwargs = dict(num_items=NUM_ITEMS, num_users=0, max_len=max_len, dim=DIM, hidden=(12, 6),
+                image_channels=(3, 4), image_kernel=3, image_pool=2, image_dense=6)
+  with_id, without_id = ctr.Model(use_id=True, **kwargs), ctr.Model(use_id=False, **kwargs)
+  params = random_params(with_id, history, candidate, images, seed=9)
+  assert sorted(params) == ["item_embed", image_cnn.IMAGE_TOWER, "logit", "mlp_0", "mlp_1"]
+
+  @jax.jit(compiler_options={"xla_backend_optimization_level": 0})
+  def run(params):
+    return [m.apply({"params": params}, history, candidate, images)
+            for m in (with_id, without_id)]
+
+  got_id, got_no_id = jax.device_get(run(params))
+  assert got_id.shape == (5,) and got_id.dtype == np.float32
+  reference = functools.partial(np_ctr, params, history, candidate, images, max_len=max_len,
+                                num_blocks=2, pool=2)
+  expected_id, expected_no_id = reference(use_id=True), reference(use_id=False)
+  assert_close(got_id, expected_id, "ctr logits, use_id")
+  assert_close(got_no_id, expected_no_id, "ctr logits, picture only")
+  # The reference is sensitive to what the model must get right: the id term,
+  # and the items older than max_len (rows 0 and 1) left out of the mean.
+  assert np.abs(expected_id - expected_no_id).min() > 1e-3
+  all_items = np_ctr(params, history, candidate, images, max_len=7, use_id=True,
+                     num_blocks=2, pool=2)
+  assert np.abs(all_items - expected_id)[:2].min() > 1e-3
