@@ -1,7 +1,7 @@
 """models/layers.py, function by function, against float64 NumPy references.
 
-Direct and fast (eager, tiny shapes, no model around the layers), so that a
-mutation run can afford to rerun the file once per mutant. The references
+Direct and fast (tiny shapes, one jitted program per test, no model around the
+layers), so that a mutation run can afford the file once per mutant. The references
 are written here from the docstrings' equations and never call the JAX code:
 masks and masked softmax; the 16-bit dropout mask, against a NumPy
 Threefry-2x32 (checked against the Random123 known-answer vector); the
