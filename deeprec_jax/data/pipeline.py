@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 from deeprec_jax.data import builders, negatives, packing, preprocess
+from deeprec_jax.inputs import eval_input  # Public here too: the batches' input rule.
 
 TASKS = ("autoregressive", "window", "masked")
 SPLITS = ("valid", "test")
@@ -318,30 +319,6 @@ def _eval_batch(dataset: builders.Dataset, users: np.ndarray, *, split: str, tas
     batch["sampled_negatives"][row] = sampled
     batch["weight"][row] = 1.0
   return batch
-
-
-def eval_input(history: np.ndarray, *, task: str, max_len: int, num_items: int) -> np.ndarray:
-  """The model input that asks for the item after ``history``.
-
-  Args:
-    history: model item ids, oldest first.
-    task: the model's training task; 'masked' models get the mask token
-      ``num_items + 1`` in the last slot, after the most recent
-      ``max_len - 1`` items.
-    max_len: L, model input length.
-    num_items: N.
-
-  Returns:
-    ``int32[max_len]``, left-padded with 0.
-  """
-  history = np.asarray(history)
-  if task == "masked":
-    inputs = np.append(history[max(len(history) - (max_len - 1), 0):], num_items + 1)
-  else:
-    inputs = history[max(len(history) - max_len, 0):]
-  item_seq = np.zeros((max_len,), np.int32)
-  item_seq[max_len - len(inputs):] = inputs
-  return item_seq
 
 
 def train_item_counts(dataset: builders.Dataset) -> np.ndarray:

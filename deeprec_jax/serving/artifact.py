@@ -1,8 +1,9 @@
 """Loads an exported recommender and answers top-K queries in original ids.
 
-This module imports only ``jax`` and ``numpy`` (and the standard library): it
-needs neither the dataset cache, nor the training config, nor the Flax model
-code. An artifact directory (written by ``exporter.export_trained``) holds:
+This module imports only ``jax`` and ``numpy`` (and the standard library and
+the numpy-only ``deeprec_jax.inputs``): it needs neither the dataset cache,
+nor the training config, nor the Flax model code. An artifact directory
+(written by ``exporter.export_trained``) holds:
 
 * ``function.jax_export``: the serialized ``jax.export.Exported`` of
   ``f(params, item_seq, exclude, user) -> (items, scores)``, with
@@ -27,6 +28,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from deeprec_jax import inputs
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -78,22 +81,9 @@ class Row:
   user: int = 0
 
 
-def model_input(history: np.ndarray, *, task: str, max_len: int, num_items: int) -> np.ndarray:
-  """The model input asking for the item after ``history``: ``int32[max_len]``.
-
-  The same rule as ``deeprec_jax.data.pipeline.eval_input`` (tested equal):
-  the most recent ``max_len`` items, left-padded with 0; 'masked' models
-  (BERT4Rec) get the most recent ``max_len - 1`` and the mask token
-  ``num_items + 1`` in the last slot.
-  """
-  history = np.asarray(history)
-  if task == "masked":
-    inputs = np.append(history[max(len(history) - (max_len - 1), 0):], num_items + 1)
-  else:
-    inputs = history[max(len(history) - max_len, 0):]
-  item_seq = np.zeros((max_len,), np.int32)
-  item_seq[max_len - len(inputs):] = inputs
-  return item_seq
+# The model input for one history: the rule of evaluation batches, shared
+# (numpy only) with ``deeprec_jax.data.pipeline.eval_input``.
+model_input = inputs.eval_input
 
 
 def bucket(n: int, cap: int | None = None) -> int:
