@@ -6,7 +6,9 @@ r"""Exports the best checkpoint of a run as a portable inference artifact.
 The artifact (``jax.export`` StableHLO of the top-K function, the parameters
 beside it, the item-id and user-id maps, ``manifest.json``) loads with
 ``deeprec_jax.serving.load(DIR)``, which needs only jax and numpy; serve it
-with ``python -m experiments.serve``. See docs/serving.md.
+with ``python -m experiments.serve``. Runs with an image item encoder also
+store the catalogue's item vectors, computed once here, which the function
+scores against (no image tower per request). See docs/serving.md.
 """
 
 import json

@@ -21,18 +21,34 @@ from experiments.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("sasrec", "bert4rec", "rnn", "caser")
+IMAGE = "sasrec+image"  # SASRec with model.item_encoder='image': vectors precomputed at export.
 TOP_K = 12
 
 
-def _remapped(dataset):
-  """The dataset with original ids unlike the model ids, so a missing map shows."""
-  item_ids = np.where(np.arange(dataset.num_items + 1) > 0, dataset.item_ids * 10 + 7, -1)
+def _image_config():
+  """Tiny SASRec whose item vectors are its (tiny) image tower over synthetic pictures."""
+  config = tiny.get_config("sasrec")
+  config.model.update(item_encoder="image", image_channels=(3,), image_dense=4)
+  config.data.images.size = 8
+  return config
+
+
+def _remapped(dataset, *, permute=False):
+  """The dataset with original ids unlike the model ids, so a missing map shows.
+
+  ``permute``: the original ids reversed instead (still the generator's ids,
+  which the synthetic pictures are drawn by).
+  """
+  if permute:
+    item_ids = np.concatenate([dataset.item_ids[:1], dataset.item_ids[:0:-1]])
+  else:
+    item_ids = np.where(np.arange(dataset.num_items + 1) > 0, dataset.item_ids * 10 + 7, -1)
   return dataclasses.replace(dataset, item_ids=item_ids, user_ids=dataset.user_ids * 3 + 100)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Per family: ``(trainer, params, artifact dir, workdir or None)``.
+  """Per family (and ``IMAGE``): ``(trainer, params, artifact dir, workdir or None)``.
 
   SASRec is trained for one epoch and exported from its workdir by the
   binary; the others export their initial params (``export_trained``).
@@ -50,9 +66,10 @@ def runs(tmp_path_factory):
       env=dict(os.environ, XLA_FLAGS=""))
   assert result.returncode == 0, result.stderr[-3000:]
   out["sasrec"] = (trainer, params, directory, workdir)
-  for family in FAMILIES[1:]:
-    config = tiny.get_config(family)
-    trainer = train.Trainer(config, _remapped(builders.load(config.data)))
+  for family in FAMILIES[1:] + (IMAGE,):
+    config = _image_config() if family == IMAGE else tiny.get_config(family)
+    trainer = train.Trainer(config, _remapped(builders.load(config.data),
+                                              permute=family == IMAGE))
     params = trainer.init_state()["params"]
     directory = str(tmp_path_factory.mktemp("artifacts") / family)
     exporter.export_trained(trainer, params, directory, top_k=TOP_K)
@@ -102,7 +119,7 @@ def test_model_input_is_the_pipelines_eval_input(task, history, expected):
 
 
 def test_artifact_matches_the_library_in_a_fresh_process(runs, tmp_path):
-  """Every family: same ids, same scores after deserializing in a new process."""
+  """Every family and IMAGE: same ids, same scores after deserializing in a new process."""
   queries, expected = {}, {}
   for family, (trainer, params, directory, _) in runs.items():
     histories, users = _queries(trainer)
@@ -163,6 +180,64 @@ def test_manifest_and_params_are_beside_the_function(runs, tmp_path):
   history = [int(i) for i in trainer.dataset.item_ids[1:4]]
   assert {s for _, s in artifact_lib.load(copy).recommend([history], 5)[0]} == {0.0}
   assert {s for _, s in artifact_lib.load(directory).recommend([history], 5)[0]} != {0.0}
+
+
+def test_image_encoder_artifact_scores_the_vectors_stored_at_export(runs, tmp_path):
+  trainer, params, directory, _ = runs[IMAGE]
+  with open(os.path.join(directory, artifact_lib.MANIFEST), encoding="utf-8") as f:
+    manifest = json.load(f)
+  num_rows = trainer.dataset.num_items + 1
+  assert manifest["format_version"] == 2 and manifest["item_encoder"] == "image"
+  assert manifest["files"]["item_vectors"] == artifact_lib.ITEM_VECTORS
+  assert manifest["item_vectors_shape"] == [num_rows, trainer.config.model.dim]
+  assert "item_vectors float32" in manifest["signature"]
+  stored = np.load(os.path.join(directory, artifact_lib.ITEM_VECTORS))
+  assert stored.dtype == np.float32
+  # What evaluation and recommend score against (the tower over the run's pictures).
+  np.testing.assert_allclose(stored, trainer.item_vectors(params), rtol=1e-6, atol=1e-6)
+  assert np.abs(stored[1:]).sum(axis=1).min() > 0 and not stored[0].any()
+
+  # The vectors are an argument, not recomputed per request: zeroed, every score is 0.
+  copy = str(tmp_path / "zeroed")
+  shutil.copytree(directory, copy)
+  np.save(os.path.join(copy, artifact_lib.ITEM_VECTORS), np.zeros_like(stored))
+  history = [int(i) for i in trainer.dataset.item_ids[1:4]]
+  assert {s for _, s in artifact_lib.load(copy).recommend([history], 5)[0]} == {0.0}
+  assert {s for _, s in artifact_lib.load(directory).recommend([history], 5)[0]} != {0.0}
+  np.save(os.path.join(copy, artifact_lib.ITEM_VECTORS), stored[:-1])
+  with pytest.raises(ValueError, match="item_vectors.npy has shape"):
+    artifact_lib.load(copy)
+
+  # Without the vectors an image model cannot be exported; an id model takes none.
+  common = dict(model_name="sasrec", task="autoregressive", num_items=num_rows - 1,
+                item_ids=trainer.dataset.item_ids, user_ids=trainer.dataset.user_ids,
+                max_len=trainer.config.data.max_len)
+  with pytest.raises(ValueError, match="give item_vectors"):
+    exporter.write_artifact(str(tmp_path / "none"), model=trainer.model, params=params, **common)
+  id_trainer, id_params, _, _ = runs["sasrec"]
+  with pytest.raises(ValueError, match="only for image item encoders"):
+    exporter.write_artifact(str(tmp_path / "none"), model=id_trainer.model, params=id_params,
+                            item_vectors=stored, **common)
+
+
+def test_id_artifacts_keep_format_1_and_unknown_formats_are_refused(runs, tmp_path):
+  for family in FAMILIES:
+    directory = runs[family][2]
+    with open(os.path.join(directory, artifact_lib.MANIFEST), encoding="utf-8") as f:
+      manifest = json.load(f)
+    # Format 1, as before image encoders: readers of format 1 still read it.
+    assert manifest["format_version"] == 1 and "item_vectors" not in manifest["files"]
+    assert not os.path.exists(os.path.join(directory, artifact_lib.ITEM_VECTORS))
+    assert artifact_lib.load(directory).item_encoder == "id"
+  copy = str(tmp_path / "future")
+  shutil.copytree(runs["sasrec"][2], copy)
+  with open(os.path.join(copy, artifact_lib.MANIFEST), encoding="utf-8") as f:
+    manifest = json.load(f)
+  manifest["format_version"] = artifact_lib.FORMAT_VERSION + 1
+  with open(os.path.join(copy, artifact_lib.MANIFEST), "w", encoding="utf-8") as f:
+    json.dump(manifest, f)
+  with pytest.raises(ValueError, match="reads formats 1, 2"):
+    artifact_lib.load(copy)
 
 
 def test_loader_names_unknown_ids_and_checks_its_input(runs):

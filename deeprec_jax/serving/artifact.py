@@ -10,8 +10,13 @@ nor the training config, nor the Flax model code. An artifact directory
   ``params: {path: array}``, ``item_seq: int32[b, max_len]``,
   ``exclude: int32[b, h]`` (0-padded), ``user: int32[b]`` and the outputs
   ``int32[b, top_k]`` (model ids) and ``float32[b, top_k]``, best first
-  (``b`` and ``h`` are symbolic);
+  (``b`` and ``h`` are symbolic); for image item encoders (format 2) one
+  more argument, ``item_vectors: float32[num_items + 1, dim]``;
 * ``params.npz``: the parameters, one entry per ``/``-joined path;
+* ``item_vectors.npy`` (format 2, image item encoders only): the catalogue's
+  item vectors, computed once at export (``models.item_vectors`` over the
+  run's pictures), which the function scores against instead of running the
+  image tower per request;
 * ``item_ids.npy``: ``int64[num_items + 1]``, the original id of each model id
   (entry 0, padding, is -1); ``user_ids.npy``: ``int64[num_users]``;
 * ``config.json`` (the run's config, for the record) and ``manifest.json``.
@@ -31,10 +36,16 @@ import numpy as np
 
 from deeprec_jax import inputs
 
-FORMAT_VERSION = 1
+# Format 1: f(params, item_seq, exclude, user). Format 2 adds the catalogue's
+# precomputed item vectors (image item encoders): a file and a fifth argument.
+# The exporter writes 1 whenever it can, so that format-1 loaders keep reading
+# id-table artifacts; this loader reads both.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 FUNCTION = "function.jax_export"
 PARAMS = "params.npz"
+ITEM_VECTORS = "item_vectors.npy"
 ITEM_IDS = "item_ids.npy"
 USER_IDS = "user_ids.npy"
 CONFIG = "config.json"
@@ -151,9 +162,9 @@ class Artifact:
     with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
       self.manifest: dict[str, Any] = json.load(f)
     version = self.manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
       raise ValueError(f"{directory}: artifact format {version!r}; this loader reads "
-                       f"format {FORMAT_VERSION}.")
+                       f"formats {', '.join(map(str, READABLE_FORMATS))}.")
     if max_batch < 1:
       raise ValueError(f"max_batch={max_batch}: expected a positive integer.")
     self.max_batch = int(max_batch)
@@ -167,6 +178,15 @@ class Artifact:
                        f"this process runs on {backend!r}. Export again on (or for) it.")
     with np.load(os.path.join(directory, PARAMS)) as stored:
       self._params = jax.device_put({name: stored[name] for name in stored.files})
+    # Format 2, image item encoders: the vectors every score is against.
+    vectors_file = self.manifest.get("files", {}).get("item_vectors") if version >= 2 else None
+    self._vectors: tuple[Any, ...] = ()
+    if vectors_file:
+      vectors = np.load(os.path.join(directory, vectors_file))
+      if vectors.ndim != 2 or len(vectors) != self.num_items + 1:
+        raise ValueError(f"{directory}: {vectors_file} has shape {vectors.shape}; expected "
+                         f"[num_items + 1 = {self.num_items + 1}, dim].")
+      self._vectors = (jax.device_put(vectors),)
     self.item_ids = np.load(os.path.join(directory, ITEM_IDS))
     self.user_ids = np.load(os.path.join(directory, USER_IDS))
     if len(self.item_ids) != self.num_items + 1:
@@ -202,6 +222,11 @@ class Artifact:
   def needs_user(self) -> bool:
     """Whether queries must name a user (Caser)."""
     return bool(self.manifest["needs_user"])
+
+  @property
+  def item_encoder(self) -> str:
+    """'id' (scores against the item table), 'image' or 'id+image' (precomputed vectors)."""
+    return self.manifest.get("item_encoder", "id")
 
   @property
   def platforms(self) -> tuple[str, ...]:
@@ -279,7 +304,8 @@ class Artifact:
         exclude[i, :len(row.exclude)] = row.exclude
       item_seq[len(chunk):] = item_seq[0]  # Padding rows: a real input, results dropped.
       self.shapes_run.add((size, width))
-      items, scores = jax.device_get(self._call(self._params, item_seq, exclude, user))
+      items, scores = jax.device_get(self._call(self._params, item_seq, exclude, user,
+                                                *self._vectors))
       originals = self.item_ids[items[:len(chunk), :k]]
       for row_items, row_scores in zip(originals, scores[:len(chunk), :k], strict=True):
         finite = np.isfinite(row_scores)
