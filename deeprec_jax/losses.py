@@ -148,7 +148,8 @@ def sampled_softmax(hidden: Array, item_table: Array, targets: Array, negatives:
 
 
 def gbce(hidden: Array, item_table: Array, targets: Array, negatives: Array, *,
-         t: float = 0.75, return_count: bool = False) -> Array | tuple[Array, Array]:
+         t: float = 0.75, num_items: int | None = None,
+         return_count: bool = False) -> Array | tuple[Array, Array]:
   """gSASRec's generalised BCE (Petrov & Macdonald, RecSys 2023).
 
   With ``k`` negatives sampled from ``N`` items, ``alpha = k / (N - 1)`` and
@@ -169,6 +170,9 @@ def gbce(hidden: Array, item_table: Array, targets: Array, negatives: Array, *,
     negatives: ``int[..., k]`` broadcastable to ``targets.shape + (k,)``.
     t: the calibration parameter in ``[0, 1]`` (``config.train.gbce_t``;
       gSASRec uses 0.75).
+    num_items: N, the catalogue negatives are drawn from; None =
+      ``item_table.shape[0] - 1`` (a row-sparse step passes only the rows it
+      touches, so it passes N).
     return_count: also return the number of real targets.
 
   Returns:
@@ -178,7 +182,9 @@ def gbce(hidden: Array, item_table: Array, targets: Array, negatives: Array, *,
     raise ValueError(f"config key train.gbce_t={t}: expected a float in [0, 1].")
   h = _align(hidden, targets)
   negatives, valid = _valid_negatives(targets, negatives)
-  alpha = negatives.shape[-1] / max(item_table.shape[0] - 2, 1)  # k / (N - 1)
+  if num_items is None:
+    num_items = item_table.shape[0] - 1
+  alpha = negatives.shape[-1] / max(num_items - 1, 1)  # k / (N - 1)
   beta = alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
   pos = _item_logits(h, item_table, targets[..., None])[..., 0]
   neg = _item_logits(h, item_table, negatives)
@@ -350,7 +356,8 @@ LOSSES: dict[str, LossFn] = {
 }
 
 
-def loss_fn(name: str, *, temperature: float = 1.0, gbce_t: float = 0.75) -> LossFn:
+def loss_fn(name: str, *, temperature: float = 1.0, gbce_t: float = 0.75,
+            num_items: int | None = None) -> LossFn:
   """Returns the loss named by ``config.train.loss``.
 
   Args:
@@ -358,6 +365,7 @@ def loss_fn(name: str, *, temperature: float = 1.0, gbce_t: float = 0.75) -> Los
     temperature: every logit is divided by it (``config.train.temperature``;
       1 = none). Rankings do not change, only the loss's sharpness.
     gbce_t: gBCE's calibration parameter (``config.train.gbce_t``).
+    num_items: N, for gBCE's calibration (None: from the table's rows).
 
   Returns:
     ``fn(hidden, item_table, targets, negatives, *, return_count=False)``.
@@ -370,7 +378,8 @@ def loss_fn(name: str, *, temperature: float = 1.0, gbce_t: float = 0.75) -> Los
                      f"{', '.join(LOSSES)}.")
   if not temperature > 0:
     raise ValueError(f"config key train.temperature={temperature}: expected a float > 0.")
-  fn = functools.partial(gbce, t=gbce_t) if name == "gbce" else LOSSES[name]
+  fn = (functools.partial(gbce, t=gbce_t, num_items=num_items) if name == "gbce"
+        else LOSSES[name])
   if temperature == 1.0:
     return fn
 

@@ -117,15 +117,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def item_table_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of the item table ``[rows, d]``: rows split over ``'model'``."""
-  return NamedSharding(mesh, PartitionSpec(MODEL_AXIS, None))
+def item_table_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Sharding of the item table ``[rows, d]`` (or a ``[rows]`` moment): rows over ``'model'``."""
+  return NamedSharding(mesh, PartitionSpec(MODEL_AXIS, *(None,) * (ndim - 1)))
 
 
 def _is_item_table(path: tuple[Any, ...], leaf: Any) -> bool:
   table_path = item_embedding.ITEM_TABLE
   names = tuple(getattr(key, "key", None) for key in path[-len(table_path):])
-  return names == table_path and len(np.shape(leaf)) == 2
+  return names == table_path and len(np.shape(leaf)) in (1, 2)
 
 
 def param_shardings(tree: Any, mesh: Mesh) -> Any:
@@ -133,7 +133,8 @@ def param_shardings(tree: Any, mesh: Mesh) -> Any:
 
   The rule: a 2-D leaf at ``...['item_embed']['embedding']`` (the table itself
   and the moments an optimizer keeps per parameter, whose trees mirror
-  params) is split by rows over ``'model'``; everything else is replicated.
+  params), or a 1-D one there (row-wise Adagrad's one moment per row), is
+  split by rows over ``'model'``; everything else is replicated.
 
   Args:
     tree: a pytree of arrays or ``jax.ShapeDtypeStruct``s.
@@ -143,7 +144,9 @@ def param_shardings(tree: Any, mesh: Mesh) -> Any:
     A pytree of ``NamedSharding`` with the structure of ``tree``.
   """
   def rule(path, leaf):
-    return item_table_sharding(mesh) if _is_item_table(path, leaf) else replicated(mesh)
+    if _is_item_table(path, leaf):
+      return item_table_sharding(mesh, len(np.shape(leaf)))
+    return replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(rule, tree)
 

@@ -24,7 +24,16 @@ import optax
 from absl import logging
 from flax import linen as nn
 
-from deeprec_jax import checkpoints, evaluate, losses, models, run_config, sharding, writers
+from deeprec_jax import (
+  checkpoints,
+  evaluate,
+  losses,
+  models,
+  row_sparse,
+  run_config,
+  sharding,
+  writers,
+)
 from deeprec_jax import privacy as privacy_lib
 from deeprec_jax import workdir as workdir_lib
 from deeprec_jax.data import builders, cold_start, packing, pipeline
@@ -73,16 +82,24 @@ def decay_mask(params: Any, decay_embeddings: bool) -> Any:
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def create_optimizer(train_config: ml_collections.ConfigDict,
-                     total_steps: int) -> optax.GradientTransformation:
-  """Adam or AdamW with warmup, schedule, global-norm clipping and masked decay."""
+def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int
+                     ) -> optax.GradientTransformation | row_sparse.SparseOptimizer:
+  """Adam or AdamW with warmup, schedule, global-norm clipping and masked decay.
+
+  With ``train.item_optimizer`` other than 'dense', a ``row_sparse.SparseOptimizer``:
+  the same chain for every other parameter, the item table row-wise.
+  """
   if train_config.optimizer not in OPTIMIZERS:
     raise ValueError(f"config key train.optimizer={train_config.optimizer!r}; expected one of "
                      f"{', '.join(OPTIMIZERS)}.")
+  item_optimizer = train_config.get("item_optimizer", "dense")
+  if item_optimizer not in row_sparse.ITEM_OPTIMIZERS:
+    raise ValueError(f"config key train.item_optimizer={item_optimizer!r}; expected one of "
+                     f"{', '.join(row_sparse.ITEM_OPTIMIZERS)}.")
   schedule = learning_rate_schedule(train_config, total_steps)
   mask = lambda params: decay_mask(params, train_config.decay_embeddings)
   chain = []
-  if train_config.grad_clip_norm > 0:
+  if train_config.grad_clip_norm > 0 and item_optimizer == "dense":
     chain.append(optax.clip_by_global_norm(train_config.grad_clip_norm))
   if train_config.optimizer == "adamw":
     chain.append(optax.adamw(schedule, weight_decay=train_config.weight_decay, mask=mask))
@@ -90,10 +107,21 @@ def create_optimizer(train_config: ml_collections.ConfigDict,
     if train_config.weight_decay > 0:  # Adam's coupled L2 penalty, added to the gradient.
       chain.append(optax.add_decayed_weights(train_config.weight_decay, mask=mask))
     chain.append(optax.adam(schedule))
-  return optax.chain(*chain)
+  if item_optimizer == "dense":
+    return optax.chain(*chain)
+  item_lr = train_config.get("item_learning_rate", 0.0) or train_config.learning_rate
+  item_schedule = lambda count: schedule(count) * (item_lr / train_config.learning_rate)
+  decay = train_config.weight_decay if train_config.decay_embeddings else 0.0
+  if item_optimizer == "lazy_adam":
+    rows = row_sparse.lazy_adam(item_schedule, weight_decay=decay,
+                                decoupled=train_config.optimizer == "adamw")
+  else:
+    rows = row_sparse.rowwise_adagrad(item_schedule, weight_decay=decay)
+  return row_sparse.SparseOptimizer(optax.chain(*chain), rows, train_config.grad_clip_norm)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
+def make_train_step(model: nn.Module,
+                    tx: optax.GradientTransformation | row_sparse.SparseOptimizer, *, loss: str,
                     num_items: int, temperature: float = 1.0, gbce_t: float = 0.75,
                     images: Any = None) -> Callable[[State, dict], tuple[State, dict]]:
   """Returns ``train_step(state, batch) -> (state, {'loss', 'grad_norm'})``.
@@ -102,17 +130,24 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss:
   so it depends on the step alone, not on how the run was split or resumed.
   ``images`` (``uint8[N + 1, H, W, 3]``, image encoders only) is a constant of
   the step's closure: every step encodes the whole catalogue
-  (``models.item_vectors``) for the inputs and the scores.
+  (``models.item_vectors``) for the inputs and the scores. With a
+  ``row_sparse.SparseOptimizer`` the model and loss run on the batch's rows
+  of the item table only (``row_sparse.localize``), and only those rows change.
   """
-  loss_fn = losses.loss_fn(loss, temperature=temperature, gbce_t=gbce_t)
+  loss_fn = losses.loss_fn(loss, temperature=temperature, gbce_t=gbce_t, num_items=num_items)
   uses_images = models.item_encoder(model) != "id"
   images = jnp.asarray(images) if uses_images and images is not None else None
+  sparse = isinstance(tx, row_sparse.SparseOptimizer)
+  if sparse and uses_images:
+    raise ValueError("config key train.item_optimizer: row-sparse updates need "
+                     "model.item_encoder='id'; image encoders score every item through "
+                     "the tower. Use train.item_optimizer='dense'.")
 
   def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
     dropout_rng = jax.random.fold_in(
         jax.random.wrap_key_data(state["rng"], impl=DROPOUT_RNG_IMPL), state["step"])
 
-    def objective(params):
+    def objective(params, batch):
       vectors = models.item_vectors(model, params, num_items, images,
                                     rng=jax.random.fold_in(dropout_rng, 1))
       inputs = {"item_vectors": vectors} if uses_images else {}
@@ -121,11 +156,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss:
                            **packing.packing_kwargs(batch), **inputs)
       return loss_fn(hidden, vectors, batch["targets"], batch["negatives"])
 
-    value, grads = jax.value_and_grad(objective)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = dict(params=optax.apply_updates(state["params"], updates),
-                     opt_state=opt_state, step=state["step"] + 1, rng=state["rng"])
-    return new_state, {"loss": value, "grad_norm": optax.global_norm(grads)}
+    if sparse:
+      rest, table = row_sparse.split_table(state["params"])
+      ids, local = row_sparse.localize(batch, table.shape[0], all_rows=loss == "softmax")
+      value, (rest_grads, row_grads) = jax.value_and_grad(
+          lambda rest, rows: objective(row_sparse.join_table(rest, rows), local),
+          argnums=(0, 1))(rest, row_sparse.gather(table, ids))
+      params, opt_state = tx.apply(state["params"], state["opt_state"], rest_grads, ids,
+                                   row_grads)
+      grad_norm = optax.global_norm((rest_grads, row_grads))
+    else:
+      value, grads = jax.value_and_grad(objective)(state["params"], batch)
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      grad_norm = optax.global_norm(grads)
+    new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1,
+                     rng=state["rng"])
+    return new_state, {"loss": value, "grad_norm": grad_norm}
 
   return train_step
 
@@ -171,6 +218,9 @@ class Trainer:
     self.pack = self.pack and not self.privacy
     sharding.check_batch_size(config.eval.batch_size, self.mesh, "eval.batch_size")
     self.tx = create_optimizer(config.train, max(self.total_steps, 1))
+    if self.privacy and isinstance(self.tx, row_sparse.SparseOptimizer):
+      raise ValueError("config key train.item_optimizer must be 'dense' under privacy.enabled: "
+                       "DP-SGD's noise reaches every row of the table.")
     eval_step = evaluate.make_eval_step(self.model, dataset.num_items, tuple(config.eval.ks),
                                         exclude_history=config.eval.exclude_history,
                                         cold_items=dataset.withheld_items)

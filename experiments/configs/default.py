@@ -128,6 +128,11 @@ def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config.train.grad_clip_norm = 0.0  # global-norm clipping (0 = off)
   config.train.weight_decay = 0.0  # decoupled (adamw) or L2 (adam) weight decay
   config.train.decay_embeddings = False  # apply weight decay to embeddings too
+  # How the item table is updated: dense (the optimizer above, every row every
+  # step) | lazy_adam | rowwise_adagrad (only the rows a batch touches;
+  # deeprec_jax/row_sparse.py).
+  config.train.item_optimizer = "dense"
+  config.train.item_learning_rate = 0.0  # item table's peak rate, row-sparse only (0 = same)
   config.train.log_every_steps = 50  # training loss to metrics.jsonl and TensorBoard
   config.train.eval_every_epochs = 5  # validate and checkpoint every N epochs (and at the end)
   config.train.keep_checkpoints = 2  # latest checkpoints kept besides the best
