@@ -2,8 +2,10 @@ r"""Large catalogues: the item table split by rows over the 'model' mesh axis.
 
   python -m benchmarks.catalogue --out=benchmarks/results/catalogue.md
 
-For each catalogue size (default 1e5, 1e6, 1e7 items) and each mesh shape
-``data x model`` over 8 forced CPU devices (default 8x1, 4x2, 2x4, 1x8),
+For each catalogue size (default 1e5, 1e6, 1e7 items), each mesh shape
+``data x model`` over 8 forced CPU devices (default 8x1, 4x2, 2x4, 1x8) and
+each way of updating the item table (``--item_optimizers``: dense Adam, lazy
+Adam, row-wise Adagrad; ``deeprec_jax/row_sparse.py``),
 a fresh process (XLA reads the device count once) builds SASRec with
 ``train.model_parallel = model``, creates the train state directly in its
 shardings (the full table never exists on one device), and reports:
@@ -51,6 +53,8 @@ _DIM = flags.DEFINE_integer("dim", 16, "Embedding width (small, so that 1e7 item
 _BATCH = flags.DEFINE_integer("batch", 64, "Global train and eval batch.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 20, "Input length.")
 _NEGATIVES = flags.DEFINE_integer("num_negatives", 16, "Sampled negatives per target.")
+_OPTIMIZERS = flags.DEFINE_list("item_optimizers", ["dense", "lazy_adam", "rowwise_adagrad"],
+                                "train.item_optimizer values to compare (row_sparse.py).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per step (after one warm-up).")
 _MAX_HOST_GB = flags.DEFINE_float("max_host_gb", 10.0,
                                   "Skip configurations estimated to need more host memory.")
@@ -112,7 +116,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
   config = default.get_config()
   config.model.update(dim=dim, num_blocks=1, dropout_rate=0.0)
   config.train.update(loss="sampled_softmax", num_negatives=spec["num_negatives"],
-                      model_parallel=model_axis)
+                      model_parallel=model_axis, item_optimizer=spec["item_optimizer"])
   mesh = sharding.make_mesh(data * model_axis, model_axis)
   model = models.create_model(config.model, num_items=num_items, num_users=1, max_len=max_len)
   tx = train.create_optimizer(config.train, total_steps=1000)
@@ -207,18 +211,21 @@ def markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
       "",
       f"SASRec (1 block, d={settings['dim']}), batch {settings['batch']}, "
       f"length {settings['max_len']}, sampled softmax with {settings['num_negatives']} "
-      "negatives, Adam; evaluation scores every item (batch "
+      "negatives, Adam for every parameter but the item table, which the "
+      "optimizer column updates (dense Adam, or row-sparse: row_sparse.py); "
+      "evaluation scores every item (batch "
       f"{settings['batch']}); {settings['devices']} forced CPU devices sharing "
       f"{os.cpu_count()} cores. Per-device MB from the arrays' shards (params; "
-      "params + Adam moments) and from XLA's memory analysis of each compiled step.",
+      "params + optimizer moments) and from XLA's memory analysis of each compiled step.",
       "",
-      "| items | mesh data x model | params MB/device | state MB/device | "
+      "| items | mesh data x model | item optimizer | params MB/device | state MB/device | "
       "train step MB/device | eval step MB/device | train step ms | eval step ms | note |",
-      "|---:|:---:|---:|---:|---:|---:|---:|---:|:---|",
+      "|---:|:---:|:---|---:|---:|---:|---:|---:|---:|:---|",
   ]
   for row in rows:
     lines.append(
-        f"| {row['num_items']:,} | {row['data']}x{row['model']} | {_cell(row, 'params_mb')} | "
+        f"| {row['num_items']:,} | {row['data']}x{row['model']} | "
+        f"{row.get('item_optimizer', 'dense')} | {_cell(row, 'params_mb')} | "
         f"{_cell(row, 'state_mb')} | {_cell(row, 'train_mb')} | {_cell(row, 'eval_mb')} | "
         f"{_cell(row, 'train_ms', 0)} | {_cell(row, 'eval_ms', 0)} | {row.get('note', '')} |")
   return "\n".join(lines) + "\n"
@@ -239,12 +246,14 @@ def main(argv: Sequence[str]) -> None:
   rows = []
   for num_items in (int(float(n)) for n in _NUM_ITEMS.value):
     for data, model in meshes:
-      spec = dict(settings, num_items=num_items, data=data, model=model,
-                  repeats=_REPEATS.value, max_host_gb=_MAX_HOST_GB.value)
-      del spec["devices"]
-      row = _run_spec(spec, _TIMEOUT.value)
-      print(json.dumps(row), flush=True)
-      rows.append(row)
+      for item_optimizer in _OPTIMIZERS.value:
+        spec = dict(settings, num_items=num_items, data=data, model=model,
+                    item_optimizer=item_optimizer, repeats=_REPEATS.value,
+                    max_host_gb=_MAX_HOST_GB.value)
+        del spec["devices"]
+        row = _run_spec(spec, _TIMEOUT.value)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
   table = markdown(rows, settings)
   print(table)
   if _OUT.value:

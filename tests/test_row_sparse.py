@@ -147,8 +147,10 @@ def test_rowwise_adagrad_matches_a_float64_reference_over_steps():
 def _trainer(item_optimizer: str, loss: str = "bce", model_parallel: int = 1,
              model: str = "sasrec") -> train.Trainer:
   config = tiny.get_config(model)
-  # A catalogue much larger than a batch, so that most rows are untouched.
-  config.data.synthetic.num_items = 600
+  # A catalogue much larger than a batch (8 x 10 x 4 ids), so that most rows
+  # are untouched and the step's table ([U, d]) is smaller than the full one.
+  config.data.synthetic.update(num_items=1500, num_users=128)
+  config.train.batch_size = 8
   config.train.loss = loss
   config.train.num_negatives = 2
   config.train.item_optimizer = item_optimizer
@@ -171,6 +173,8 @@ def _steps(trainer: train.Trainer, num_steps: int = 2):
     ids = np.concatenate([[0]] + [np.ravel(local[k]) for k in ("item_seq", "targets",
                                                                 "negatives")])
     touched.append(np.unique(ids))
+    # The step's table has one row per id slot: fewer than the full table.
+    assert ids.size < state["params"]["item_embed"]["embedding"].shape[0]
     state, metrics = step(state, sharding.to_global(local, trainer.mesh))
     losses.append(float(metrics["loss"]))
   return init, jax.device_get(state), touched, losses, step
@@ -243,18 +247,22 @@ def test_rowwise_adagrad_trains_only_the_touched_rows():
 
 def test_resume_of_a_sparse_run_is_exact(tmp_path):
   config = tiny.get_config("sasrec")
-  config.data.synthetic.num_items = 600
+  config.data.synthetic.update(num_items=1500, num_users=128)
+  config.train.batch_size = 8  # 16 steps per epoch, a checkpoint after each of 2 epochs
   config.train.item_optimizer = "lazy_adam"
   straight = str(tmp_path / "straight")
   train.train_and_evaluate(config, straight)
   resumed = str(tmp_path / "resumed")
   shutil.copytree(straight, resumed)
-  # Drop the last checkpoint: the rerun resumes from the one before it (step 4).
+  # Drop the last checkpoint: the rerun resumes from the one before it (step 16).
   manager = checkpoints.create_manager(resumed, keep=2, best_metric="ndcg@10")
   last = manager.latest_step()
   manager.close()
   shutil.rmtree(os.path.join(resumed, "checkpoints", str(last)))
   os.remove(os.path.join(resumed, "final_metrics.json"))
+  manager = checkpoints.create_manager(resumed, keep=2, best_metric="ndcg@10")
+  assert manager.latest_step() == 16  # a real resume, not a fresh start
+  manager.close()
   train.train_and_evaluate(config, resumed)
 
   def latest(workdir):
@@ -266,7 +274,7 @@ def test_resume_of_a_sparse_run_is_exact(tmp_path):
     return step, jax.device_get(state)
 
   (step, state), (straight_step, straight_state) = latest(resumed), latest(straight)
-  assert step == straight_step == last == 8
+  assert step == straight_step == last == 32
   assert isinstance(state["opt_state"]["items"], row_sparse.LazyAdamState)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0),
                state, straight_state)

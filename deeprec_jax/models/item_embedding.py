@@ -45,6 +45,8 @@ class ItemEmbedding(nn.Module):
   """The item table ``float32[table_rows(num_rows), dim]`` and its lookup.
 
   Create it with ``name=ITEM_TABLE[0]`` so that it sits at the shared path.
+  ``init`` creates the full table; ``apply`` looks ids up in whatever table
+  ``params`` holds there (the row-sparse step's ``[U, dim]`` rows).
 
   Attributes:
     num_rows: real rows (``num_items + 1``, or more for extra tokens).
@@ -63,8 +65,14 @@ class ItemEmbedding(nn.Module):
     def init(key: jax.Array, shape: tuple[int, int], dtype: Any) -> jax.Array:
       return pad_rows(self.embedding_init(key, (self.num_rows, self.dim), dtype))
 
-    self.embedding = self.param(ITEM_TABLE[1], init, (table_rows(self.num_rows), self.dim),
-                                jnp.float32)
+    if self.has_variable("params", ITEM_TABLE[1]):
+      # apply(): the given table, whatever its rows. A row-sparse train step
+      # (row_sparse.py) passes only the rows its batch touches, renumbered;
+      # self.param would insist on the full table's shape.
+      self.embedding = self.get_variable("params", ITEM_TABLE[1])
+    else:
+      self.embedding = self.param(ITEM_TABLE[1], init, (table_rows(self.num_rows), self.dim),
+                                  jnp.float32)
 
   def __call__(self, item_ids: jax.Array) -> jax.Array:
     """``int[...] -> [..., dim]``: the rows of ``item_ids``."""
