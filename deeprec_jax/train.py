@@ -129,8 +129,9 @@ def make_train_step(model: nn.Module,
   Dropout's RNG is ``fold_in(state['rng'], step)``, computed inside the step,
   so it depends on the step alone, not on how the run was split or resumed.
   ``images`` (``uint8[N + 1, H, W, 3]``, image encoders only) is a constant of
-  the step's closure: every step encodes the whole catalogue
-  (``models.item_vectors``) for the inputs and the scores. With a
+  the step's closure: each step encodes the pictures of the items its batch
+  names (inputs, targets, negatives; ``models.item_vectors(ids=)``), or the
+  whole catalogue for the full softmax, which scores every item. With a
   ``row_sparse.SparseOptimizer`` the model and loss run on the batch's rows
   of the item table only (``row_sparse.localize``), and only those rows change.
   """
@@ -138,6 +139,8 @@ def make_train_step(model: nn.Module,
   uses_images = models.item_encoder(model) != "id"
   images = jnp.asarray(images) if uses_images and images is not None else None
   sparse = isinstance(tx, row_sparse.SparseOptimizer)
+  # Sampled losses score the batch's items only: encode just their pictures.
+  tower_on_batch = images is not None and loss != "softmax"
   if sparse and uses_images:
     raise ValueError("config key train.item_optimizer: row-sparse updates need "
                      "model.item_encoder='id'; image encoders score every item through "
@@ -147,9 +150,9 @@ def make_train_step(model: nn.Module,
     dropout_rng = jax.random.fold_in(
         jax.random.wrap_key_data(state["rng"], impl=DROPOUT_RNG_IMPL), state["step"])
 
-    def objective(params, batch):
+    def objective(params, batch, ids=None):
       vectors = models.item_vectors(model, params, num_items, images,
-                                    rng=jax.random.fold_in(dropout_rng, 1))
+                                    rng=jax.random.fold_in(dropout_rng, 1), ids=ids)
       inputs = {"item_vectors": vectors} if uses_images else {}
       hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
                            deterministic=False, rngs={"dropout": dropout_rng},
@@ -165,6 +168,13 @@ def make_train_step(model: nn.Module,
       params, opt_state = tx.apply(state["params"], state["opt_state"], rest_grads, ids,
                                    row_grads)
       grad_norm = optax.global_norm((rest_grads, row_grads))
+    elif tower_on_batch:
+      # The tower encodes the pictures of the batch's items only.
+      ids, local = row_sparse.localize(batch, num_items + 1)
+      value, grads = jax.value_and_grad(objective)(state["params"], local, ids)
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      grad_norm = optax.global_norm(grads)
     else:
       value, grads = jax.value_and_grad(objective)(state["params"], batch)
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

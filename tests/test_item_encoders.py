@@ -3,9 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from deeprec_jax import evaluate, models, recommend, train
+from deeprec_jax import evaluate, losses, models, recommend, train
 from deeprec_jax.data import builders
 from deeprec_jax.models import image_cnn
 from experiments.configs import tiny
@@ -110,6 +111,48 @@ def test_image_encoder_train_step_and_eval():
     models.item_vectors(model, params, NUM_ITEMS)
   with pytest.raises(ValueError, match="needs the item pictures"):
     models.init_params(model, jax.random.key(0), seq)
+
+
+def _conv_batch_sizes(jaxpr) -> list[int]:
+  """The batch size of every convolution in a jaxpr, nested calls included."""
+  sizes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      sizes.append(eqn.invars[0].aval.shape[0])
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      sizes += _conv_batch_sizes(sub)
+  return sizes
+
+
+def test_a_train_step_encodes_only_the_pictures_its_batch_needs():
+  num_items = 300  # far more pictures than the batch names (at most 37 ids)
+  config = tiny.get_config("sasrec").model
+  config.update(TOWER, item_encoder="image", dropout_rate=0.0)
+  model = models.create_model(config, num_items=num_items, num_users=5, max_len=6)
+  images = _images(num_items + 1)
+  seq = _item_seq()
+  params = models.init_params(model, jax.random.key(0), seq, images=images)
+  tx = optax.sgd(0.5)  # new params = params - 0.5 * gradient: compares the gradients
+  state = dict(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+               rng=jax.random.key_data(jax.random.key(0, impl=train.DROPOUT_RNG_IMPL)))
+  batch = {"item_seq": seq, "targets": jnp.roll(seq, -1, axis=1) * (seq > 0),
+           "negatives": jnp.array([[[250], [4], [299], [9], [4], [1]]] * 2) * (seq[..., None] > 0),
+           "user": jnp.array([1, 2], jnp.int32)}
+  step = train.make_train_step(model, tx, loss="bce", num_items=num_items, images=images)
+  new_state, metrics = jax.jit(step)(state, batch)
+
+  def objective(params):  # the whole catalogue through the tower
+    vectors = models.item_vectors(model, params, num_items, images)
+    hidden = model.apply({"params": params}, seq, item_vectors=vectors)
+    return losses.compute("bce", hidden, vectors, batch["targets"], batch["negatives"])
+
+  loss, grads = jax.value_and_grad(objective)(params)
+  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+  expected = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               new_state["params"], expected)
+  sizes = _conv_batch_sizes(jax.make_jaxpr(step)(state, batch).jaxpr)
+  assert sizes and max(sizes) <= 1 + 3 * seq.size < num_items + 1, sizes
 
 
 def test_bad_encoder_field():

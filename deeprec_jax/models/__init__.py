@@ -125,7 +125,8 @@ def item_encoder(model: nn.Module) -> str:
 
 
 def item_vectors(model: nn.Module, params: Any, num_items: int, images: Any = None, *,
-                 chunk_size: int = 0, rng: jax.Array | None = None) -> jax.Array:
+                 chunk_size: int = 0, rng: jax.Array | None = None,
+                 ids: jax.Array | None = None) -> jax.Array:
   """The scored item vectors ``[num_items + 1, dim]``; every score is ``hidden @ this.T``.
 
   'id': exactly ``item_table(params, num_items)``. 'image': the model's image
@@ -143,9 +144,12 @@ def item_vectors(model: nn.Module, params: Any, num_items: int, images: Any = No
     chunk_size: if > 0, the tower runs over this many pictures at a time
       (``lax.map``), bounding its activations (evaluation's catalogue pass).
     rng: the key of ``id_dropout`` ('id+image' training); None = no dropout.
+    ids: ``int32[U]`` (image encoders only): the vectors of these items alone,
+      ``[U, dim]``, so that the tower runs on the pictures a batch needs
+      (``row_sparse.localize``); ids past ``N`` get zero pictures.
 
   Returns:
-    ``float32[N + 1, dim]``.
+    ``float32[N + 1, dim]``, or ``[U, dim]`` with ``ids``.
   """
   table = item_table(params, num_items)
   encoder = item_encoder(model)
@@ -154,6 +158,9 @@ def item_vectors(model: nn.Module, params: Any, num_items: int, images: Any = No
   if images is None or images.shape[0] != num_items + 1:
     raise ValueError(f"model.item_encoder={encoder!r} needs the pictures of items 0..{num_items} "
                      f"(data.images), got {None if images is None else images.shape}.")
+  if ids is not None:
+    table = jnp.take(table, ids, axis=0, mode="fill", fill_value=0)
+    images = jnp.take(images, ids, axis=0, mode="fill", fill_value=0)
   encode = lambda x: model.apply({"params": params}, x, method="encode_images")
   if chunk_size and images.shape[0] > chunk_size:
     rows = images.shape[0]
