@@ -4,6 +4,7 @@ import collections
 import itertools
 import os
 import pathlib
+import re
 
 import hypothesis
 import numpy as np
@@ -275,3 +276,123 @@ def test_real_sasrec_file_ids_map_to_themselves():
   assert data.stats()["interactions"] == 999_611
   np.testing.assert_array_equal(data.item_ids[1:], np.arange(1, 3_417))
   np.testing.assert_array_equal(data.user_ids, np.arange(1, 6_041))
+
+
+def _exactly(message: str) -> str:
+  return rf"\A{re.escape(message)}\Z"
+
+
+def _example(with_ratings: bool = True) -> sources.Interactions:
+  """Users 5, 8, 3; items 10..50; two low ratings (rows 2 and 8)."""
+  return sources.Interactions(
+      user=np.array([5, 5, 5, 5, 5, 8, 8, 8, 3, 3], np.int64),
+      item=np.array([10, 20, 30, 40, 10, 20, 30, 40, 10, 50], np.int64),
+      timestamp=np.array([1, 2, 3, 4, 5, 1, 2, 3, 1, 2], np.int64),
+      rating=(np.array([5, 4, 1, 5, 5, 5, 5, 5, 2, 5], np.float32) if with_ratings else None))
+
+
+def test_log_lines_by_example():
+  """Every step's line, worked out by hand (users, items, interactions, avg length)."""
+  messages = []
+  data = preprocess.preprocess(_example(), rating_threshold=3.0, max_history=3,
+                               log=messages.append)
+  # Ratings >= 3 drop rows 2 and 8; user 5 keeps its last 3 of 4; user 3 (1 item) is dropped.
+  assert messages == [
+      "raw: 3 users, 5 items, 10 interactions, avg length 3.3",
+      "implicit feedback (rating >= 3.0): 3 users, 5 items, 10 interactions, avg length 3.3 "
+      "-> 3 users, 5 items, 8 interactions, avg length 2.7",
+      "max_history=3 (most recent kept): 3 users, 5 items, 8 interactions, avg length 2.7 "
+      "-> 3 users, 5 items, 7 interactions, avg length 2.3",
+      "k-core (users >= 3, raised from 0 for leave-one-out; items >= 0): 3 users, 5 items, "
+      "7 interactions, avg length 2.3 -> 2 users, 4 items, 6 interactions, avg length 3.0",
+      "remapped ids: 2 users, items 1..4, 6 interactions, avg length 3.0",
+  ]
+  assert [s.tolist() for s in data.sequences] == [[2, 4, 1], [2, 3, 4]]  # 10 20 30 40 -> 1..4
+  np.testing.assert_array_equal(data.user_ids, [5, 8])
+
+  messages = []
+  data = preprocess.preprocess(_example(with_ratings=False), rating_threshold=3.0,
+                               min_user_interactions=2, keep_short_users=True,
+                               log=messages.append)
+  assert messages == [
+      "raw: 3 users, 5 items, 10 interactions, avg length 3.3",
+      "implicit feedback: the source has no ratings; rating_threshold=3.0 ignored",
+      "keep_short_users: 1 users with < 3 interactions kept as training-only users",
+      "k-core (users >= 2; items >= 0): 3 users, 5 items, 10 interactions, avg length 3.3 "
+      "-> 3 users, 5 items, 10 interactions, avg length 3.3",
+      "remapped ids: 3 users, items 1..5, 10 interactions, avg length 3.3",
+  ]
+  assert [s.tolist() for s in data.sequences] == [[1, 5], [1, 2, 3, 4, 1], [2, 3, 4]]
+  # One user: the average is its length.
+  x = _example()
+  first = x.user == 5
+  one = preprocess.preprocess(sources.Interactions(user=x.user[first], item=x.item[first],
+                                                   timestamp=x.timestamp[first]),
+                              log=messages.append)
+  assert one.stats() == dict(users=1, items=4, interactions=5, avg_length=5.0)
+  assert messages[-1] == "remapped ids: 1 users, items 1..4, 5 interactions, avg length 5.0"
+  assert messages[-2].endswith("-> 1 users, 4 items, 5 interactions, avg length 5.0")
+
+
+def test_default_and_small_rating_thresholds():
+  x = _example()
+  x = sources.Interactions(user=x.user, item=x.item, timestamp=x.timestamp,
+                           rating=np.where(np.arange(10) % 3 == 0, 0.0, 0.5).astype(np.float32))
+  messages = []
+  # By default every rating is kept, even 0, and no implicit-feedback step runs.
+  assert preprocess.preprocess(x, keep_short_users=True,
+                               log=messages.append).num_interactions == 10
+  assert not any("implicit" in m for m in messages)
+  assert preprocess.preprocess(x, rating_threshold=0.5, keep_short_users=True,
+                               log=None).num_interactions == 6
+
+
+def test_error_messages_in_full():
+  x = _example()
+  cases = [
+      (dict(rating_threshold=-1.0), "rating_threshold must be a finite number >= 0, got -1.0"),
+      (dict(min_user_interactions=-1),
+       "min_user_interactions must be an integer >= 0 (0 = off), got -1"),
+      (dict(min_item_interactions=True),
+       "min_item_interactions must be an integer >= 0 (0 = off), got True"),
+      (dict(max_history=2.0), "max_history must be an integer >= 0 (0 = off), got 2.0"),
+      (dict(max_history=1), "max_history must be 0 (keep all) or >= 3 (leave-one-out needs 3 "
+       "items), got 1"),
+      # Nothing left after the ratings, then after the k-core.
+      (dict(rating_threshold=6.0, min_user_interactions=2, min_item_interactions=1),
+       "no interactions left after preprocessing; loosen rating_threshold=6.0, "
+       "min_user_interactions=2 or min_item_interactions=1"),
+      (dict(rating_threshold=2.0, min_user_interactions=3, min_item_interactions=4),
+       "no interactions left after preprocessing; loosen rating_threshold=2.0, "
+       "min_user_interactions=3 or min_item_interactions=4"),
+  ]
+  for kwargs, message in cases:
+    with pytest.raises(ValueError, match=_exactly(message)):
+      preprocess.preprocess(x, log=None, **kwargs)
+  with pytest.raises(ValueError, match=_exactly(
+      "sequence must hold >= 3 items for leave-one-out, got 2")):
+    preprocess.split_eval(np.arange(1, 3), "valid")
+  with pytest.raises(ValueError, match=_exactly("split must be 'valid' or 'test', got 'train'")):
+    preprocess.split_eval(np.arange(1, 5), "train")
+
+
+def test_split_train_keeps_short_sequences_whole():
+  for n in (1, 2):
+    assert preprocess.split_train(np.arange(1, n + 1)).tolist() == list(range(1, n + 1))
+
+
+def test_output_dtypes():
+  x = _example()
+  x = sources.Interactions(user=x.user.astype(np.int32), item=x.item.astype(np.int32),
+                           timestamp=x.timestamp, item_genres={10: ("Drama",), 40: ("Comedy",)})
+  data = preprocess.preprocess(x, log=None)
+  assert data.user_ids.dtype == np.int64 and data.item_ids.dtype == np.int64
+  assert all(s.dtype == np.int64 for s in data.sequences)
+  assert data.item_genres.dtype == np.bool_
+  np.testing.assert_array_equal(data.item_genres, [[0, 0], [0, 1], [0, 0], [0, 0], [1, 0]])
+
+
+def test_k_core_of_nothing():
+  empty = np.zeros(0, np.int64)
+  keep = preprocess.k_core(empty, empty, 3, 2)
+  assert keep.dtype == np.bool_ and keep.shape == (0,)
