@@ -50,7 +50,9 @@ _NUM_ITEMS = flags.DEFINE_list("num_items", ["100000", "1000000", "10000000"],
 _MESHES = flags.DEFINE_list("meshes", ["8x1", "4x2", "2x4", "1x8"],
                             "Mesh shapes data x model; their products are the device count.")
 _DIM = flags.DEFINE_integer("dim", 16, "Embedding width (small, so that 1e7 items fit).")
-_BATCH = flags.DEFINE_integer("batch", 64, "Global train and eval batch.")
+_BATCH = flags.DEFINE_integer("batch", 64, "Global train batch.")
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "Global eval batch (0 = --batch); its "
+                                   "scores are [eval_batch, items / model] per device.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 20, "Input length.")
 _NEGATIVES = flags.DEFINE_integer("num_negatives", 16, "Sampled negatives per target.")
 _OPTIMIZERS = flags.DEFINE_list("item_optimizers", ["dense", "lazy_adam", "rowwise_adagrad"],
@@ -59,7 +61,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per step (after one w
 _MAX_HOST_GB = flags.DEFINE_float("max_host_gb", 10.0,
                                   "Skip configurations estimated to need more host memory.")
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 900, "Per-configuration time limit.")
-_OUT = flags.DEFINE_string("out", "", "Markdown file for the table ('' = stdout only).")
+_OUT = flags.DEFINE_string("out", "", "Markdown file for the table, and its rows as .json "
+                           "beside it ('' = stdout only).")
 _CHILD = flags.DEFINE_string("child", "", "Internal: one configuration as JSON.")
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,6 +116,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
   """
   num_items, data, model_axis = spec["num_items"], spec["data"], spec["model"]
   batch, max_len, dim = spec["batch"], spec["max_len"], spec["dim"]
+  eval_batch = spec.get("eval_batch") or batch
   config = default.get_config()
   config.model.update(dim=dim, num_blocks=1, dropout_rate=0.0)
   config.train.update(loss="sampled_softmax", num_negatives=spec["num_negatives"],
@@ -139,10 +143,10 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
       item_seq=items(batch, max_len), targets=items(batch, max_len),
       negatives=items(batch, max_len, spec["num_negatives"]),
       user=np.zeros((batch,), np.int32)), mesh)
-  eval_batch = sharding.to_global(dict(
-      item_seq=items(batch, max_len), target=items(batch), exclude=items(batch, 32),
-      sampled_negatives=items(batch, 100), user=np.zeros((batch,), np.int32),
-      weight=np.ones((batch,), np.float32)), mesh)
+  eval_inputs = sharding.to_global(dict(
+      item_seq=items(eval_batch, max_len), target=items(eval_batch),
+      exclude=items(eval_batch, 32), sampled_negatives=items(eval_batch, 100),
+      user=np.zeros((eval_batch,), np.int32), weight=np.ones((eval_batch,), np.float32)), mesh)
 
   step = jax.jit(train.make_train_step(model, tx, loss="sampled_softmax", num_items=num_items),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
@@ -153,7 +157,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
                       out_shardings=sharding.replicated(mesh))
   start = time.perf_counter()
   compiled_step = step.lower(abstract, train_batch).compile()
-  compiled_eval = eval_step.lower(abstract["params"], eval_batch).compile()
+  compiled_eval = eval_step.lower(abstract["params"], eval_inputs).compile()
   row["compile_s"] = time.perf_counter() - start
   row["train_mb"] = _compiled_bytes(compiled_step) / _MB
   row["eval_mb"] = _compiled_bytes(compiled_eval) / _MB
@@ -179,7 +183,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     row["note"] = f"non-finite loss {row['loss']}"
   # The last state is not donated until the next step: evaluate its params.
   row["eval_ms"] = 1e3 * _time(
-      lambda: jax.block_until_ready(compiled_eval(state["params"], eval_batch)), spec["repeats"])
+      lambda: jax.block_until_ready(compiled_eval(state["params"], eval_inputs)), spec["repeats"])
   return row
 
 
@@ -214,7 +218,8 @@ def markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
       "negatives, Adam for every parameter but the item table, which the "
       "optimizer column updates (dense Adam, or row-sparse: row_sparse.py); "
       "evaluation scores every item (batch "
-      f"{settings['batch']}); {settings['devices']} forced CPU devices sharing "
+      f"{settings['eval_batch'] or settings['batch']}); {settings['devices']} forced CPU "
+      "devices sharing "
       f"{os.cpu_count()} cores. Per-device MB from the arrays' shards (params; "
       "params + optimizer moments) and from XLA's memory analysis of each compiled step.",
       "",
@@ -241,7 +246,8 @@ def main(argv: Sequence[str]) -> None:
   devices = {data * model for data, model in meshes}
   if len(devices) != 1:
     raise app.UsageError(f"--meshes must all have the same device count, got {_MESHES.value}")
-  settings = dict(dim=_DIM.value, batch=_BATCH.value, max_len=_MAX_LEN.value,
+  settings = dict(dim=_DIM.value, batch=_BATCH.value, eval_batch=_EVAL_BATCH.value,
+                  max_len=_MAX_LEN.value,
                   num_negatives=_NEGATIVES.value, devices=devices.pop())
   rows = []
   for num_items in (int(float(n)) for n in _NUM_ITEMS.value):
@@ -260,6 +266,9 @@ def main(argv: Sequence[str]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     with open(_OUT.value, "w", encoding="utf-8") as f:
       f.write(table)
+    # The rows themselves, for benchmarks.catalogue_model.
+    with open(os.path.splitext(_OUT.value)[0] + ".json", "w", encoding="utf-8") as f:
+      json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

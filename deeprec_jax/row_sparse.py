@@ -15,22 +15,27 @@ train step (``train.make_train_step`` given a ``SparseOptimizer``):
    row-wise Adagrad) and scatters them back (out-of-range slots dropped);
    every other parameter goes through the ordinary optax chain.
 
-With the table split by rows over the ``'model'`` mesh axis, the gather is a
-masked local gather plus an all-reduce of ``[U, d]`` over ``'model'``, and the
-scatter of each device writes its own rows only (the ids are replicated);
-``docs/scaling.md`` counts the bytes. The math differs from dense Adam only
-for untouched rows, which keep their values and moments (docs/decisions.md).
+With the table split by rows over the ``'model'`` mesh axis, the forward
+pass's gather is a masked local gather plus an all-reduce of ``[U, d]`` over
+``'model'``; the update (``SparseOptimizer(mesh=...)``) runs per shard: each
+device maps the replicated ids to its own rows, and reads and writes only
+those rows and their moments. ``docs/scaling.md`` counts the bytes. The math
+differs from dense Adam only for untouched rows, which keep their values and
+moments (docs/scaling.md).
 Full softmax scores every item, so every row is touched: the same code then
 updates all rows (dense by nature).
 """
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
+from deeprec_jax import sharding
 from deeprec_jax.models import item_embedding
 
 Array = jax.Array
@@ -210,12 +215,16 @@ class SparseOptimizer(NamedTuple):
 
   ``clip_norm > 0`` clips the joint gradient (both parts) to that global
   norm, as ``optax.clip_by_global_norm`` would the dense gradient: the norm of
-  the touched rows' gradient is the dense table gradient's norm.
+  the touched rows' gradient is the dense table gradient's norm. With
+  ``mesh``, the row update runs per shard of the row-split table
+  (``jax.shard_map``): each device reads and writes its own rows and
+  moments, with no collective.
   """
 
   dense: optax.GradientTransformation
   rows: RowTransformation
   clip_norm: float = 0.0
+  mesh: jax.sharding.Mesh | None = None
 
   def init(self, params: Mapping[str, Any]) -> dict[str, Any]:
     rest, table = split_table(params)
@@ -231,8 +240,27 @@ class SparseOptimizer(NamedTuple):
                                            (rest_grads, row_grads))
     rest, table = split_table(params)
     updates, dense_state = self.dense.update(rest_grads, opt_state["dense"], rest)
-    rows = gather(table, ids)
-    row_updates, items_state = self.rows.update(ids, row_grads, opt_state["items"], rows)
-    table = scatter(table, ids, rows + row_updates)
+    update_rows = self._update_rows
+    if self.mesh is not None:
+      table_spec = sharding.param_shardings(params, self.mesh)[item_embedding.ITEM_TABLE[0]][
+          item_embedding.ITEM_TABLE[1]].spec
+      state_specs = jax.tree.map(lambda s: s.spec,
+                                 sharding.param_shardings(opt_state["items"], self.mesh))
+      update_rows = jax.shard_map(
+          functools.partial(self._update_rows, shard_axis=sharding.MODEL_AXIS),
+          mesh=self.mesh, in_specs=(table_spec, state_specs, PartitionSpec(), PartitionSpec()),
+          out_specs=(table_spec, state_specs))
+    table, items_state = update_rows(table, opt_state["items"], ids, row_grads)
     return (join_table(optax.apply_updates(rest, updates), table),
             {"dense": dense_state, "items": items_state})
+
+  def _update_rows(self, table: Array, state: Any, ids: Array, row_grads: Array, *,
+                   shard_axis: str | None = None) -> tuple[Array, Any]:
+    """The rows ``ids`` of ``table`` (one shard of it, under ``shard_axis``) updated."""
+    if shard_axis is not None:  # ids -> this shard's rows; others out of range (dropped)
+      shard_rows = table.shape[0]
+      local = ids - jax.lax.axis_index(shard_axis) * shard_rows
+      ids = jnp.where((local >= 0) & (local < shard_rows), local, shard_rows)
+    rows = gather(table, ids)
+    row_updates, state = self.rows.update(ids, row_grads, state, rows)
+    return scatter(table, ids, rows + row_updates), state

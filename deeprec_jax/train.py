@@ -82,12 +82,14 @@ def decay_mask(params: Any, decay_embeddings: bool) -> Any:
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int
+def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int,
+                     mesh: jax.sharding.Mesh | None = None
                      ) -> optax.GradientTransformation | row_sparse.SparseOptimizer:
   """Adam or AdamW with warmup, schedule, global-norm clipping and masked decay.
 
   With ``train.item_optimizer`` other than 'dense', a ``row_sparse.SparseOptimizer``:
-  the same chain for every other parameter, the item table row-wise.
+  the same chain for every other parameter, the item table row-wise (per
+  shard of the table on ``mesh``, if given).
   """
   if train_config.optimizer not in OPTIMIZERS:
     raise ValueError(f"config key train.optimizer={train_config.optimizer!r}; expected one of "
@@ -117,7 +119,8 @@ def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int
                                 decoupled=train_config.optimizer == "adamw")
   else:
     rows = row_sparse.rowwise_adagrad(item_schedule, weight_decay=decay)
-  return row_sparse.SparseOptimizer(optax.chain(*chain), rows, train_config.grad_clip_norm)
+  return row_sparse.SparseOptimizer(optax.chain(*chain), rows, train_config.grad_clip_norm,
+                                    mesh)
 
 
 def make_train_step(model: nn.Module,
@@ -227,7 +230,7 @@ class Trainer:
                     if config.privacy.enabled else None)
     self.pack = self.pack and not self.privacy
     sharding.check_batch_size(config.eval.batch_size, self.mesh, "eval.batch_size")
-    self.tx = create_optimizer(config.train, max(self.total_steps, 1))
+    self.tx = create_optimizer(config.train, max(self.total_steps, 1), self.mesh)
     if self.privacy and isinstance(self.tx, row_sparse.SparseOptimizer):
       raise ValueError("config key train.item_optimizer must be 'dense' under privacy.enabled: "
                        "DP-SGD's noise reaches every row of the table.")
