@@ -287,6 +287,36 @@ def test_mask_block_slices_only_full_axes():
 # ----------------------------------------------------------------------------
 
 
+def test_attend_by_blocks_follows_the_block_plan():
+  """``logits_fn`` is asked for each query block of ``query_blocks``; outputs as one softmax."""
+  q_len, k_len = 100, 120  # the last 100 of 120 positions: two causal blocks, offset 20
+  rng = np.random.default_rng(13)
+  logits = rng.standard_normal((2, 2, q_len, k_len)).astype(np.float32)
+  value = rng.standard_normal((2, k_len, 2, 3)).astype(np.float32)
+  mask = np.tril(np.ones((q_len, k_len), bool), k=k_len - q_len)[None, None]
+  calls = []
+
+  class Blocks(nn.Module):
+    causal: bool
+
+    @nn.compact
+    def __call__(self, logits, value, mask):
+      def logits_fn(start, stop, num_keys):
+        calls.append((start, stop, num_keys))
+        return logits[:, :, start:stop, :num_keys]
+
+      return layers.attend_by_blocks(logits_fn, value, mask, q_len=q_len, causal=self.causal,
+                                     dropout_rate=0.0, deterministic=True)
+
+  outputs = jit(lambda *a: [Blocks(causal=c).apply({}, *a) for c in (True, False)])(
+      logits, value, mask)
+  assert calls == [(0, 50, 70), (50, 100, 120), (0, 100, 120)]
+  weights = np_masked_softmax(logits, mask)  # [b, h, q, k]
+  want = np.einsum("bhqk,bkhd->bqhd", weights, np.float64(value))
+  for out in outputs:
+    _assert_attention_close(out, want)
+
+
 def np_dot_product_attention(xq, xkv, mask, p, num_heads):
   """Per head h: softmax(Q_h K_h^T / sqrt(d_h)) V_h; heads concatenated, then W_o + b_o.
 
