@@ -280,6 +280,10 @@ def test_mask_block_slices_only_full_axes():
   np.testing.assert_array_equal(layers._mask_block(keys_only, 3, 6, 5), keys_only[..., :5])
   rows_only = rng.random((2, 1, 6, 1)) < 0.5
   np.testing.assert_array_equal(layers._mask_block(rows_only, 3, 6, 5), rows_only[..., 3:6, :])
+  # A mask of lower rank, broadcast against [batch, heads, q_len, k_len].
+  for shape in [(6, 7), (1, 6, 7)]:
+    low_rank = rng.random(shape) < 0.5
+    np.testing.assert_array_equal(layers._mask_block(low_rank, 2, 4, 5), low_rank[..., 2:4, :5])
 
 
 # ----------------------------------------------------------------------------
