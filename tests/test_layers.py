@@ -456,6 +456,15 @@ def test_attention_dtypes_and_initializers(cls):
   reference = NP_ATTENTION[cls](xq, xkv, mask, _f64(params), 2)
   np.testing.assert_allclose(np.asarray(out, np.float64), reference, rtol=0,
                              atol=0.05 * np.abs(reference).max())  # bfloat16: 8 mantissa bits
+  # "Matmuls run in dtype": every dot of the program is bfloat16; and additive attention's
+  # [batch, q, k, heads, hidden / heads] tanh intermediate (the memory its docstring counts)
+  # stays bfloat16: no float32 tensor of rank 5 anywhere.
+  program = str(jax.make_jaxpr(lambda p: half.apply({"params": p}, xq, xkv, mask))(params))
+  dots = re.findall(r"(\w+)\[[\d,]*\] = dot_general", program)
+  assert len(dots) >= 4 and set(dots) == {"bf16"}, dots
+  assert not re.search(r"f32\[\d+,\d+,\d+,\d+,\d+\]", program)
+  if cls is layers.AdditiveAttention:
+    assert "bf16[2,3,5,2,2] = tanh" in program
   shapes = jax.eval_shape(cls(num_heads=2, param_dtype=jnp.bfloat16).init, jax.random.key(0),
                           xq, xkv)
   assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.bfloat16)}
