@@ -220,7 +220,8 @@ def test_errors():
     evaluate.make_eval_step(model, N, (0, 10))
 
 
-@pytest.mark.parametrize("name", ["sasrec", "bert4rec", "rnn", "caser"])
+@pytest.mark.parametrize("name", ["sasrec", pytest.param("bert4rec", marks=pytest.mark.slow),
+                                  "rnn", "caser"])
 def test_length_buckets_give_the_same_metrics(name):
   """Users grouped by history length (shorter inputs) score exactly as at full length."""
   rng = np.random.default_rng(0)

@@ -273,7 +273,9 @@ def test_submitit_local_jobs_train_the_same_table(sweeps, size):
   assert report.read_csv(os.path.join(workdir, "results.csv"))[0]["status"] == "ok"
 
 
-@pytest.mark.parametrize("size", SIZES)
+# Slow: the Ray path is also run by test_failures_are_recorded_and_finished_runs_skipped.
+@pytest.mark.parametrize("size", [pytest.param(size, marks=pytest.mark.slow)
+                                  for size in ("small", "full")])
 def test_ray_tasks_train_the_same_table(sweeps, local_ray, size):
   expected = sweeps(size)
   outcome = run.run_ablation(_sized_grid(size), str(expected["root"] / "ray"),

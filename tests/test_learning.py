@@ -65,7 +65,8 @@ def _budget(module):
     pytest.param("bert4rec", bert4rec, {"dim": 32}, marks=pytest.mark.slow),
     ("rnn_peephole_lstm", rnn, {"dim": 32}),
     pytest.param("rnn_gru", rnn, {"dim": 32, "cell": "gru"}, marks=pytest.mark.slow),
-    ("caser", caser, {"dim": 32}),
+    # Slow: Caser's numerics are checked by its float64 whole-model reference.
+    pytest.param("caser", caser, {"dim": 32}, marks=pytest.mark.slow),
 ])
 def test_model_beats_popularity(name, module, overrides, popularity_ndcg, tmp_path):
   config = _budget(module)
