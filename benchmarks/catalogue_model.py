@@ -1,7 +1,6 @@
 r"""A model of memory and step time against catalogue size, checked on benchmarks.catalogue.
 
-  python -m benchmarks.catalogue_model \
-      --rows=benchmarks/results/cpu-2core/catalogue.json   # Markdown to stdout
+  python -m benchmarks.catalogue_model   # the committed cpu-2core rows; Markdown to stdout
 
 The model (docs/scaling.md explains each term). Per device, with ``R`` table
 rows (``N + 1`` rounded up to 128), width ``d``, a ``data x model`` mesh of
@@ -30,8 +29,9 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-_ROWS = flags.DEFINE_string("rows", "benchmarks/results/cpu-2core/catalogue.json",
-                            "JSON list of benchmarks.catalogue rows.")
+_ROWS = flags.DEFINE_list("rows", ["benchmarks/results/cpu-2core/catalogue.json",
+                                   "benchmarks/results/cpu-2core/catalogue_1e8.json"],
+                          "JSON files of benchmarks.catalogue rows, fitted together.")
 
 _MB = 2.0**20
 _GB = 2.0**30
@@ -47,9 +47,9 @@ DEVICES = {
 # gradient written (zeros + scatter-add: 2), Adam reading g, m, v, p (4) and
 # writing m, v, p (3).
 DENSE_PASSES = 9
-# Arrays of [U, d] a row-sparse step all-reduces over 'model' (the rows for
-# the forward pass; the optimizer's gathers of the rows and their moments).
-SPARSE_ALL_REDUCED = {"lazy_adam": 4, "rowwise_adagrad": 2}
+# Arrays of [U, d] a row-sparse step all-reduces over 'model': the rows for
+# the forward pass (the update runs per shard, with no collective).
+SPARSE_ALL_REDUCED = {"lazy_adam": 1, "rowwise_adagrad": 1}
 
 
 def table_rows(num_items: int) -> int:
@@ -64,6 +64,11 @@ def moment_bytes(optimizer: str, num_items: int, dim: int, model: int) -> float:
   if optimizer == "rowwise_adagrad":
     return 4.0 * table_rows(num_items) / model
   return 2 * table_bytes(num_items, dim, model)
+
+
+def _ring(n: int) -> float:
+  """Bytes each device sends per byte all-reduced over ``n`` devices (ring algorithm)."""
+  return 2 * (n - 1) / n
 
 
 def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -86,9 +91,15 @@ def fit(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     rest = np.median([r["params_mb"] * _MB - t for r, t in zip(ok, table, strict=True)])
     extra = np.array([(r["train_mb"] - r["state_mb"]) * _MB for r in ok])
     peak_a, peak_b = _fit(table, extra)
-    time_a, time_b = _fit(devices * table, np.array([r["train_ms"] for r in ok]) / 1e3)
+    seconds = np.array([r["train_ms"] for r in ok]) / 1e3
+    # Dense also all-reduces the [rows / model, d] table gradient over 'data'.
+    features = [np.ones_like(table), devices * table]
+    if optimizer == "dense":
+      features.append(devices * table * np.array([_ring(r["data"]) for r in ok]))
+    coefficients = np.linalg.lstsq(np.stack(features, 1), seconds, rcond=None)[0]
+    time_a, time_b, time_c = (list(coefficients) + [0.0])[:3]
     fits[optimizer] = dict(rest=rest, peak_a=peak_a, peak_b=peak_b, time_a=time_a,
-                           time_b=time_b)
+                           time_b=time_b, time_c=time_c)
   return fits
 
 
@@ -98,7 +109,8 @@ def predict(row: dict[str, Any], f: dict[str, float]) -> dict[str, float]:
   state = table + moment_bytes(optimizer, n, d, m) + 3 * f["rest"]
   return dict(state_mb=state / _MB,
               train_mb=(state + f["peak_a"] + f["peak_b"] * table) / _MB,
-              train_ms=1e3 * (f["time_a"] + f["time_b"] * row["data"] * m * table))
+              train_ms=1e3 * (f["time_a"] + row["data"] * m * table
+                              * (f["time_b"] + f["time_c"] * _ring(row["data"]))))
 
 
 def _pct(measured: float, predicted: float) -> str:
@@ -125,22 +137,19 @@ def checked_table(rows: Sequence[dict[str, Any]], fits: dict[str, dict[str, floa
 
 
 def fit_table(fits: dict[str, dict[str, float]]) -> str:
-  lines = ["| item optimizer | peak extra: fixed MB + x T | step: fixed ms + ms per GB of D*T |",
-           "|:---|---:|---:|"]
+  lines = ["| item optimizer | step peak minus state: MB + x T | step ms: fixed | "
+           "+ ms per GB of D T | + ms per GB of D T ring(data) |",
+           "|:---|---:|---:|---:|---:|"]
   for name, f in fits.items():
     lines.append(f"| {name} | {f['peak_a'] / _MB:,.1f} + {f['peak_b']:.2f} T | "
-                 f"{1e3 * f['time_a']:,.0f} + {1e3 * f['time_b'] * _GB:,.1f} |")
+                 f"{1e3 * f['time_a']:,.0f} | {1e3 * f['time_b'] * _GB:,.1f} | "
+                 f"{1e3 * f['time_c'] * _GB:,.1f} |")
   return "\n".join(lines)
 
 
 def touched_slots(batch: int, max_len: int, negatives: int, num_items: int) -> int:
   """``U``: id slots of a step (inputs, targets, per-position negatives), at most ``R``."""
   return min(1 + batch * max_len * (2 + negatives), table_rows(num_items))
-
-
-def _ring(n: int) -> float:
-  """Bytes each device sends per byte all-reduced over ``n`` devices (ring algorithm)."""
-  return 2 * (n - 1) / n
 
 
 def project(fits: dict[str, dict[str, float]], device: dict[str, float], num_items: int,
@@ -206,8 +215,10 @@ def projection_table(fits: dict[str, dict[str, float]], batch: int, max_len: int
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  with open(_ROWS.value, encoding="utf-8") as f:
-    rows = json.load(f)
+  rows = []
+  for path in _ROWS.value:
+    with open(path, encoding="utf-8") as f:
+      rows += json.load(f)
   if not rows:
     raise app.UsageError(f"{_ROWS.value}: no rows")
   fits = fit(rows)
