@@ -47,6 +47,7 @@ OPTIMIZERS = ("adam", "adamw")
 # costs nothing; 'rbg' keeps the key shape of existing checkpoints.
 DROPOUT_RNG_IMPL = "rbg"
 SCHEDULES = ("constant", "cosine")
+NEGATIVE_SAMPLING = ("uniform", "popularity")
 # Evaluation batches are built once per split and kept (host memory) up to this
 # many users: ~1.3 s of host work per ML-1M pass, ~60 MB.
 _CACHED_EVAL_USERS = 200_000
@@ -126,7 +127,8 @@ def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int,
 def make_train_step(model: nn.Module,
                     tx: optax.GradientTransformation | row_sparse.SparseOptimizer, *, loss: str,
                     num_items: int, temperature: float = 1.0, gbce_t: float = 0.75,
-                    images: Any = None) -> Callable[[State, dict], tuple[State, dict]]:
+                    images: Any = None,
+                    log_q: Any = None) -> Callable[[State, dict], tuple[State, dict]]:
   """Returns ``train_step(state, batch) -> (state, {'loss', 'grad_norm'})``.
 
   Dropout's RNG is ``fold_in(state['rng'], step)``, computed inside the step,
@@ -137,6 +139,8 @@ def make_train_step(model: nn.Module,
   whole catalogue for the full softmax, which scores every item. With a
   ``row_sparse.SparseOptimizer`` the model and loss run on the batch's rows
   of the item table only (``row_sparse.localize``), and only those rows change.
+  ``log_q`` (``float[N + 1]``, ``sampled_softmax`` only) is the negative
+  sampler's log-probability per item, subtracted from every logit (logQ).
   """
   loss_fn = losses.loss_fn(loss, temperature=temperature, gbce_t=gbce_t, num_items=num_items)
   uses_images = models.item_encoder(model) != "id"
@@ -160,13 +164,17 @@ def make_train_step(model: nn.Module,
       hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
                            deterministic=False, rngs={"dropout": dropout_rng},
                            **packing.packing_kwargs(batch), **inputs)
-      return loss_fn(hidden, vectors, batch["targets"], batch["negatives"])
+      extra = {}
+      if log_q is not None:  # indexed like the (possibly renumbered) batch
+        extra["log_q"] = (jnp.asarray(log_q) if ids is None else
+                          jnp.take(jnp.asarray(log_q), ids, mode="fill", fill_value=0.0))
+      return loss_fn(hidden, vectors, batch["targets"], batch["negatives"], **extra)
 
     if sparse:
       rest, table = row_sparse.split_table(state["params"])
       ids, local = row_sparse.localize(batch, table.shape[0], all_rows=loss == "softmax")
       value, (rest_grads, row_grads) = jax.value_and_grad(
-          lambda rest, rows: objective(row_sparse.join_table(rest, rows), local),
+          lambda rest, rows: objective(row_sparse.join_table(rest, rows), local, ids),
           argnums=(0, 1))(rest, row_sparse.gather(table, ids))
       params, opt_state = tx.apply(state["params"], state["opt_state"], rest_grads, ids,
                                    row_grads)
@@ -229,6 +237,7 @@ class Trainer:
                                      total_steps=self.total_steps)
                     if config.privacy.enabled else None)
     self.pack = self.pack and not self.privacy
+    self.negative_cdf, self.log_q = self._negative_sampler()
     sharding.check_batch_size(config.eval.batch_size, self.mesh, "eval.batch_size")
     self.tx = create_optimizer(config.train, max(self.total_steps, 1), self.mesh)
     if self.privacy and isinstance(self.tx, row_sparse.SparseOptimizer):
@@ -251,6 +260,30 @@ class Trainer:
   @property
   def is_trainable(self) -> bool:
     return self.spec.trainable
+
+  def _negative_sampler(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(cdf, log_q)`` of ``train.negative_sampling='popularity'``; ``(None, None)`` if uniform.
+
+    ``log_q`` (sampled softmax only): log of each item's add-one-smoothed
+    share of the training counts, so that an item never drawn still has a
+    finite correction.
+    """
+    sampling = self.config.train.get("negative_sampling", "uniform")
+    if sampling not in NEGATIVE_SAMPLING:
+      raise ValueError(f"config key train.negative_sampling={sampling!r}; expected one of "
+                       f"{', '.join(NEGATIVE_SAMPLING)}.")
+    if sampling == "uniform" or not self.is_trainable:
+      return None, None
+    if self.privacy:
+      raise ValueError("config key train.negative_sampling must be 'uniform' under "
+                       "privacy.enabled (the private pipeline draws uniform negatives).")
+    counts = pipeline.train_item_counts(self.dataset).astype(np.float64)
+    log_q = None
+    if self.config.train.loss == "sampled_softmax":
+      smoothed = counts + 1.0
+      smoothed[0] = 0.0
+      log_q = np.log(np.maximum(smoothed / smoothed.sum(), 1e-30)).astype(np.float32)
+    return np.cumsum(counts), log_q
 
   def _init_params(self, rng: jax.Array) -> Any:
     item_seq = jnp.zeros((1, self.config.data.max_len), jnp.int32)
@@ -287,7 +320,7 @@ class Trainer:
         num_negatives=self.config.train.num_negatives,
         seed=self.config.seed, epoch=epoch, num_targets=self.config.task.num_targets,
         mask_prob=self.config.task.mask_prob, pack_row_multiple=pack_row_multiple,
-        process_index=block, process_count=num_blocks)
+        process_index=block, process_count=num_blocks, negative_cdf=self.negative_cdf)
 
   def item_vectors(self, params: Any) -> jax.Array | None:
     """The catalogue's ``models.item_vectors`` for image encoders, once; None for 'id'."""
@@ -364,7 +397,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config.json go.
 
   Returns:
-    The best checkpoint's metrics, ``valid/<name>`` and ``test/<name>``.
+    The best checkpoint's metrics, ``valid/<name>`` and ``test/<name>``, and
+    ``best_step``; under privacy also ``epsilon`` (``math.inf`` without noise,
+    written as null to final_metrics.json), ``delta`` and ``noise_multiplier``.
   """
   is_writer = jax.process_index() == 0
   config = workdir_lib.resolve_paths(config)
@@ -400,7 +435,8 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
              if trainer.privacy else
              make_train_step(trainer.model, trainer.tx, loss=config.loss,
                              num_items=trainer.dataset.num_items, temperature=config.temperature,
-                             gbce_t=config.gbce_t, images=trainer.images))
+                             gbce_t=config.gbce_t, images=trainer.images,
+                             log_q=trainer.log_q))
   train_step = jax.jit(
       step_fn,
       in_shardings=(state_shardings, sharding.batch_sharding(trainer.mesh)),
@@ -516,7 +552,8 @@ def _final_evaluation(trainer: Trainer, manager, writer, workdir: str,
     results.update(trainer.privacy.report(manager.latest_step()))
   if is_writer:
     with open(os.path.join(workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+      # Strict JSON: an infinite epsilon (no noise) is written as null.
+      json.dump(writers.strict_json(results), f, indent=2, sort_keys=True, allow_nan=False)
   logging.info("best checkpoint (step %d): test %s", best,
                _format({k[5:]: v for k, v in results.items() if k.startswith("test/")}))
   return results

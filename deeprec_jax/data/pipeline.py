@@ -64,7 +64,8 @@ def steps_per_epoch(dataset: builders.Dataset, *, task: str, global_batch_size: 
 def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
                   global_batch_size: int, num_negatives: int, seed: int, epoch: int,
                   num_targets: int = 1, mask_prob: float = 0.2, pack_row_multiple: int = 0,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                  process_index: int = 0, process_count: int = 1,
+                  negative_cdf: np.ndarray | None = None) -> grain.MapDataset:
   """The training batches of one epoch, for this process.
 
   Examples per task (t = ``split_train(seq)``, left-padded with 0):
@@ -77,7 +78,8 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
       ``mask_prob``; targets are the original items at masked positions, else 0.
       If no item was drawn, the last one is masked: every sequence teaches
       something, and the last position is the one evaluation asks about.
-  ``negatives[..., k]`` are drawn uniformly from the items the user never
+  ``negatives[..., k]`` are drawn uniformly (or, with ``negative_cdf``, in
+  proportion to training popularity) from the items the user never
   interacted with (the whole sequence, valid and test items included, as
   SASRec does), 0 where the target is 0.
 
@@ -98,6 +100,9 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
       loading its share.
     process_index: this process, in ``[0, process_count)``.
     process_count: processes sharing each global batch.
+    negative_cdf: ``cumsum(train_item_counts(dataset))`` to draw negatives by
+      popularity (``config.train.negative_sampling='popularity'``; sequence
+      tasks only); None = uniform.
 
   Returns:
     A MapDataset with ``len == steps_per_epoch(...)``; element ``step`` is
@@ -115,6 +120,9 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
   if pack_row_multiple and task == "window":
     raise ValueError("config key train.pack: packing needs a sequence task ('autoregressive' "
                      "or 'masked'), not 'window'.")
+  if negative_cdf is not None and task == "window":
+    raise ValueError("config key train.negative_sampling='popularity' needs a sequence task "
+                     "('autoregressive' or 'masked'); window models draw uniform negatives.")
   if task == "window":
     build = functools.partial(
         _window_batch, table=_window_table(dataset), users=users, starts=starts,
@@ -123,7 +131,8 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
   else:
     build = functools.partial(
         _train_batch, dataset=dataset, users=users, task=task, max_len=max_len,
-        num_negatives=num_negatives, mask_prob=mask_prob, seed=seed, epoch=epoch)
+        num_negatives=num_negatives, mask_prob=mask_prob, seed=seed, epoch=epoch,
+        negative_cdf=negative_cdf)
   if pack_row_multiple:
     # Every example's input length: each process computes the global batch's
     # layout and loads the users of its own rows.
@@ -340,7 +349,8 @@ def train_item_counts(dataset: builders.Dataset) -> np.ndarray:
 
 def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
                  users: np.ndarray, task: str, max_len: int, num_negatives: int,
-                 mask_prob: float, seed: int, epoch: int) -> dict[str, np.ndarray]:
+                 mask_prob: float, seed: int, epoch: int,
+                 negative_cdf: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """This process's rows of a global batch of sequence examples, one user at a time.
 
   For the 'autoregressive' and 'masked' tasks (one example per user); window
@@ -371,8 +381,10 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
     has_target = batch["targets"][row] != 0
     seen = np.unique(seq) if dataset.withheld_items is None else np.union1d(
         seq, dataset.withheld_items)  # Cold-start items are never negatives either.
-    batch["negatives"][row, has_target] = negatives.sample_uniform(
-        rng, dataset.num_items, seen, (int(has_target.sum()), num_negatives))
+    shape = (int(has_target.sum()), num_negatives)
+    batch["negatives"][row, has_target] = (
+        negatives.sample_uniform(rng, dataset.num_items, seen, shape) if negative_cdf is None
+        else negatives.sample_popular(rng, negative_cdf, seen, shape))
   return batch
 
 

@@ -119,6 +119,9 @@ def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config.train.num_steps = 0  # if > 0, overrides num_epochs
   config.train.loss = "bce"  # bce | gbce | sampled_softmax | softmax
   config.train.num_negatives = 1  # sampled negatives per target (bce, gbce, sampled_softmax)
+  # uniform | popularity (in proportion to training counts; sampled_softmax
+  # then subtracts log q from every logit, the logQ correction).
+  config.train.negative_sampling = "uniform"
   config.train.temperature = 1.0  # logits are divided by it in the loss (1 = none)
   config.train.gbce_t = 0.75  # gbce: calibration t in [0, 1] (0 = plain bce)
   config.train.optimizer = "adam"  # adam | adamw

@@ -1,0 +1,98 @@
+"""Popularity-sampled training negatives and the logQ correction of sampled softmax."""
+
+import jax
+import numpy as np
+import pytest
+
+from deeprec_jax import losses, models, sharding, train
+from experiments.configs import tiny
+
+
+def _trainer(sampling: str, loss: str = "sampled_softmax", item_optimizer: str = "dense",
+             pack: bool = True) -> train.Trainer:
+  config = tiny.get_config("sasrec")
+  config.train.pack = pack
+  config.model.dropout_rate = 0.0  # the step's loss is then the deterministic loss
+  config.train.update(loss=loss, num_negatives=8, negative_sampling=sampling,
+                      item_optimizer=item_optimizer)
+  return train.Trainer(config, train.builders.load(config.data))
+
+
+def _counts(trainer: train.Trainer) -> np.ndarray:
+  return train.pipeline.train_item_counts(trainer.dataset)
+
+
+def _draws_and_expectation(trainer: train.Trainer) -> tuple[np.ndarray, np.ndarray]:
+  """Observed negatives per item over 3 epochs, and their expected counts by popularity.
+
+  Each draw for user ``u`` picks item ``i`` outside ``u``'s sequence with
+  probability ``c_i / sum_{j not seen} c_j`` (``c`` = training counts).
+  """
+  counts = _counts(trainer).astype(np.float64)
+  observed, expected = np.zeros_like(counts), np.zeros_like(counts)
+  for epoch in range(3):
+    for batch in trainer.train_batches(epoch):
+      for row, user in enumerate(batch["user"]):
+        has_target = batch["targets"][row] > 0
+        drawn = batch["negatives"][row][has_target]
+        assert (batch["negatives"][row][~has_target] == 0).all()
+        seen = np.unique(trainer.dataset.source[int(user)]["item_seq"])
+        assert not np.isin(drawn, seen).any()  # never an item the user saw
+        allowed = counts.copy()
+        allowed[seen] = 0.0
+        observed += np.bincount(drawn.ravel(), minlength=len(counts))
+        expected += drawn.size * allowed / allowed.sum()
+  return observed, expected
+
+
+def test_popularity_negatives_follow_the_training_counts_and_avoid_seen_items():
+  distances = {}
+  for sampling in ("uniform", "popularity"):
+    trainer = _trainer(sampling, pack=False)
+    observed, expected = _draws_and_expectation(trainer)
+    distances[sampling] = 0.5 * np.abs(observed / observed.sum()
+                                       - expected / expected.sum()).sum()
+  # Total variation distance to the popularity expectation. With ~15k draws
+  # over 40 items its sampling noise is ~0.02; 0.05 is 2.5 times that.
+  assert distances["popularity"] < 0.05, distances
+  assert distances["uniform"] > 0.1, distances
+
+
+def test_log_q_is_the_smoothed_log_share_of_the_training_counts():
+  trainer = _trainer("popularity")
+  counts = _counts(trainer).astype(np.float64)
+  expected = np.log((counts[1:] + 1) / (counts[1:] + 1).sum())
+  np.testing.assert_allclose(trainer.log_q[1:], expected, rtol=1e-6)
+  assert _trainer("popularity", loss="bce").log_q is None  # logQ belongs to the softmax
+  assert _trainer("uniform").log_q is None
+
+
+@pytest.mark.parametrize("item_optimizer", ["dense", "lazy_adam"])
+def test_the_step_subtracts_log_q_from_every_logit(item_optimizer):
+  trainer = _trainer("popularity", item_optimizer=item_optimizer)
+  state = trainer.init_state()
+  local = trainer.train_batches(epoch=0)[0]
+  batch = sharding.to_global(local, trainer.mesh)
+  step = jax.jit(train.make_train_step(trainer.model, trainer.tx, loss="sampled_softmax",
+                                       num_items=trainer.dataset.num_items,
+                                       log_q=trainer.log_q))
+  _, metrics = step(state, batch)
+  params = jax.device_get(state["params"])
+  hidden = trainer.model.apply({"params": params}, local["item_seq"], user=local["user"],
+                               **train.packing.packing_kwargs(local))
+  table = models.item_table(params, trainer.dataset.num_items)
+  corrected = losses.sampled_softmax(hidden, table, local["targets"], local["negatives"],
+                                     log_q=trainer.log_q)
+  plain = losses.sampled_softmax(hidden, table, local["targets"], local["negatives"])
+  np.testing.assert_allclose(metrics["loss"], corrected, rtol=1e-5)
+  assert abs(float(corrected) - float(plain)) > 1e-3  # the correction changes the loss
+
+
+def test_window_models_and_unknown_samplers_are_refused():
+  config = tiny.get_config("caser")
+  config.train.negative_sampling = "popularity"
+  trainer = train.Trainer(config, train.builders.load(config.data))
+  with pytest.raises(ValueError, match="train.negative_sampling='popularity' needs a sequence"):
+    trainer.train_batches(0)
+  with pytest.raises(ValueError, match="train.negative_sampling='hard'"):
+    _trainer("hard")
