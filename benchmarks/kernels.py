@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from benchmarks import harness, inputs
-from deeprec_jax import evaluate, losses, metrics, models, train
+from deeprec_jax import evaluate, losses, metrics, models, optimizers, train
 from deeprec_jax.data import packing
 from deeprec_jax.models import encoder, layers, popularity, rnn, validation
 from experiments.configs import bert4rec as bert4rec_config
@@ -319,7 +319,7 @@ def train_step_kernel(model_name: str, *, config: ml_collections.ConfigDict | No
   batch_size = batch_size or config.train.batch_size
   model = models.create_model(config.model, num_items=inputs.ML1M_ITEMS,
                               num_users=inputs.ML1M_USERS, max_len=config.data.max_len)
-  tx = train.create_optimizer(config.train, total_steps=10_000)
+  tx = optimizers.create_optimizer(config.train, total_steps=10_000)
   step = train.make_train_step(model, tx, loss=config.train.loss, num_items=inputs.ML1M_ITEMS)
   batch = train_batch(model_name, config, batch_size)
   state = init_state(model, tx, batch, rng)
@@ -412,7 +412,7 @@ def _sasrec_parts(dropout_rate: float | None = None, num_blocks: int | None = No
     config.model.num_blocks = num_blocks
   model = models.create_model(config.model, num_items=inputs.ML1M_ITEMS,
                               num_users=inputs.ML1M_USERS, max_len=config.data.max_len)
-  tx = train.create_optimizer(config.train, total_steps=10_000)
+  tx = optimizers.create_optimizer(config.train, total_steps=10_000)
   batch = train_batch("sasrec", config, config.train.batch_size)
   state = init_state(model, tx, batch)
   return config, model, tx, batch, state

@@ -29,6 +29,7 @@ from deeprec_jax import (
   evaluate,
   losses,
   models,
+  optimizers,
   row_sparse,
   run_config,
   sharding,
@@ -36,92 +37,19 @@ from deeprec_jax import (
 )
 from deeprec_jax import privacy as privacy_lib
 from deeprec_jax import workdir as workdir_lib
-from deeprec_jax.data import builders, cold_start, packing, pipeline
+from deeprec_jax.data import builders, cold_start, negatives, packing, pipeline
 from deeprec_jax.data import images as images_lib
 from deeprec_jax.models import validation
 
 State = dict[str, Any]  # {'params', 'opt_state', 'step', 'rng'}
-OPTIMIZERS = ("adam", "adamw")
 # Implementation of the dropout key. Masks are drawn by layers.Dropout (16-bit
 # Threefry draws), which reads only two words from this key, so the choice
 # costs nothing; 'rbg' keeps the key shape of existing checkpoints.
 DROPOUT_RNG_IMPL = "rbg"
-SCHEDULES = ("constant", "cosine")
 NEGATIVE_SAMPLING = ("uniform", "popularity")
 # Evaluation batches are built once per split and kept (host memory) up to this
 # many users: ~1.3 s of host work per ML-1M pass, ~60 MB.
 _CACHED_EVAL_USERS = 200_000
-
-
-def learning_rate_schedule(train_config: ml_collections.ConfigDict,
-                           total_steps: int) -> optax.Schedule:
-  """Linear warmup to ``learning_rate``, then constant or cosine decay to 0."""
-  lr, warmup = train_config.learning_rate, train_config.warmup_steps
-  if train_config.schedule not in SCHEDULES:
-    raise ValueError(f"config key train.schedule={train_config.schedule!r}; expected one of "
-                     f"{', '.join(SCHEDULES)}.")
-  if train_config.schedule == "constant":
-    after = optax.constant_schedule(lr)
-  else:
-    after = optax.cosine_decay_schedule(lr, decay_steps=max(total_steps - warmup, 1))
-  if warmup <= 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
-
-
-def decay_mask(params: Any, decay_embeddings: bool) -> Any:
-  """True for the weights that get weight decay: matrices, and embeddings if asked.
-
-  Biases, layer-norm scales and peephole vectors (1-D) never decay.
-  """
-  def is_decayed(path, leaf) -> bool:
-    names = [getattr(k, "key", str(k)) for k in path]
-    if names and names[-1] == "embedding":
-      return decay_embeddings
-    return leaf.ndim >= 2
-
-  return jax.tree_util.tree_map_with_path(is_decayed, params)
-
-
-def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int,
-                     mesh: jax.sharding.Mesh | None = None
-                     ) -> optax.GradientTransformation | row_sparse.SparseOptimizer:
-  """Adam or AdamW with warmup, schedule, global-norm clipping and masked decay.
-
-  With ``train.item_optimizer`` other than 'dense', a ``row_sparse.SparseOptimizer``:
-  the same chain for every other parameter, the item table row-wise (per
-  shard of the table on ``mesh``, if given).
-  """
-  if train_config.optimizer not in OPTIMIZERS:
-    raise ValueError(f"config key train.optimizer={train_config.optimizer!r}; expected one of "
-                     f"{', '.join(OPTIMIZERS)}.")
-  item_optimizer = train_config.get("item_optimizer", "dense")
-  if item_optimizer not in row_sparse.ITEM_OPTIMIZERS:
-    raise ValueError(f"config key train.item_optimizer={item_optimizer!r}; expected one of "
-                     f"{', '.join(row_sparse.ITEM_OPTIMIZERS)}.")
-  schedule = learning_rate_schedule(train_config, total_steps)
-  mask = lambda params: decay_mask(params, train_config.decay_embeddings)
-  chain = []
-  if train_config.grad_clip_norm > 0 and item_optimizer == "dense":
-    chain.append(optax.clip_by_global_norm(train_config.grad_clip_norm))
-  if train_config.optimizer == "adamw":
-    chain.append(optax.adamw(schedule, weight_decay=train_config.weight_decay, mask=mask))
-  else:
-    if train_config.weight_decay > 0:  # Adam's coupled L2 penalty, added to the gradient.
-      chain.append(optax.add_decayed_weights(train_config.weight_decay, mask=mask))
-    chain.append(optax.adam(schedule))
-  if item_optimizer == "dense":
-    return optax.chain(*chain)
-  item_lr = train_config.get("item_learning_rate", 0.0) or train_config.learning_rate
-  item_schedule = lambda count: schedule(count) * (item_lr / train_config.learning_rate)
-  decay = train_config.weight_decay if train_config.decay_embeddings else 0.0
-  if item_optimizer == "lazy_adam":
-    rows = row_sparse.lazy_adam(item_schedule, weight_decay=decay,
-                                decoupled=train_config.optimizer == "adamw")
-  else:
-    rows = row_sparse.rowwise_adagrad(item_schedule, weight_decay=decay)
-  return row_sparse.SparseOptimizer(optax.chain(*chain), rows, train_config.grad_clip_norm,
-                                    mesh)
 
 
 def make_train_step(model: nn.Module,
@@ -239,7 +167,7 @@ class Trainer:
     self.pack = self.pack and not self.privacy
     self.negative_cdf, self.log_q = self._negative_sampler()
     sharding.check_batch_size(config.eval.batch_size, self.mesh, "eval.batch_size")
-    self.tx = create_optimizer(config.train, max(self.total_steps, 1), self.mesh)
+    self.tx = optimizers.create_optimizer(config.train, max(self.total_steps, 1), self.mesh)
     if self.privacy and isinstance(self.tx, row_sparse.SparseOptimizer):
       raise ValueError("config key train.item_optimizer must be 'dense' under privacy.enabled: "
                        "DP-SGD's noise reaches every row of the table.")
@@ -264,9 +192,7 @@ class Trainer:
   def _negative_sampler(self) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``(cdf, log_q)`` of ``train.negative_sampling='popularity'``; ``(None, None)`` if uniform.
 
-    ``log_q`` (sampled softmax only): log of each item's add-one-smoothed
-    share of the training counts, so that an item never drawn still has a
-    finite correction.
+    ``log_q`` is for the sampled softmax only (``negatives.popularity_log_q``).
     """
     sampling = self.config.train.get("negative_sampling", "uniform")
     if sampling not in NEGATIVE_SAMPLING:
@@ -277,13 +203,10 @@ class Trainer:
     if self.privacy:
       raise ValueError("config key train.negative_sampling must be 'uniform' under "
                        "privacy.enabled (the private pipeline draws uniform negatives).")
-    counts = pipeline.train_item_counts(self.dataset).astype(np.float64)
-    log_q = None
-    if self.config.train.loss == "sampled_softmax":
-      smoothed = counts + 1.0
-      smoothed[0] = 0.0
-      log_q = np.log(np.maximum(smoothed / smoothed.sum(), 1e-30)).astype(np.float32)
-    return np.cumsum(counts), log_q
+    counts = pipeline.train_item_counts(self.dataset)
+    log_q = (negatives.popularity_log_q(counts)
+             if self.config.train.loss == "sampled_softmax" else None)
+    return np.cumsum(counts, dtype=np.float64), log_q
 
   def _init_params(self, rng: jax.Array) -> Any:
     item_seq = jnp.zeros((1, self.config.data.max_len), jnp.int32)

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 import pytest
 
-from deeprec_jax import losses, models, sharding, train
+from deeprec_jax import losses, models, optimizers, sharding, train
 from deeprec_jax.data import packing
 from experiments.configs import tiny
 
@@ -158,7 +158,7 @@ def test_packed_rows_give_the_unpacked_gradients(model):
 def test_training_loop_takes_plain_sgd_steps_of_the_true_gradient(tmp_path, monkeypatch):
   """``train_and_evaluate`` on 2 x 2 devices with SGD: params move by exactly -lr * sum(g)."""
   lr, num_steps = 0.5, 3
-  monkeypatch.setattr(train, "create_optimizer", lambda *args: optax.sgd(lr))
+  monkeypatch.setattr(optimizers, "create_optimizer", lambda *args: optax.sgd(lr))
   config = tiny.get_config("sasrec")
   config.train.num_steps = num_steps
   config.train.model_parallel = 2

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from deeprec_jax import evaluate, losses, models, recommend, train
+from deeprec_jax import evaluate, losses, models, optimizers, recommend, train
 from deeprec_jax.data import builders
 from deeprec_jax.models import image_cnn
 from experiments.configs import tiny
@@ -93,7 +93,7 @@ def test_image_encoder_train_step_and_eval():
   model = _model("sasrec", "image")
   seq = _item_seq()
   params = models.init_params(model, jax.random.key(0), seq, images=images)
-  tx = train.create_optimizer(tiny.get_config("sasrec").train, 10)
+  tx = optimizers.create_optimizer(tiny.get_config("sasrec").train, 10)
   state = dict(params=params, opt_state=tx.init(params), step=jnp.int32(0),
                rng=jax.random.key_data(jax.random.key(0, impl=train.DROPOUT_RNG_IMPL)))
   batch = {"item_seq": seq, "targets": jnp.roll(seq, -1, axis=1) * (seq > 0),

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from deeprec_jax import checkpoints, row_sparse, sharding, train
+from deeprec_jax import checkpoints, optimizers, row_sparse, sharding, train
 from experiments.configs import tiny
 
 ROWS, DIM = 24, 3
@@ -285,7 +285,7 @@ def test_sparse_updates_refuse_what_they_cannot_do():
   config = tiny.get_config("sasrec")
   config.train.item_optimizer = "sparse_sgd"
   with pytest.raises(ValueError, match="train.item_optimizer='sparse_sgd'"):
-    train.create_optimizer(config.train, 10)
+    optimizers.create_optimizer(config.train, 10)
   config.train.item_optimizer = "lazy_adam"
   config.privacy.enabled = True
   config.privacy.noise_multiplier = 1.0

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from deeprec_jax import checkpoints, train
+from deeprec_jax import checkpoints, optimizers, train
 from experiments.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,16 +178,16 @@ def test_weight_decay_skips_biases_norms_and_embeddings():
   params = {"item_embed": {"embedding": np.ones((5, 3))},
             "dense": {"kernel": np.ones((3, 3)), "bias": np.ones(3)},
             "norm": {"scale": np.ones(3)}}
-  mask = train.decay_mask(params, decay_embeddings=False)
+  mask = optimizers.decay_mask(params, decay_embeddings=False)
   assert mask == {"item_embed": {"embedding": False},
                   "dense": {"kernel": True, "bias": False}, "norm": {"scale": False}}
-  assert train.decay_mask(params, decay_embeddings=True)["item_embed"]["embedding"]
+  assert optimizers.decay_mask(params, decay_embeddings=True)["item_embed"]["embedding"]
 
 
 def test_warmup_then_cosine_schedule():
   config = tiny.get_config("sasrec").train
   config.warmup_steps, config.schedule, config.learning_rate = 10, "cosine", 1.0
-  schedule = train.learning_rate_schedule(config, total_steps=110)
+  schedule = optimizers.learning_rate_schedule(config, total_steps=110)
   np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(60), schedule(110)],
                              [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
 
@@ -195,7 +195,7 @@ def test_warmup_then_cosine_schedule():
 def test_adamw_decays_only_masked_weights():
   config = tiny.get_config("sasrec").train
   config.optimizer, config.weight_decay, config.learning_rate = "adamw", 0.5, 0.1
-  tx = train.create_optimizer(config, total_steps=10)
+  tx = optimizers.create_optimizer(config, total_steps=10)
   params = {"dense": {"kernel": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)}}
   zero_grads = jax.tree.map(np.zeros_like, params)
   updates, _ = tx.update(zero_grads, tx.init(params), params)

@@ -42,6 +42,18 @@ def sample_uniform(rng: np.random.Generator, num_items: int, seen: np.ndarray,
   return draws
 
 
+def popularity_log_q(counts: np.ndarray) -> np.ndarray:
+  """``float32[N + 1]``: log of each item's add-one-smoothed share of ``counts``.
+
+  The logQ correction of a popularity sampler (``sample_popular``). The
+  smoothing gives items never drawn (count 0) a finite value; entry 0
+  (padding) is ``log(1e-30)``, never used.
+  """
+  smoothed = np.asarray(counts, np.float64) + 1.0
+  smoothed[0] = 0.0
+  return np.log(np.maximum(smoothed / smoothed.sum(), 1e-30)).astype(np.float32)
+
+
 def sample_popular(rng: np.random.Generator, cdf: np.ndarray, seen: np.ndarray,
                    shape: tuple[int, ...]) -> np.ndarray:
   """Items drawn proportionally to ``diff(cdf)`` outside sorted ``seen``.
