@@ -221,7 +221,7 @@ def test_errors():
 
 
 @pytest.mark.parametrize("name", ["sasrec", pytest.param("bert4rec", marks=pytest.mark.slow),
-                                  "rnn", "caser"])
+                                  pytest.param("rnn", marks=pytest.mark.slow), "caser"])
 def test_length_buckets_give_the_same_metrics(name):
   """Users grouped by history length (shorter inputs) score exactly as at full length."""
   rng = np.random.default_rng(0)

@@ -217,7 +217,7 @@ def test_row_sharded_sparse_steps_equal_the_unsharded_ones_and_never_gather_the_
   for model_parallel in (1, 2, 4):
     trainer = _trainer("lazy_adam", "sampled_softmax", model_parallel)
     _, state, _, losses, step = _steps(trainer)
-    if model_parallel > 1:
+    if model_parallel == 4:  # one more compilation: the widest split only
       table = state["params"]["item_embed"]["embedding"]
       hlo = step.lower(trainer.init_state(), sharding.to_global(
           trainer.train_batches(epoch=0)[0], trainer.mesh)).compile().as_text()
@@ -249,20 +249,20 @@ def test_rowwise_adagrad_trains_only_the_touched_rows():
 def test_resume_of_a_sparse_run_is_exact(tmp_path):
   config = tiny.get_config("sasrec")
   config.data.synthetic.update(num_items=1500, num_users=64)
-  config.train.batch_size = 8  # 8 steps per epoch, a checkpoint after each of 2 epochs
+  config.train.batch_size = 16  # 4 steps per epoch, a checkpoint after each of 2 epochs
   config.train.item_optimizer = "lazy_adam"
   straight = str(tmp_path / "straight")
   train.train_and_evaluate(config, straight)
   resumed = str(tmp_path / "resumed")
   shutil.copytree(straight, resumed)
-  # Drop the last checkpoint: the rerun resumes from the one before it (step 8).
+  # Drop the last checkpoint: the rerun resumes from the one before it (step 4).
   manager = checkpoints.create_manager(resumed, keep=2, best_metric="ndcg@10")
   last = manager.latest_step()
   manager.close()
   shutil.rmtree(os.path.join(resumed, "checkpoints", str(last)))
   os.remove(os.path.join(resumed, "final_metrics.json"))
   manager = checkpoints.create_manager(resumed, keep=2, best_metric="ndcg@10")
-  assert manager.latest_step() == 8  # a real resume, not a fresh start
+  assert manager.latest_step() == 4  # a real resume, not a fresh start
   manager.close()
   train.train_and_evaluate(config, resumed)
 
@@ -275,7 +275,7 @@ def test_resume_of_a_sparse_run_is_exact(tmp_path):
     return step, jax.device_get(state)
 
   (step, state), (straight_step, straight_state) = latest(resumed), latest(straight)
-  assert step == straight_step == last == 16
+  assert step == straight_step == last == 8
   assert isinstance(state["opt_state"]["items"], row_sparse.LazyAdamState)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0),
                state, straight_state)
