@@ -123,7 +123,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
                       model_parallel=model_axis, item_optimizer=spec["item_optimizer"])
   mesh = sharding.make_mesh(data * model_axis, model_axis)
   model = models.create_model(config.model, num_items=num_items, num_users=1, max_len=max_len)
-  tx = optimizers.create_optimizer(config.train, total_steps=1000)
+  tx = optimizers.create_optimizer(config.train, total_steps=1000, mesh=mesh)
 
   def init_state():
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, max_len), jnp.int32))["params"]
