@@ -5,6 +5,7 @@ training loop never has to ask which process it is on.
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -16,6 +17,23 @@ import numpy as np
 import tqdm
 
 
+def strict_json(value: Any) -> Any:
+  """``value`` with every non-finite float (e.g. an infinite epsilon) replaced by None.
+
+  JSON has no Infinity or NaN: Python's ``json`` would write the bare tokens,
+  which strict parsers (``jq``, JavaScript, ...) reject. Dicts, lists and
+  tuples are converted recursively (tuples become lists). Write the result
+  with ``allow_nan=False``.
+  """
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {k: strict_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [strict_json(v) for v in value]
+  return value
+
+
 def _to_python(value: Any) -> Any:
   if isinstance(value, (np.generic, np.ndarray, jax.Array)):
     return np.asarray(value).item()
@@ -23,7 +41,11 @@ def _to_python(value: Any) -> Any:
 
 
 class MetricWriter:
-  """Appends one JSON object per line to ``workdir/metrics.jsonl`` and logs to TensorBoard."""
+  """Appends one JSON object per line to ``workdir/metrics.jsonl`` and logs to TensorBoard.
+
+  The lines are strict JSON: a non-finite value is written as null
+  (``strict_json``); TensorBoard gets the value itself.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True):
     self._enabled = enabled
@@ -45,7 +67,7 @@ class MetricWriter:
       return
     record = {"step": int(step), "split": split}
     record.update({k: _to_python(v) for k, v in metrics.items()})
-    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
     self._jsonl.flush()
     if self._tensorboard is not None:
       for name, value in record.items():

@@ -13,7 +13,7 @@ import os
 
 from absl import app, flags, logging
 
-from deeprec_jax import sharding, train
+from deeprec_jax import sharding, train, writers
 from experiments import cli
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   results = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
   logging.info("final metrics: %s", results)
-  print(json.dumps(results, indent=2, sort_keys=True))
+  print(json.dumps(writers.strict_json(results), indent=2, sort_keys=True, allow_nan=False))
 
 
 if __name__ == "__main__":
