@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import dp_accounting
 import jax
@@ -14,13 +15,13 @@ import pytest
 from dp_accounting import pld, rdp
 from scipy import stats
 
-from deeprec_jax import privacy, run_config, sharding, train
+from deeprec_jax import privacy, run_config, sharding, train, writers
 from experiments.configs import tiny
 
 
-def _config(num_devices=1, **privacy_fields):
-  """Tiny SASRec under privacy, inputs of 2 items, no dropout."""
-  config = tiny.get_config("sasrec")
+def _config(num_devices=1, model="sasrec", **privacy_fields):
+  """Tiny ``model`` (default SASRec) under privacy, inputs of 2 items, no dropout."""
+  config = tiny.get_config(model)
   config.train.num_devices = num_devices
   config.data.max_len = 2  # every user then has exactly 2 targets
   config.model.dropout_rate = 0.0
@@ -50,8 +51,21 @@ def _close(tree_a, tree_b, **tolerance):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tolerance), tree_a, tree_b)
 
 
-def test_noiseless_unclipped_private_step_is_the_ordinary_step():
-  trainer = _trainer(_config(sampling="shuffle", noise_multiplier=0.0, l2_clip_norm=1e6))
+# Every gradient-trained family, each with its config's loss (bce; softmax for
+# BERT4Rec's masked task; bce through a peephole LSTM; sampled softmax for HSTU).
+# Each case compiles two steps (~4-10 s on the 2 shared cores). The RNN case
+# is slow-marked to keep the default suite short: its privacy path (bce, one
+# example per user) is SASRec's.
+@pytest.mark.parametrize(
+    "model", ["sasrec", "bert4rec", pytest.param("rnn", marks=pytest.mark.slow), "hstu"])
+def test_noiseless_unclipped_private_step_is_the_ordinary_step(model):
+  config = _config(model=model, sampling="shuffle", noise_multiplier=0.0, l2_clip_norm=1e6)
+  if model == "bert4rec":
+    config.task.mask_prob = 0.999  # both input items masked: 2 targets per user too
+  loss = config.train.loss
+  assert loss == {"sasrec": "bce", "bert4rec": "softmax", "rnn": "bce",
+                  "hstu": "sampled_softmax"}[model]
+  trainer = _trainer(config)
   assert not trainer.pack  # packing is turned off under privacy
   local = trainer.train_batches(epoch=0)[0]
   # Every user has 2 targets, so the mean over targets is the mean of users' means.
@@ -60,9 +74,9 @@ def test_noiseless_unclipped_private_step_is_the_ordinary_step():
   tx = optax.sgd(0.5)
   state = _sgd_state(trainer, tx)
   num_items = trainer.dataset.num_items
-  ordinary = jax.jit(train.make_train_step(trainer.model, tx, loss="bce", num_items=num_items))
+  ordinary = jax.jit(train.make_train_step(trainer.model, tx, loss=loss, num_items=num_items))
   private = jax.jit(privacy.make_private_train_step(
-      trainer.model, tx, loss="bce", num_items=num_items, l2_clip_norm=1e6,
+      trainer.model, tx, loss=loss, num_items=num_items, l2_clip_norm=1e6,
       noise_multiplier=0.0, expected_batch_size=trainer.privacy.rate * 64))
   assert trainer.privacy.rate * 64 == local["item_seq"].shape[0]
   (state_a, metrics_a), (state_b, metrics_b) = jax.device_get(
@@ -207,6 +221,36 @@ def test_a_private_run_reports_epsilon_at_every_evaluation(tmp_path):
   assert all(0 <= r["clipped_fraction"] <= 1 and r["batch_users"] > 0 for r in train_rows)
 
 
+def _strict_json(text):
+  """``json.loads`` that refuses the non-JSON tokens Infinity, -Infinity and NaN."""
+
+  def refuse(token):
+    raise ValueError(f"non-JSON token {token}")
+
+  return json.loads(text, parse_constant=refuse)
+
+
+def test_a_noiseless_private_run_writes_strict_json(tmp_path):
+  assert writers.strict_json({"a": math.nan, "b": [-math.inf, 1.5], "c": 2}) == {
+      "a": None, "b": [None, 1.5], "c": 2}
+  with pytest.raises(ValueError, match="Infinity"):
+    _strict_json(json.dumps({"epsilon": math.inf}))  # what Python's json writes by default
+  config = _config(noise_multiplier=0.0, accountant="rdp")  # clipping only: epsilon inf
+  config.train.num_epochs = 1
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(config, workdir)
+  assert results["epsilon"] == math.inf  # the returned dict keeps the float
+  with open(os.path.join(workdir, "final_metrics.json"), encoding="utf-8") as f:
+    final = _strict_json(f.read())
+  assert final["epsilon"] is None and final["delta"] == 1e-6
+  assert final["noise_multiplier"] == 0.0 and final["test/ndcg@10"] == results["test/ndcg@10"]
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    records = [_strict_json(line) for line in f]
+  valid = [r for r in records if r["split"] == "valid"]
+  assert [r["step"] for r in valid] == [4] and valid[0]["epsilon"] is None
+  assert {"train", "final_valid", "final_test"} <= {r["split"] for r in records}
+
+
 def test_poisson_batches():
   sampler = privacy.PoissonSampler(seed=3, rate=0.1, num_examples=5000, cap=5000)
   sizes = np.array([len(sampler(step)) for step in range(400)])
@@ -241,10 +285,14 @@ def test_config_errors_and_the_budget():
   assert upgraded.privacy.enabled is False and upgraded.privacy.delta == 1e-6
   with pytest.raises(ValueError, match="1/num_users"):
     _trainer(_config(delta=1 / 64))
-  for model in ("caser", "popularity"):
+  # Refused by design: the message names the config key, the model and why.
+  for model, why in (("caser", "trains on windows (many examples per user), so clipping an "
+                               "example would not bound a user's contribution"),
+                     ("popularity", "has no gradient training")):
     config = tiny.get_config(model)
     config.privacy.enabled = True
-    with pytest.raises(ValueError, match="privacy.enabled"):
+    with pytest.raises(ValueError,
+                       match=re.escape(f"config key privacy.enabled: model '{model}' {why}")):
       _trainer(config)
   with pytest.raises(ValueError, match="privacy.accountant"):
     _trainer(_config(accountant="moments"))
