@@ -32,7 +32,9 @@ INSTALL_REQUIRES = [
 SWEEPS = ["submitit>=1.5.4,<1.6", "ray>=2.60,<2.61", "optuna>=5.0,<5.1"]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "ruff>=0.6", *SWEEPS],
+    # Tested with pytest 9.2.0 and pytest-xdist 3.8.0 (pytest.ini runs 2 workers).
+    "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "hypothesis>=6.100,<7", "ruff>=0.6",
+             *SWEEPS],
     "sweeps": SWEEPS,
     "bench": [],  # the benchmarks need nothing beyond the runtime set
 }
