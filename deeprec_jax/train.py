@@ -107,15 +107,11 @@ def make_train_step(model: nn.Module,
       params, opt_state = tx.apply(state["params"], state["opt_state"], rest_grads, ids,
                                    row_grads)
       grad_norm = optax.global_norm((rest_grads, row_grads))
-    elif tower_on_batch:
-      # The tower encodes the pictures of the batch's items only.
-      ids, local = row_sparse.localize(batch, num_items + 1)
-      value, grads = jax.value_and_grad(objective)(state["params"], local, ids)
-      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-      params = optax.apply_updates(state["params"], updates)
-      grad_norm = optax.global_norm(grads)
     else:
-      value, grads = jax.value_and_grad(objective)(state["params"], batch)
+      # With pictures, the tower encodes those of the batch's items only.
+      ids, inputs = (row_sparse.localize(batch, num_items + 1) if tower_on_batch
+                     else (None, batch))
+      value, grads = jax.value_and_grad(objective)(state["params"], inputs, ids)
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       grad_norm = optax.global_norm(grads)
