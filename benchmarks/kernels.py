@@ -12,7 +12,6 @@ batch 128, dropout 0.2, Adam, BCE with 1 negative; the analogous
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -43,9 +42,6 @@ _CONFIGS = {"sasrec": sasrec_config, "bert4rec": bert4rec_config, "rnn": rnn_con
 ATTENTION_WIDTHS = (("sasrec", 50, 1, True), ("bert4rec", 64, 2, False))
 ATTENTION_LENGTHS = (50, 200, 512)
 ATTENTION_BATCH = 128
-# Additive attention materialises [batch, q, k, d_att] (saved again for the
-# backward pass): its batch shrinks to keep that tensor under this budget.
-ADDITIVE_BUDGET_BYTES = 2 * 2**30
 RNN_LENGTHS = (50, 200)
 RNN_DIM, RNN_BATCH = 64, 128
 CATALOGUES = (10_000, 100_000, 1_000_000)
@@ -88,14 +84,6 @@ def _grad_of_sum(apply: Callable[..., jax.Array], argnums: tuple[int, ...]) -> C
 # ----------------------------------------------------------------------------
 
 
-def _attention_batch(kind: str, seq_len: int, dim: int) -> int:
-  if kind == "dot_product":
-    return ATTENTION_BATCH
-  per_sequence = seq_len * seq_len * dim * 4 * 4  # fwd tanh + saved + grads, float32
-  return int(min(ATTENTION_BATCH, 2 ** int(math.log2(max(ADDITIVE_BUDGET_BYTES // per_sequence,
-                                                         1)))))
-
-
 def attention_kernel(kind: str, width: str, dim: int, heads: int, causal: bool, seq_len: int,
                      backward: bool, batch: int | None = None,
                      dropout_rate: float = 0.0) -> Kernel:
@@ -105,7 +93,7 @@ def attention_kernel(kind: str, width: str, dim: int, heads: int, causal: bool, 
   (causal for SASRec, bidirectional for BERT4Rec; padding keys masked).
   Dropout is off unless asked: this times the attention math itself.
   """
-  batch = batch or _attention_batch(kind, seq_len, dim)
+  batch = batch or ATTENTION_BATCH
   module_cls = layers.DotProductAttention if kind == "dot_product" else layers.AdditiveAttention
   # causal=True: the query blocks SASRec runs (layers.query_blocks).
   module = module_cls(num_heads=heads, dropout_rate=dropout_rate, causal=causal)
@@ -335,9 +323,24 @@ def train_step_kernel(model_name: str, *, config: ml_collections.ConfigDict | No
                 note=note)
 
 
+def _variant_config(model_name: str, **model_fields: Any) -> ml_collections.ConfigDict:
+  config = ml1m_config(model_name)
+  config.model.update(model_fields)
+  return config
+
+
 def train_step_kernels(quick: bool) -> list[Kernel]:
+  """Every family's ML-1M step, plus additive SASRec and the RNN's other two cells."""
   del quick  # The paper configuration is the size; --quick only repeats less.
-  return [train_step_kernel(name) for name in TRAINABLE_MODELS]
+  kernels = [train_step_kernel(name) for name in TRAINABLE_MODELS]
+  kernels.insert(1, train_step_kernel(
+      "sasrec", config=_variant_config("sasrec", attention="additive"),
+      name="sasrec_additive_ml1m", note="additive attention (d_att = d), else sasrec_ml1m"))
+  for cell in ("lstm", "gru"):
+    kernels.append(train_step_kernel(
+        "rnn", config=_variant_config("rnn", cell=cell), name=f"rnn_{cell}_ml1m",
+        note=f"cell={cell}, else rnn_ml1m (peephole LSTM)"))
+  return kernels
 
 
 # ----------------------------------------------------------------------------

@@ -306,6 +306,77 @@ class DotProductAttention(_Attention):
     return dense("out")(out)
 
 
+@jax.custom_vjp
+def additive_scores(query: Array, key: Array, bias: Array, v: Array) -> Array:
+  """``a_ij = tanh(query_i + key_j + bias) . v`` per head: ``[batch, heads, q_len, k_len]``.
+
+  Args:
+    query: ``[batch, q_len, heads, head_hidden]`` (``W_q Q``).
+    key: ``[batch, k_len, heads, head_hidden]`` (``W_k K``).
+    bias: ``[heads, head_hidden]``.
+    v: ``[heads, head_hidden]``.
+
+  Returns:
+    The scores in float32 (or wider, if the inputs are).
+
+  The sum over features runs as a scan over them, one ``[batch, heads, q_len,
+  k_len]`` slab at a time: XLA fuses each step's broadcast, tanh and
+  accumulation into one loop, where the direct form writes (and autodiff
+  keeps) the whole ``[batch, q_len, k_len, head_hidden]`` tanh tensor. The
+  backward pass recomputes each slab's tanh instead of saving it, so memory
+  stays at a few slabs (figures: benchmarks/README.md).
+  """
+  return _additive_scores_fwd(query, key, bias, v)[0]
+
+
+def _feature_major(query: Array, key: Array, bias: Array) -> tuple[Array, Array]:
+  """``[head_hidden, batch, heads, q_len]`` and ``[head_hidden, batch, heads, k_len]``."""
+  dtype = jnp.promote_types(query.dtype, jnp.float32)
+  return (jnp.transpose((query + bias).astype(dtype), (3, 0, 2, 1)),
+          jnp.transpose(key.astype(dtype), (3, 0, 2, 1)))
+
+
+def _additive_scores_fwd(query: Array, key: Array, bias: Array, v: Array
+                         ) -> tuple[Array, tuple[Array, ...]]:
+  query_t, key_t = _feature_major(query, key, bias)
+
+  def add_feature(scores, feature):
+    q_d, k_d, v_d = feature  # [batch, heads, q_len], [batch, heads, k_len], [heads]
+    hidden = jnp.tanh(q_d[..., :, None] + k_d[..., None, :])
+    return scores + v_d[:, None, None] * hidden, None
+
+  batch, q_len, heads, _ = query.shape
+  scores = jnp.zeros((batch, heads, q_len, key.shape[1]), query_t.dtype)
+  scores, _ = jax.lax.scan(add_feature, scores, (query_t, key_t, v.T.astype(query_t.dtype)))
+  return scores, (query, key, bias, v)
+
+
+def _additive_scores_bwd(residuals: tuple[Array, ...], grad: Array
+                         ) -> tuple[Array, Array, Array, Array]:
+  query, key, bias, v = residuals
+  query_t, key_t = _feature_major(query, key, bias)
+  grad = grad.astype(query_t.dtype)
+
+  def feature_grads(_, feature):
+    q_d, k_d, v_d = feature
+    hidden = jnp.tanh(q_d[..., :, None] + k_d[..., None, :])  # recomputed, never stored
+    grad_hidden = grad * hidden
+    # d/dx tanh(x) = 1 - tanh(x)^2, times the cotangent and v_d.
+    grad_pre = (grad - grad_hidden * hidden) * v_d[:, None, None]
+    return None, (jnp.sum(grad_pre, -1), jnp.sum(grad_pre, -2), jnp.sum(grad_hidden, (0, 2, 3)))
+
+  _, (grad_q, grad_k, grad_v) = jax.lax.scan(
+      feature_grads, None, (query_t, key_t, v.T.astype(query_t.dtype)))
+  grad_q = jnp.transpose(grad_q, (1, 3, 2, 0))  # [batch, q_len, heads, head_hidden]
+  grad_k = jnp.transpose(grad_k, (1, 3, 2, 0))
+  grad_bias = jnp.sum(grad_q, (0, 1))  # the bias enters every (i, j) as query_i does
+  return (grad_q.astype(query.dtype), grad_k.astype(key.dtype), grad_bias.astype(bias.dtype),
+          grad_v.T.astype(v.dtype))
+
+
+additive_scores.defvjp(_additive_scores_fwd, _additive_scores_bwd)
+
+
 class AdditiveAttention(_Attention):
   """Additive (Bahdanau-style) attention.
 
@@ -326,10 +397,10 @@ class AdditiveAttention(_Attention):
   heads, each with its own slice of ``b`` and ``v``; ``num_heads=1`` is exactly
   the equations above.
 
-  Memory: the ``tanh`` argument is ``[batch, q_len, k_len, hidden_dim]`` (plus
-  the same again saved for the backward pass). At SASRec's ML-1M setting
-  (dim 50, seq_len 200) that is 2M floats = 8 MB per sequence per block in
-  float32, so about 1 GB per block for a batch of 128.
+  Cost: ``batch * q_len * k_len * hidden_dim`` tanh evaluations, summed over
+  the hidden features one ``[batch, heads, q_len, k_len]`` slab at a time
+  (``additive_scores``), so the ``[batch, q_len, k_len, hidden_dim]`` tensor
+  is never held, neither forward nor for the backward pass.
 
   Attributes:
     num_heads: number of heads; must divide ``hidden_dim`` and the feature size.
@@ -372,9 +443,8 @@ class AdditiveAttention(_Attention):
     v = v.astype(self.dtype).reshape(self.num_heads, head_hidden)
 
     def logits_fn(start: int, stop: int, num_keys: int) -> Array:
-      # The [batch, block, num_keys, heads, d_att/h] intermediate: see the class docstring.
-      hidden = jnp.tanh(query[:, start:stop, None] + key[:, None, :num_keys] + bias)
-      return jnp.einsum("bqkhd,hd->bhqk", hidden, v)  # [batch, heads, block, num_keys]
+      # [batch, heads, block, num_keys], one feature at a time (additive_scores).
+      return additive_scores(query[:, start:stop], key[:, :num_keys], bias, v)
 
     out = attend_by_blocks(logits_fn, value, mask, q_len=query.shape[1], causal=self.causal,
                            dropout_rate=self.dropout_rate, deterministic=deterministic)
