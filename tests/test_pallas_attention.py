@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deeprec_jax.models import pallas_attention
+from deeprec_jax.models import layers, pallas_attention
 
 OUT_RTOL = 1e-5
 GRAD_RTOL = 1e-5
@@ -232,3 +232,31 @@ def test_rejects_dropout_and_mixed_masking():
     _run("dot", args, value, dict(mask=_PER_HEAD, key_valid=_PADDED), False)
   with pytest.raises(ValueError, match="power of 2"):
     pallas_attention.dot_product_attention(*map(jnp.asarray, (*args, value)), block_q=3)
+
+
+@pytest.mark.parametrize("module", [layers.DotProductAttention, layers.AdditiveAttention])
+def test_layers_pallas_implementation_matches_xla(module):
+  """``implementation='pallas'`` gives the 'xla' outputs and parameter gradients."""
+  rng = np.random.default_rng(4)
+  inputs = jnp.asarray(rng.normal(size=(2, 7, 8)), jnp.float32)
+  valid = jnp.asarray(_PADDED)
+  mask = layers.attention_mask(valid, causal=True)
+  xla, pallas = (module(num_heads=2, causal=True, dropout_rate=0.1, implementation=impl)
+                 for impl in ("xla", "pallas"))
+  params = xla.init(jax.random.key(0), inputs, inputs, mask)
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.ones_like(p), params)  # nonzero bias
+
+  def loss_and_grads(layer):
+    loss = lambda params: jnp.sum(jnp.sin(layer.apply(params, inputs, inputs, mask)))
+    return jit(jax.value_and_grad(loss))(params), jit(layer.apply)(params, inputs, inputs, mask)
+
+  (xla_loss, xla_grads), xla_out = loss_and_grads(xla)
+  (pallas_loss, pallas_grads), pallas_out = loss_and_grads(pallas)
+  _assert_close(pallas_out, np.asarray(xla_out, np.float64), OUT_RTOL)
+  assert abs(float(pallas_loss) - float(xla_loss)) <= OUT_RTOL * abs(float(xla_loss))
+  assert jax.tree.structure(pallas_grads) == jax.tree.structure(xla_grads)
+  for grad, want in zip(jax.tree.leaves(pallas_grads), jax.tree.leaves(xla_grads), strict=True):
+    _assert_close(grad, np.asarray(want, np.float64), GRAD_RTOL)
+  with pytest.raises(ValueError, match="model.attention_impl"):
+    pallas.apply(params, inputs, inputs, mask, deterministic=False,
+                 rngs={"dropout": jax.random.key(1)})

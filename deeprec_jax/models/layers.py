@@ -245,6 +245,23 @@ class _Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   causal: bool = False
+  implementation: str = "xla"  # 'xla' | 'pallas'
+
+  def _pallas_attention(self, form: str, score_args: tuple[Array, ...], value: Array,
+                        mask: Array | None, deterministic: bool) -> Array:
+    """``pallas_attention``'s fused kernel in place of ``attend_by_blocks``."""
+    if self.implementation != "pallas":
+      raise ValueError(f"implementation={self.implementation!r}: expected 'xla' or 'pallas' "
+                       "(model.attention_impl).")
+    if not deterministic and self.dropout_rate > 0:
+      raise ValueError(f"model.attention_impl='pallas' has no attention dropout "
+                       f"(dropout_rate={self.dropout_rate}): set the attention dropout to 0 "
+                       "or use model.attention_impl='xla'.")
+    from deeprec_jax.models import pallas_attention  # only when asked for
+
+    fn = (pallas_attention.dot_product_attention if form == "dot"
+          else pallas_attention.additive_attention)
+    return fn(*score_args[:2], value, *score_args[2:], mask=mask, causal=self.causal)
 
 
 class DotProductAttention(_Attention):
@@ -296,6 +313,9 @@ class DotProductAttention(_Attention):
     value = split(dense("value")(inputs_kv))  # [batch, k_len, heads, head_dim]
 
     query = query * head_dim**-0.5  # a Python float keeps query's dtype
+    if self.implementation != "xla":
+      out = self._pallas_attention("dot", (query, key), value, mask, deterministic)
+      return dense("out")(out.reshape(out.shape[:-2] + (features,)))
 
     # [batch, heads, block, num_keys] logits of query rows [start, stop).
     logits_fn = lambda start, stop, num_keys: jnp.einsum(
@@ -441,6 +461,9 @@ class AdditiveAttention(_Attention):
                    self.param_dtype)
     bias = bias.astype(self.dtype).reshape(self.num_heads, head_hidden)
     v = v.astype(self.dtype).reshape(self.num_heads, head_hidden)
+    if self.implementation != "xla":
+      out = self._pallas_attention("additive", (query, key, bias, v), value, mask, deterministic)
+      return out.reshape(out.shape[:-2] + (features,))
 
     def logits_fn(start: int, stop: int, num_keys: int) -> Array:
       # [batch, heads, block, num_keys], one feature at a time (additive_scores).
