@@ -113,6 +113,10 @@ def _compilation_cache() -> None:
     return
   import jax  # pylint: disable=g-import-not-at-top  (after flags: --jax_cache_dir='' skips it)
   jax.config.update("jax_compilation_cache_dir", path)
+  # Every program, not only those over JAX's 1 s default: evaluation compiles a
+  # handful of sub-second shapes, which add up to most of a first pass.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float(
+      os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")))
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -410,6 +410,14 @@ def test_eval_length_buckets_cut_only_padding(task, process_count):
     assert lengths == {16}
   else:  # histories of 1..28 items: more than one bucket is used
     assert lengths <= {4, 8, 16} and len(lengths) >= 2
+  # One `exclude` width per length: a pass compiles at most length_buckets shapes. It is
+  # the group's longest history rounded up to a power of two.
+  shapes = {(b["item_seq"].shape[1], b["exclude"].shape[1]) for b in bucketed}
+  assert len(shapes) == len(lengths)
+  for seq_len, width in shapes:
+    group = [b for b in bucketed if b["item_seq"].shape[1] == seq_len]
+    longest = max(int(np.count_nonzero(b["exclude"], axis=1).max()) for b in group)
+    assert width & (width - 1) == 0 and width >= max(longest, 1)
   seen = []
   for batch in bucketed:
     seq_len = batch["item_seq"].shape[1]

@@ -12,6 +12,7 @@ The data are built so that history exclusion changes the answer: the three
 most popular items are in every user's history, and the targets are not.
 """
 
+import dataclasses
 import math
 
 import ml_collections
@@ -172,3 +173,37 @@ def test_sasrec_trainer_evaluate_matches_numpy_full_ranking(data):
     assert_metrics(got, numpy_metrics(sequences, scores, split_name, ks), f"sasrec {split_name}")
   assert numpy_metrics(sequences, scores, "test", ks) != numpy_metrics(
       sequences, scores, "test", ks, exclude_history=False)
+
+
+def test_trainers_of_one_process_share_evaluation_batches(data, monkeypatch):
+  """A second Trainer on the same TFDS data and settings reuses the first's batches.
+
+  It builds none (pipeline.eval_batches is not called) and gets the same metrics;
+  another seed (other sampled negatives) or an in-memory dataset builds its own.
+  """
+  _, path = data
+  config = csv_config("popularity", path)
+  calls = []
+  build = train.pipeline.eval_batches
+  monkeypatch.setattr(train.pipeline, "eval_batches",
+                      lambda *args, **kwargs: calls.append(kwargs["split"]) or build(*args,
+                                                                                   **kwargs))
+  monkeypatch.setattr(train, "_SHARED_EVAL_BATCHES", train.collections.OrderedDict())
+
+  def evaluate(config, dataset=None):
+    trainer = train.Trainer(config, dataset or train.builders.load(config.data))
+    return trainer.evaluate(trainer.init_state()["params"], "valid")
+
+  first = evaluate(config)
+  assert calls == ["valid"]
+  assert evaluate(config) == first and calls == ["valid"]
+  other_seed = config.copy_and_resolve_references()
+  other_seed.seed = config.seed + 1
+  evaluate(other_seed)
+  assert calls == ["valid", "valid"]
+  loaded = train.builders.load(config.data)
+  in_memory = dataclasses.replace(loaded, source=[loaded.source[u]
+                                                  for u in range(loaded.num_users)])
+  evaluate(config, in_memory)
+  evaluate(config, in_memory)
+  assert calls == ["valid"] * 4

@@ -226,9 +226,10 @@ def eval_batches(dataset: builders.Dataset, *, split: str, task: str, max_len: i
   users' inputs (``task='window'`` inputs always keep ``max_len``). The
   models' outputs at the last position do not depend on the amount of left
   padding, so this only skips work on padding (benchmarks/README.md). Within
-  a group users are ordered by history length (then id), so that the
-  ``exclude`` width grows batch by batch; the metrics are sums, so the order
-  does not matter.
+  a group users are ordered by history length (then id); the metrics are
+  sums, so the order does not matter. A group's batches share one
+  ``exclude`` width (its longest history, rounded up to a power of two), so
+  that a pass compiles at most ``length_buckets`` shapes.
 
   Global batch ``b`` holds ``G = batch_size * process_count`` consecutive
   users of that order (a batch never mixes lengths); this process yields its
@@ -258,7 +259,7 @@ def eval_batches(dataset: builders.Dataset, *, split: str, task: str, max_len: i
   Yields:
     ``item_seq int32[B, L']`` (``L' <= L``, one of the bucket lengths),
     ``target int32[B]``, ``exclude int32[B, H]`` (the history's distinct
-    items other than the target, 0-padded; H is the global batch's longest
+    items other than the target, 0-padded; H is the length group's longest
     history rounded up to a power of two), ``sampled_negatives int32[B, S]``,
     ``user int32[B]``, ``weight float32[B]``.
   """
@@ -282,11 +283,14 @@ def eval_batches(dataset: builders.Dataset, *, split: str, task: str, max_len: i
     # By history length too, so that few batches need a wide `exclude`.
     bucket_users = np.flatnonzero(bucket_of == bucket)
     bucket_users = bucket_users[np.argsort(history_lengths[bucket_users], kind="stable")]
+    if not len(bucket_users):
+      continue
+    # One width per group, a power of two: few shapes ever compile (each ~1 s
+    # on CPU), while a wider scatter of excluded items costs little.
+    width = max(int(history_lengths[bucket_users].max()), 1)
+    width = 1 << (width - 1).bit_length()
     for start in range(0, len(bucket_users), global_batch):
       global_users = bucket_users[start:start + global_batch]
-      width = max(int(history_lengths[global_users].max()), 1)
-      # A power of two, so that only a handful of shapes ever compile.
-      width = 1 << (width - 1).bit_length()
       local_users = global_users[process_index * batch_size:(process_index + 1) * batch_size]
       yield _eval_batch(dataset, local_users, split=split, task=task, seq_len=int(seq_len),
                         batch_size=batch_size, exclude_width=width, has_split=has_split,

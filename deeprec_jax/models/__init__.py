@@ -181,9 +181,17 @@ def item_vectors(model: nn.Module, params: Any, num_items: int, images: Any = No
 
 def init_params(model: nn.Module, rng: jax.Array, item_seq: jax.Array, *,
                 user: jax.Array | None = None, images: Any = None) -> Any:
-  """``model.init(rng, item_seq, user=user)['params']``, plus the image tower's if it has one."""
+  """``model.init(rng, item_seq, user=user)['params']``, plus the image tower's if it has one.
+
+  Compiled as one program at XLA's lowest optimization level: it runs once,
+  and that compiles in 0.7 s instead of 2.3 s for SASRec at L = 200 on 2 CPU
+  cores (eagerly, every op of the init's forward pass compiles on its own:
+  ~4 s). Values can differ from an eager init by float32 rounding (the
+  initializers' float ops are fused differently).
+  """
   if item_encoder(model) == "id":
-    return model.init(rng, item_seq, user=user)["params"]
+    return _jit_once(lambda rng, item_seq, user: model.init(rng, item_seq, user=user)["params"])(
+        rng, item_seq, user)
   if images is None:
     raise ValueError(f"model.item_encoder={item_encoder(model)!r} needs the item pictures "
                      "(data.images).")
@@ -192,4 +200,10 @@ def init_params(model: nn.Module, rng: jax.Array, item_seq: jax.Array, *,
     module.encode_images(images)
     return module(item_seq, user=user)
 
-  return model.init(rng, item_seq, user, jnp.asarray(images[:1]), method=both)["params"]
+  return _jit_once(lambda *args: model.init(*args, method=both)["params"])(
+      rng, item_seq, user, jnp.asarray(images[:1]))
+
+
+def _jit_once(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``jax.jit(fn)`` compiled for speed of compilation: for programs that run once."""
+  return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
