@@ -115,6 +115,7 @@ class SelfAttentionBlock(nn.Module):
 
   Attributes:
     attention: 'dot_product' or 'additive'.
+    attention_impl: 'xla' (``layers``) or 'pallas' (``pallas_attention``).
     num_heads: attention heads.
     dropout_rate: dropout on attention weights and inside the FFN.
     dtype: compute dtype (layer-norm statistics and softmax stay float32).
@@ -128,6 +129,7 @@ class SelfAttentionBlock(nn.Module):
   """
 
   attention: str = "dot_product"
+  attention_impl: str = "xla"
   num_heads: int = 1
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
@@ -167,7 +169,7 @@ class SelfAttentionBlock(nn.Module):
                                            use_fast_variance=False, name=name)
     common = dict(num_heads=self.num_heads, dropout_rate=self.dropout_rate, dtype=self.dtype,
                   param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                  causal=self.causal, name="attention")
+                  causal=self.causal, implementation=self.attention_impl, name="attention")
     if self.attention == "dot_product":
       attend = layers.DotProductAttention(**common)
     else:
@@ -200,6 +202,8 @@ class AttentionEncoder(nn.Module):
     num_heads: attention heads.
     dropout_rate: dropout on embeddings, attention weights and FFN.
     attention: 'dot_product' or 'additive'.
+    attention_impl: 'xla' or 'pallas' (kernels of ``pallas_attention``,
+      interpret mode on CPU; attention dropout must be 0).
     positional: add the learned positional embedding.
     dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
     item_encoder: item vectors from the id table ('id'), the pictures' CNN
@@ -220,6 +224,7 @@ class AttentionEncoder(nn.Module):
   num_heads: int = 1
   dropout_rate: float = 0.2
   attention: str = "dot_product"
+  attention_impl: str = "xla"
   positional: bool = True
   dtype: str = "float32"
   item_encoder: str = "id"
@@ -246,7 +251,8 @@ class AttentionEncoder(nn.Module):
     """
     for i in range(self.num_blocks):
       last = last_only and i == self.num_blocks - 1
-      x = SelfAttentionBlock(attention=self.attention, num_heads=self.num_heads,
+      x = SelfAttentionBlock(attention=self.attention, attention_impl=self.attention_impl,
+                             num_heads=self.num_heads,
                              dropout_rate=self.dropout_rate, dtype=dtype, causal=causal,
                              activation=activation, kernel_init=kernel_init, name=f"block_{i}")(
           x, valid, deterministic=deterministic, last_only=last, segment_ids=segment_ids)

@@ -14,6 +14,7 @@ import numpy as np
 
 # Attention forms of the self-attention models (encoder.SelfAttentionBlock).
 ATTENTION_KINDS = ("dot_product", "additive")
+ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")  # layers (XLA) or pallas_attention kernels
 # Names accepted by ``config.model.dtype``; parameters always stay float32.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -89,6 +90,7 @@ def check_attention_encoder(model: Any) -> None:
         "model.num_heads", f"a positive int dividing model.dim={model.dim}", model.num_heads)
   check_fraction(model, "dropout_rate")
   check_choice(model, "attention", ATTENTION_KINDS)
+  check_choice(model, "attention_impl", ATTENTION_IMPLEMENTATIONS)
   check_bool(model, "positional")
   compute_dtype(model.dtype)
 

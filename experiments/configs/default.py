@@ -84,6 +84,7 @@ def model_config() -> ml_collections.ConfigDict:
   model.num_heads = 1  # attention heads (each additive head has its own b, v)
   model.dropout_rate = 0.2  # dropout on embeddings, attention and FFN
   model.attention = "dot_product"  # dot_product | additive
+  model.attention_impl = "xla"  # xla | pallas (models/pallas_attention.py; no attention dropout)
   model.positional = True  # learned positional embedding on/off
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
   return model
