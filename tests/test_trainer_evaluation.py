@@ -207,3 +207,33 @@ def test_trainers_of_one_process_share_evaluation_batches(data, monkeypatch):
   evaluate(config, in_memory)
   evaluate(config, in_memory)
   assert calls == ["valid"] * 4
+
+
+def test_prefetched_evaluation_batches_are_the_built_ones(data, monkeypatch):
+  """``prefetch_eval`` builds in a thread what ``evaluate`` would: same batches, built once."""
+  _, path = data
+  config = csv_config("popularity", path)
+  monkeypatch.setattr(train, "_SHARED_EVAL_BATCHES", train.collections.OrderedDict())
+  loaded = train.builders.load(config.data)
+  in_memory = dataclasses.replace(loaded, source=[loaded.source[u]
+                                                  for u in range(loaded.num_users)])
+  direct = train.Trainer(config, in_memory)
+  want = direct._build_eval_batches("valid")
+  calls = []
+  build = train.pipeline.eval_batches
+  monkeypatch.setattr(train.pipeline, "eval_batches",
+                      lambda *args, **kwargs: calls.append(kwargs["split"]) or build(*args,
+                                                                                   **kwargs))
+  trainer = train.Trainer(config, in_memory)
+  trainer.prefetch_eval("valid")
+  trainer.prefetch_eval("valid")  # already pending: no second build
+  params = trainer.init_state()["params"]
+  first = trainer.evaluate(params, "valid")
+  assert trainer.evaluate(params, "valid") == first
+  assert calls == ["valid"]
+  got = trainer._cached_eval_batches("valid")
+  assert len(got) == len(want)
+  for got_batch, want_batch in zip(got, want, strict=True):
+    assert got_batch.keys() == want_batch.keys()
+    for name in want_batch:
+      np.testing.assert_array_equal(got_batch[name], want_batch[name])
