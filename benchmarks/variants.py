@@ -21,6 +21,11 @@ changes is how the step is generated or compiled:
   the library's streamed log-sum-exp (``losses.catalogue_logsumexp``) and once
   as plain autodiff of ``logsumexp(hidden @ table.T)`` (same loss; the
   ``softmax_autodiff`` row's speedup is against the ``softmax`` row);
+* additive attention (``model.attention='additive'``), once with the
+  library's ``layers.additive_scores`` (a scan over the hidden features, a
+  recomputing custom VJP) and once as the direct ``tanh`` of the
+  ``[batch, q, k, d_att]`` sum under autodiff, the library before that change
+  (same scores; the ``additive_direct`` row's speedup is against ``additive``);
 * the compute dtype (bfloat16 matmuls, float32 statistics);
 * buffer donation of the train state;
 * the process set-up, each in a fresh process (``benchmarks.subproc``): XLA
@@ -29,8 +34,8 @@ changes is how the step is generated or compiled:
   are page-faulted in afresh.
 
 The library is not modified: ``layers.Dropout``, ``layers._MAX_QUERY_BLOCKS``,
-``train.DROPOUT_RNG_IMPL`` and ``losses.LOSSES`` are patched only while a
-variant is traced.
+``layers.additive_scores``, ``train.DROPOUT_RNG_IMPL`` and ``losses.LOSSES``
+are patched only while a variant is traced.
 """
 
 from __future__ import annotations
@@ -100,6 +105,13 @@ def autodiff_softmax_ce(hidden: jax.Array, item_table: jax.Array, targets: jax.A
   return jnp.sum(per_target) / jnp.maximum(jnp.sum(mask), 1)
 
 
+def direct_additive_scores(query: jax.Array, key: jax.Array, bias: jax.Array,
+                           v: jax.Array) -> jax.Array:
+  """``layers.additive_scores`` as plain autodiff: the ``[b, q, k, h, d]`` tanh at once."""
+  hidden = jnp.tanh(query[:, :, None] + key[:, None] + bias)
+  return jnp.einsum("bqkhd,hd->bhqk", hidden, v)
+
+
 @contextlib.contextmanager
 def patched(module: Any, name: str, value: Any) -> Iterator[None]:
   """Sets ``module.name = value`` for the duration of the context."""
@@ -127,6 +139,8 @@ class Variant:
   donate: bool = True
   loss: str = "bce"  # train.loss
   autodiff_ce: bool = False  # the 'softmax' loss as plain autodiff (no streaming)
+  attention: str = "dot_product"  # model.attention
+  direct_additive: bool = False  # additive scores as plain autodiff (no scan, no VJP)
   reference: str = "baseline"  # the row that `speedup` divides by
 
   def context(self) -> contextlib.AbstractContextManager:
@@ -138,6 +152,8 @@ class Variant:
       stack.enter_context(patched(layers, "_MAX_QUERY_BLOCKS", 1))
     if self.prng_impl:
       stack.enter_context(patched(train, "DROPOUT_RNG_IMPL", self.prng_impl))
+    if self.direct_additive:
+      stack.enter_context(patched(layers, "additive_scores", direct_additive_scores))
     if self.autodiff_ce:
       table = {**losses.LOSSES, "softmax": autodiff_softmax_ce}
       stack.enter_context(patched(losses, "LOSSES", table))
@@ -168,9 +184,15 @@ def in_process_variants(quick: bool) -> list[Variant]:
               loss="softmax", same_math=False),
       Variant("softmax_autodiff", "the same loss as plain autodiff of [B, L, N + 1] logits "
               "(speedup vs 'softmax')", loss="softmax", autodiff_ce=True, reference="softmax"),
+      Variant("additive", "model.attention='additive' (layers.additive_scores)",
+              attention="additive", same_math=False),
+      Variant("additive_direct", "the same additive scores as plain autodiff of the "
+              "[b, q, k, d_att] tanh (speedup vs 'additive')", attention="additive",
+              direct_additive=True, reference="additive"),
   ]
   if quick:
-    keep = {"baseline", "previous_library", "softmax", "softmax_autodiff"}
+    keep = {"baseline", "previous_library", "softmax", "softmax_autodiff", "additive",
+            "additive_direct"}
     variants = [v for v in variants if v.name in keep]
   return variants
 
@@ -180,6 +202,7 @@ def variant_kernel(variant: Variant) -> harness.Kernel:
   config.model.dtype = variant.dtype
   config.train.pack = variant.pack
   config.train.loss = variant.loss
+  config.model.attention = variant.attention
   if variant.dropout_rate is not None:
     config.model.dropout_rate = variant.dropout_rate
   rng = None if variant.prng_impl is None else kernels.train_rng(impl=variant.prng_impl)
