@@ -18,6 +18,8 @@ candidates, so held-out pairs measure how well pictures stand in for them.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 import jax
@@ -25,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from deeprec_jax import evaluate as evaluate_lib
+from deeprec_jax import writers
 from deeprec_jax.data import builders, cold_start, images, negatives, pipeline, preprocess
 from deeprec_jax.models import ctr
 
@@ -33,11 +37,16 @@ SPLITS = ("train", "valid", "test")
 
 @dataclasses.dataclass(frozen=True)
 class Pairs:
-  """``history int32[P, L]`` (left-padded), ``candidate int32[P]``, ``label float32[P]``."""
+  """``history int32[P, L]`` (left-padded), ``candidate int32[P]``, ``label float32[P]``.
+
+  ``cold bool[P]``: the pair belongs to a held-out click on a withheld item
+  (``cold_start``); all False for training pairs and without cold start.
+  """
 
   history: np.ndarray
   candidate: np.ndarray
   label: np.ndarray
+  cold: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.label)
@@ -51,7 +60,9 @@ def make_pairs(dataset: builders.Dataset, *, split: str, max_len: int, num_negat
   rng = np.random.default_rng([int(seed) % 2**32, SPLITS.index(split)])
   withheld = (np.zeros(0, np.int64) if dataset.withheld_items is None
               else np.asarray(dataset.withheld_items, np.int64))
-  histories, candidates, labels = [], [], []
+  histories, candidates, labels, cold = [], [], [], []
+  is_withheld = np.zeros(dataset.num_items + 1, bool)
+  is_withheld[withheld] = True
   for user in range(dataset.num_users):
     seq = np.asarray(dataset.source[user]["item_seq"], np.int64)
     seen = np.union1d(seq, withheld)
@@ -70,10 +81,11 @@ def make_pairs(dataset: builders.Dataset, *, split: str, max_len: int, num_negat
         histories.append(row)
         candidates.append(candidate)
         labels.append(label)
+        cold.append(split != "train" and bool(is_withheld[positive]))
   if not labels:
     raise ValueError(f"{dataset.name} has no {split!r} pairs.")
   return Pairs(np.stack(histories).astype(np.int32), np.asarray(candidates, np.int32),
-               np.asarray(labels, np.float32))
+               np.asarray(labels, np.float32), np.asarray(cold, bool))
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -163,16 +175,56 @@ def train(model: ctr.Model, pairs: Pairs, images: Any, *, num_steps: int, batch_
 
 
 def evaluate(model: ctr.Model, params: Any, pairs: Pairs, images: Any) -> dict[str, float]:
-  """``metrics`` of ``model`` on ``pairs``."""
-  return metrics(predict(model, params, pairs, images), pairs.label)
+  """``metrics`` of ``model`` on ``pairs``; also ``cold/`` and ``warm/`` ones under cold start.
+
+  A pair is cold when its click is on a withheld item (``Pairs.cold``), so a
+  held-out click and its sampled negatives fall on the same side.
+  """
+  logits = predict(model, params, pairs, images)
+  results = metrics(logits, pairs.label)
+  if pairs.cold is not None and pairs.cold.any():
+    for prefix, rows in (("cold/", pairs.cold), ("warm/", ~pairs.cold)):
+      if rows.any():
+        results.update({prefix + k: v for k, v in metrics(logits[rows],
+                                                          pairs.label[rows]).items()})
+  return results
+
+
+def rank_evaluation(model: ctr.Model, params: Any, dataset: builders.Dataset, images: Any,
+                    config: Any, split: str) -> dict[str, float]:
+  """Full-ranking HR/NDCG/MRR@K of the click logits of every item, as the recommenders'.
+
+  Each user's click logit for every item of the catalogue (``rank_logits``;
+  pictures encoded once) ranks the held-out item with the history excluded,
+  through ``evaluate.make_eval_step``: the same batches, metrics and
+  ``cold/`` / ``warm/`` split as ``train.Trainer.evaluate``.
+  """
+  num_items = dataset.num_items
+  vectors = jax.jit(lambda p, ids, pictures: model.apply(
+      {"params": p}, ids, pictures, method="encode_items"))(
+          params, jnp.arange(num_items + 1), jnp.asarray(images))
+  scorer = lambda p, batch, item_vectors: model.apply(
+      {"params": p}, batch["item_seq"], item_vectors, method="rank_logits")
+  step = evaluate_lib.make_eval_step(model, num_items, tuple(config.eval.ks),
+                                     exclude_history=config.eval.exclude_history,
+                                     cold_items=dataset.withheld_items, scorer=scorer)
+  batches = pipeline.eval_batches(
+      dataset, split=split, task="autoregressive", max_len=config.data.max_len,
+      batch_size=config.eval.batch_size, num_sampled_negatives=config.eval.num_sampled_negatives,
+      seed=config.seed)
+  return evaluate_lib.evaluate(jax.jit(step), params, batches, item_vectors=vectors)
 
 
 def run(config: Any) -> dict[str, float]:
   """Trains the CTR model of ``config`` (``experiments/configs/ctr.py``) and evaluates it.
 
   Returns:
-    ``valid/<metric>`` and ``test/<metric>`` (``logloss``, ``auc``,
-    ``accuracy``, ``count``) and ``train/final_loss``.
+    ``valid/<metric>`` and ``test/<metric>``: the pairs' ``logloss``, ``auc``,
+    ``accuracy`` and ``count``, and the full-ranking metrics of every item's
+    logit (``rank_evaluation``: ``hr@K``, ``ndcg@K``, ...); under cold start
+    each also as ``<split>/cold/<metric>`` and ``<split>/warm/<metric>``
+    (the ranking's ``count`` is then ``ranked_count``). Plus
+    ``train/final_loss``.
   """
   dataset = cold_start.split(builders.load(config.data), config.data.cold_start_fraction,
                              config.seed)
@@ -192,4 +244,31 @@ def run(config: Any) -> dict[str, float]:
                           num_negatives=config.eval.num_negatives, seed=config.seed)
     results.update({f"{split}/{k}": v
                     for k, v in evaluate(model, params, held_out, pictures).items()})
+    ranked = rank_evaluation(model, params, dataset, pictures, config, split)
+    results.update({f"{split}/{k.replace('count', 'ranked_count')}": v
+                    for k, v in ranked.items()})
+  return results
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
+  """``run(config)`` as a run in ``workdir``: config.json, metrics.jsonl, final_metrics.json.
+
+  The ablation runner's entry point for ``model.name='ctr'`` (it trains in
+  one go, without checkpoints: a few minutes on 2 CPU cores).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  results = run(config)
+  writer = writers.MetricWriter(workdir)
+  try:
+    for split in ("valid", "test"):
+      prefix = f"{split}/"
+      writer.write(config.train.num_steps, f"final_{split}",
+                   {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)})
+  finally:
+    writer.close()
+  results["best_step"] = config.train.num_steps
+  with open(os.path.join(workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
+    json.dump(writers.strict_json(results), f, indent=2, sort_keys=True, allow_nan=False)
   return results

@@ -92,7 +92,8 @@ def top_k(model: nn.Module, params: Any, num_items: int, item_seq: Array, exclud
 
 def make_eval_step(model: nn.Module, num_items: int, ks: Sequence[int],
                    exclude_history: bool = True, *, ties: str = "pessimistic",
-                   cold_items: Any = None) -> EvalStep:
+                   cold_items: Any = None, scorer: Callable[..., Array] | None = None
+                   ) -> EvalStep:
   """Builds ``eval_step(params, batch[, item_vectors]) -> {metric: weighted sum, 'count'}``.
 
   For each row: the scores of all items (``score_items``: the last hidden
@@ -110,6 +111,9 @@ def make_eval_step(model: nn.Module, num_items: int, ks: Sequence[int],
     cold_items: item ids withheld from training (``cold_start``); if given,
       every metric and ``count`` are also summed over the rows whose target is
       one of them (``'cold/<name>'``) and over the others (``'warm/<name>'``).
+    scorer: ``(params, batch, item_vectors) -> float32[B, N + 1]`` for models
+      outside the contract (the CTR model's ``rank_logits``); None =
+      ``score_items``.
 
   Returns:
     A pure function of ``(params, batch)`` (no Python-side state, no host
@@ -130,8 +134,9 @@ def make_eval_step(model: nn.Module, num_items: int, ks: Sequence[int],
 
   def eval_step(params: Any, batch: Batch, item_vectors: Array | None = None
                 ) -> dict[str, Array]:
-    scores = score_items(model, params, num_items, batch["item_seq"], user=batch.get("user"),
-                         item_vectors=item_vectors)
+    scores = (score_items(model, params, num_items, batch["item_seq"], user=batch.get("user"),
+                          item_vectors=item_vectors)
+              if scorer is None else scorer(params, batch, item_vectors))
     target = batch["target"]
     exclude = batch["exclude"] if exclude_history else None
     per_row = metrics.rank_metrics(metrics.full_ranks(scores, target, exclude, ties=ties), ks)

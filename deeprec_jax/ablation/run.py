@@ -26,6 +26,16 @@ TrainFn = Callable[[ml_collections.ConfigDict, str], dict[str, Any]]
 # Running.
 
 
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains one run: ``train.train_and_evaluate``, or ``ctr.train_and_evaluate`` for 'ctr'."""
+  # Imported here: planning and reporting need no JAX.
+  if config.model.name == "ctr":
+    from deeprec_jax import ctr  # pylint: disable=g-import-not-at-top
+    return ctr.train_and_evaluate(config, workdir)
+  from deeprec_jax import train  # pylint: disable=g-import-not-at-top
+  return train.train_and_evaluate(config, workdir)
+
+
 def run_point(config: ml_collections.ConfigDict, workdir: str, info: Mapping[str, Any],
               train_fn: TrainFn | None = None) -> dict[str, Any]:
   """Trains one run unless it finished before; records failures, never raises them.
@@ -45,8 +55,7 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, info: Mapping[str
     status = plan.read_json(os.path.join(workdir, plan.STATUS_FILE))
     return {**status, "status": "ok", "skipped": True}
   if train_fn is None:
-    from deeprec_jax import train  # Imported here: planning and reporting need no JAX.
-    train_fn = train.train_and_evaluate
+    train_fn = train_and_evaluate
   os.makedirs(workdir, exist_ok=True)
   # A retry of a failed run starts clean.
   for name in (plan.ERROR_FILE, plan.STATUS_FILE):

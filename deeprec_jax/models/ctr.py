@@ -54,7 +54,15 @@ class Model(nn.Module):
     image_cnn.check_fields(self)
     super().__post_init__()
 
-  @nn.compact
+  def setup(self) -> None:
+    # Attribute names are the parameter paths (ITEM_TABLE, IMAGE_TOWER, mlp_<i>, logit).
+    self.item_embed = item_embedding.ItemEmbedding(self.num_items + 1, self.dim)
+    self.item_image = image_cnn.ItemImageCNN(
+        out_dim=self.dim, channels=tuple(self.image_channels), kernel_size=self.image_kernel,
+        pool_size=self.image_pool, dense_dim=self.image_dense)
+    self.mlp = [nn.Dense(width) for width in self.hidden]
+    self.logit = nn.Dense(1)
+
   def __call__(self, history: jax.Array, candidate: jax.Array, candidate_images: jax.Array, *,
                deterministic: bool = True) -> jax.Array:
     """Click logits.
@@ -69,18 +77,30 @@ class Model(nn.Module):
       ``float32[B]`` logits; ``sigmoid`` gives the click probability.
     """
     del deterministic
-    table = item_embedding.ItemEmbedding(self.num_items + 1, self.dim,
-                                         name=item_embedding.ITEM_TABLE[0])
+    return self._logits(self.encode_users(history), self.encode_items(candidate,
+                                                                      candidate_images))
+
+  def encode_users(self, history: jax.Array) -> jax.Array:
+    """``int32[B, L] -> float32[B, dim]``: the mean of the recent items' embeddings."""
     history = history[:, -self.max_len:]
     valid = (history > 0)[..., None].astype(jnp.float32)
-    user = jnp.sum(table(history) * valid, axis=1) / jnp.maximum(valid.sum(axis=1), 1.0)
-    item = image_cnn.ItemImageCNN(out_dim=self.dim, channels=tuple(self.image_channels),
-                                  kernel_size=self.image_kernel, pool_size=self.image_pool,
-                                  dense_dim=self.image_dense,
-                                  name=image_cnn.IMAGE_TOWER)(candidate_images)
+    return (jnp.sum(self.item_embed(history) * valid, axis=1)
+            / jnp.maximum(valid.sum(axis=1), 1.0))
+
+  def encode_items(self, items: jax.Array, images: jax.Array) -> jax.Array:
+    """``int32[n]``, ``uint8[n, H, W, 3] -> float32[n, dim]``: picture (+ id) vectors."""
+    item = self.item_image(images)
     if self.use_id:
-      item = item + table(candidate)
+      item = item + self.item_embed(items)
+    return item
+
+  def rank_logits(self, history: jax.Array, item_vectors: jax.Array) -> jax.Array:
+    """``float32[B, n]``: every user's logit for every item of ``item_vectors [n, dim]``."""
+    user = self.encode_users(history)[:, None, :]
+    return self._logits(*jnp.broadcast_arrays(user, item_vectors[None]))
+
+  def _logits(self, user: jax.Array, item: jax.Array) -> jax.Array:
     x = jnp.concatenate([user, item, user * item], axis=-1)
-    for i, width in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(width, name=f"mlp_{i}")(x))
-    return nn.Dense(1, name="logit")(x)[:, 0]
+    for dense in self.mlp:
+      x = nn.relu(dense(x))
+    return self.logit(x)[..., 0]
