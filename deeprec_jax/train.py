@@ -80,7 +80,9 @@ def make_train_step(model: nn.Module,
   images = jnp.asarray(images) if uses_images and images is not None else None
   sparse = isinstance(tx, row_sparse.SparseOptimizer)
   # Sampled losses score the batch's items only: encode just their pictures.
-  tower_on_batch = images is not None and loss != "softmax"
+  # Not for BERT4Rec: renumbering the batch would hide its [mask] token (N + 1).
+  tower_on_batch = (images is not None and loss != "softmax"
+                    and getattr(model, "mask_token", None) is None)
   if sparse and uses_images:
     raise ValueError("config key train.item_optimizer: row-sparse updates need "
                      "model.item_encoder='id'; image encoders score every item through "

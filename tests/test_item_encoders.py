@@ -29,6 +29,9 @@ def _images(rows=NUM_ITEMS + 1):
   return images
 
 
+USER = jnp.array([1, 2], jnp.int32)  # Caser reads user ids; the others ignore them
+
+
 def _item_seq():
   return jnp.array([[0, 0, 3, 1, 7, 2], [0, 0, 0, 0, 5, 12]], jnp.int32)
 
@@ -44,11 +47,11 @@ def test_id_encoder_is_the_table(name):
   assert models.item_encoder(model) == "id"
 
 
-@pytest.mark.parametrize("name", ["sasrec", "rnn"])
+@pytest.mark.parametrize("name", ["sasrec", "rnn", "bert4rec", "caser"])
 def test_image_vectors_are_the_tower(name):
   images = _images()
   model = _model(name, "image")
-  params = models.init_params(model, jax.random.key(0), _item_seq(), images=images)
+  params = models.init_params(model, jax.random.key(0), _item_seq(), user=USER, images=images)
   assert image_cnn.IMAGE_TOWER in params
   tower = image_cnn.ItemImageCNN(out_dim=model.dim, channels=(3, 5), dense_dim=8)
   direct = np.asarray(tower.apply({"params": params[image_cnn.IMAGE_TOWER]}, images))
@@ -71,21 +74,24 @@ def test_image_vectors_are_the_tower(name):
   assert 0 < kept[1:].sum() < NUM_ITEMS
 
 
-@pytest.mark.parametrize("name", ["sasrec", "rnn"])
+@pytest.mark.parametrize("name", ["sasrec", "rnn", "bert4rec", "caser"])
 def test_inputs_use_the_given_vectors(name):
   model = _model(name, "id")
   seq = _item_seq()
-  params = models.init_params(model, jax.random.key(0), seq)
+  params = models.init_params(model, jax.random.key(0), seq, user=USER)
   table = models.item_table(params, NUM_ITEMS)
-  plain = model.apply({"params": params}, seq)
-  np.testing.assert_array_equal(model.apply({"params": params}, seq, item_vectors=table), plain)
-  # Other vectors change the inputs, hence the outputs at real positions.
-  moved = model.apply({"params": params}, seq, item_vectors=table + 1.0)
+  plain = model.apply({"params": params}, seq, user=USER)
+  np.testing.assert_array_equal(
+      model.apply({"params": params}, seq, user=USER, item_vectors=table), plain)
+  # Other vectors change the inputs, hence the outputs at real positions (random: BERT4Rec
+  # layer-norms its embeddings, which would cancel a constant shift).
+  shift = jax.random.normal(jax.random.key(5), table.shape)
+  moved = model.apply({"params": params}, seq, user=USER, item_vectors=table + shift)
   assert not np.allclose(moved[:, -1], plain[:, -1])
   # Scoring with the vectors given equals scoring through the table.
-  scores = evaluate.score_items(model, params, NUM_ITEMS, seq)
+  scores = evaluate.score_items(model, params, NUM_ITEMS, seq, user=USER)
   np.testing.assert_array_equal(
-      evaluate.score_items(model, params, NUM_ITEMS, seq, item_vectors=table), scores)
+      evaluate.score_items(model, params, NUM_ITEMS, seq, user=USER, item_vectors=table), scores)
 
 
 def test_image_encoder_train_step_and_eval():
@@ -163,12 +169,47 @@ def test_bad_encoder_field():
 
 
 def test_configs_carry_the_encoder_keys():
-  for name in ("sasrec", "rnn"):
+  for name in ("sasrec", "rnn", "bert4rec", "caser"):
     assert tiny.get_config(name).model.item_encoder == "id"
-  config = tiny.get_config("bert4rec").model
-  config.item_encoder = "image"
-  with pytest.raises(ValueError, match="BERT4Rec has no image encoder"):
-    models.create_model(config, num_items=NUM_ITEMS, num_users=5, max_len=6)
+
+
+def test_bert4rec_mask_token_keeps_its_id_row():
+  """Given item vectors embed items 0..N; the [mask] slot (N + 1) reads the id table."""
+  model = _model("bert4rec", "id")
+  seq = _item_seq().at[:, -1].set(NUM_ITEMS + 1)  # the mask slot, as at evaluation
+  params = models.init_params(model, jax.random.key(0), seq)
+  table = models.item_table(params, NUM_ITEMS)  # rows 0..N: no mask row
+  plain = model.apply({"params": params}, seq)
+  np.testing.assert_array_equal(model.apply({"params": params}, seq, item_vectors=table), plain)
+  # Moving the item vectors moves the outputs; the mask row is not among them.
+  shift = jax.random.normal(jax.random.key(5), table.shape)
+  moved = model.apply({"params": params}, seq, item_vectors=table + shift)
+  assert not np.allclose(moved[:, -1], plain[:, -1])
+
+
+@pytest.mark.parametrize("loss", ["softmax", "bce"])
+def test_bert4rec_image_encoder_train_step(loss):
+  """A masked-task step with pictures trains the tower; it encodes the whole catalogue
+  (renumbering the batch's ids would hide the [mask] token), whatever the loss."""
+  images = _images()
+  model = _model("bert4rec", "image", dropout_rate=0.0)
+  mask = NUM_ITEMS + 1
+  seq = jnp.array([[0, 0, 3, mask, 7, 2], [0, 0, 0, 0, mask, 12]], jnp.int32)
+  targets = jnp.array([[0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 5, 0]], jnp.int32)
+  params = models.init_params(model, jax.random.key(0), seq, images=images)
+  tx = optimizers.create_optimizer(tiny.get_config("bert4rec").train, 10)
+  state = dict(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+               rng=jax.random.key_data(jax.random.key(0, impl=train.DROPOUT_RNG_IMPL)))
+  batch = {"item_seq": seq, "targets": targets, "user": jnp.array([1, 2], jnp.int32),
+           "negatives": jnp.full(seq.shape + (1,), 4, jnp.int32) * (targets[..., None] > 0)}
+  step = train.make_train_step(model, tx, loss=loss, num_items=NUM_ITEMS, images=images)
+  sizes = _conv_batch_sizes(jax.make_jaxpr(step)(state, batch).jaxpr)
+  assert sizes and set(sizes) == {NUM_ITEMS + 1}, sizes
+  new_state, metrics = jax.jit(step)(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params[image_cnn.IMAGE_TOWER],
+                       new_state["params"][image_cnn.IMAGE_TOWER])
+  assert all(jax.tree.leaves(moved))
 
 
 @pytest.mark.slow  # ~35 s of CPU: a whole run, then load_trained.
@@ -215,3 +256,26 @@ def test_recommend_with_pictures():
   scores[0], scores[history] = -np.inf, -np.inf
   np.testing.assert_array_equal([i for i, _ in ranked],
                                 trainer.dataset.item_ids[np.argsort(-scores)[:5]])
+
+
+def test_caser_image_encoder_train_step():
+  """A window-task step with pictures: finite loss, the tower trains, only batch pictures."""
+  images = _images()
+  model = _model("caser", "image", dropout_rate=0.0)
+  seq = _item_seq()
+  params = models.init_params(model, jax.random.key(0), seq, user=USER, images=images)
+  tx = optimizers.create_optimizer(tiny.get_config("caser").train, 10)
+  state = dict(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+               rng=jax.random.key_data(jax.random.key(0, impl=train.DROPOUT_RNG_IMPL)))
+  batch = {"item_seq": seq, "targets": jnp.array([[4, 6], [9, 11]], jnp.int32),
+           "negatives": jnp.array([[[8], [10]], [[1], [3]]], jnp.int32), "user": USER}
+  step = train.make_train_step(model, tx, loss="bce", num_items=NUM_ITEMS, images=images)
+  sizes = _conv_batch_sizes(jax.make_jaxpr(step)(state, batch).jaxpr)
+  distinct = len(set(np.concatenate([np.ravel(batch[k]) for k in ("item_seq", "targets",
+                                                                 "negatives")]).tolist()))
+  assert sizes and max(sizes) >= distinct and max(sizes) <= NUM_ITEMS + 1, sizes
+  new_state, metrics = jax.jit(step)(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params[image_cnn.IMAGE_TOWER],
+                       new_state["params"][image_cnn.IMAGE_TOWER])
+  assert all(jax.tree.leaves(moved))

@@ -32,16 +32,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeprec_jax.models import encoder, item_embedding, layers, validation
+from deeprec_jax.models import encoder, image_cnn, item_embedding, layers, validation
 
 
 class Model(encoder.AttentionEncoder):
-  """BERT4Rec; fields as ``encoder.AttentionEncoder`` (ids 1..N, 0 = padding, N + 1 = [mask])."""
+  """BERT4Rec; fields as ``encoder.AttentionEncoder`` (ids 1..N, 0 = padding, N + 1 = [mask]).
 
-  def __post_init__(self) -> None:
-    super().__post_init__()
-    validation.check(self.item_encoder == "id", "model.item_encoder",
-                     "'id' (BERT4Rec has no image encoder)", self.item_encoder)
+  With ``item_encoder != 'id'`` the image tower (``image_cnn.ItemImageCNN``,
+  ``out_dim = dim``) sits at ``image_cnn.IMAGE_TOWER`` and the item vectors
+  (``models.item_vectors``) embed the inputs; the [mask] token keeps its row
+  of the id table, the one item without a picture.
+  """
+
+  def setup(self) -> None:
+    if self.item_encoder != "id":
+      self.item_image = image_cnn.tower_of(self)
+
+  def encode_images(self, images: jax.Array) -> jax.Array:
+    """``uint8[n, H, W, 3] -> float32[n, dim]``: the image tower (not for 'id')."""
+    return self.item_image(images)
 
   @property
   def mask_token(self) -> int:
@@ -52,7 +61,8 @@ class Model(encoder.AttentionEncoder):
   def __call__(self, item_seq: jax.Array, *, deterministic: bool = True,
                user: jax.Array | None = None, last_only: bool = False,
                segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None,
+               item_vectors: jax.Array | None = None) -> jax.Array:
     """Encodes left-padded item sequences that may contain the mask token.
 
     Args:
@@ -65,6 +75,8 @@ class Model(encoder.AttentionEncoder):
       segment_ids: packed rows' segment ids, as in ``sasrec.Model``.
       positions: packed rows' positional rows, as in ``sasrec.Model``; with
         both, every segment's outputs equal those of its sequence alone.
+      item_vectors: ``float[N + 1, dim]`` (``models.item_vectors``) to embed
+        items 0..N with instead of the id table; the mask token keeps its row.
 
     Returns:
       ``float32[batch, seq_len, dim]`` (``[batch, 1, dim]`` with
@@ -83,6 +95,11 @@ class Model(encoder.AttentionEncoder):
     # Row num_items + 1 is the [mask] token; models.item_table drops it.
     x = item_embedding.ItemEmbedding(self.num_items + 2, self.dim, embedding_init=init,
                                      name=item_embedding.ITEM_TABLE[0])(item_seq)
+    if item_vectors is not None:
+      is_mask = (item_seq == self.mask_token)[..., None]
+      pictured = jnp.take(item_vectors.astype(jnp.float32),
+                          jnp.where(is_mask[..., 0], 0, item_seq), axis=0)
+      x = jnp.where(is_mask, x.astype(jnp.float32), pictured)
     if self.positional:
       x = x + encoder.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
                                          name="pos_embed")(item_seq.shape[1], positions)

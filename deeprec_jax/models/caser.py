@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeprec_jax.models import item_embedding, layers, validation
+from deeprec_jax.models import image_cnn, item_embedding, layers, validation
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -65,6 +65,7 @@ def _validate(model: Any) -> None:
       "activation_fc": lambda m, f: validation.check_choice(m, f, ACTIVATIONS),
   })
   validation.compute_dtype(model.dtype)
+  image_cnn.check_fields(model)
 
 
 class Model(nn.Module):
@@ -82,6 +83,15 @@ class Model(nn.Module):
     activation_fc: activation of the fully-connected layer giving ``z``.
     dtype: computation dtype, ``'float32'`` or ``'bfloat16'``; parameters stay
       float32, the output is float32.
+    item_encoder: item vectors from the id table ('id'), the pictures
+      ('image', ``image_cnn.ItemImageCNN`` with ``out_dim = dim``) or their
+      sum ('id+image'); see ``models.item_vectors``.
+    image_channels: the image tower's conv channels.
+    image_kernel: its square kernel side.
+    image_pool: its max-pool window side.
+    image_dense: its hidden dense width (0 = none).
+    id_dropout: 'id+image' training drops each item's id row with this
+      probability per step.
   """
 
   num_items: int
@@ -94,15 +104,30 @@ class Model(nn.Module):
   activation_conv: str = "relu"
   activation_fc: str = "relu"
   dtype: str = "float32"
+  item_encoder: str = "id"
+  image_channels: tuple[int, ...] = (32, 64, 128)
+  image_kernel: int = 3
+  image_pool: int = 2
+  image_dense: int = 128
+  id_dropout: float = 0.0
 
   def __post_init__(self) -> None:
     _validate(self)
     super().__post_init__()
 
+  def setup(self) -> None:
+    if self.item_encoder != "id":
+      self.item_image = image_cnn.tower_of(self)
+
+  def encode_images(self, images: Array) -> Array:
+    """``uint8[n, H, W, 3] -> float32[n, dim]``: the image tower (not for 'id')."""
+    return self.item_image(images)
+
   @nn.compact
   def __call__(self, item_seq: Array, *, deterministic: bool = True,
                user: Array | None = None, last_only: bool = False,
-               segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+               segment_ids: Array | None = None, positions: Array | None = None,
+               item_vectors: Array | None = None) -> Array:
     """The window's hidden state.
 
     Args:
@@ -113,9 +138,12 @@ class Model(nn.Module):
       last_only: ignored: the output is one state per window already.
       segment_ids: must be None (windows are not packed).
       positions: must be None.
+      item_vectors: ``float[N + 1, dim]`` (``models.item_vectors``) to embed
+        the window with instead of the id table; None = the table.
 
     Returns:
-      ``hidden float32[B, dim]``; scores are ``hidden @ item_table.T``.
+      ``hidden float32[B, dim]``; scores are ``hidden @ item_table.T`` (or
+      ``@ item_vectors.T``).
     """
     del last_only
     layers.reject_packing("caser", segment_ids, positions)
@@ -131,6 +159,8 @@ class Model(nn.Module):
 
     image = item_embedding.ItemEmbedding(self.num_items + 1, self.dim, dtype=compute_dtype,
                                          name=item_embedding.ITEM_TABLE[0])(item_seq)  # [B, L, d]
+    if item_vectors is not None:
+      image = jnp.take(item_vectors, item_seq, axis=0).astype(compute_dtype)
     # Zero the padding rows: left padding must read as zero rows for both
     # kinds of filter, whatever the padding embedding has learned.
     image = image * (item_seq > 0)[..., None].astype(compute_dtype)

@@ -17,7 +17,7 @@ def model_config() -> ml_collections.ConfigDict:
 
 def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config = default.get_config(dataset)
-  config.model = model_config()
+  config.model = default.add_item_encoder(model_config())
   # The cloze task learns from ~task.mask_prob of positions per pass, so it needs
   # full softmax and more epochs than SASRec to converge.
   config.train.loss = "softmax"

@@ -20,7 +20,7 @@ def model_config() -> ml_collections.ConfigDict:
 
 def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config = default.get_config(dataset)
-  config.model = model_config()
+  config.model = default.add_item_encoder(model_config())
   config.data.max_len = 5  # L: the window of most recent items
   config.task.num_targets = 3  # T: next items predicted from each window
   config.train.num_negatives = 3  # Caser samples 3 negatives per target

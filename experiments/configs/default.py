@@ -91,7 +91,7 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def add_item_encoder(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Adds the item-encoder fields (SASRec, RNN: models/image_cnn.py) to ``model``."""
+  """Adds the item-encoder fields (models/image_cnn.py; all but popularity) to ``model``."""
   model.item_encoder = "id"  # item vectors: id (table) | image (CNN of data.images) | id+image
   model.image_channels = (32, 64, 128)  # image tower: conv + ReLU + max-pool channels
   model.image_kernel = 3  # image tower: square conv kernel side
