@@ -158,3 +158,16 @@ def test_flax_dropout_variant_is_a_drop_in():
                                         rngs={"dropout": jax.random.PRNGKey(0)})
   assert abs(float(jnp.mean(out == 0)) - 0.2) < 0.01
   assert isinstance(variants.FlaxDropout(0.2), nn.Module)
+
+
+def test_run_timing_takes_the_median_step_of_the_train_rows(tmp_path):
+  from benchmarks import run_timing  # pylint: disable=g-import-not-at-top
+  rows = [{"step": 1, "split": "train", "epoch": 0, "compile_seconds": 9.0},
+          {"step": 2, "split": "train", "epoch": 0, "steps_per_sec": 2.0},
+          {"step": 3, "split": "valid", "steps_per_sec": 100.0},  # not a train row
+          {"step": 4, "split": "train", "epoch": 1, "steps_per_sec": 0.01},  # a paused interval
+          {"step": 6, "split": "train", "epoch": 2, "steps_per_sec": 4.0}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  got = run_timing.run_timing(str(tmp_path))
+  assert got["step_s"] == 0.5 and got["compile_s"] == 9.0 and got["steps"] == 6
+  assert got["epoch_s"] == 0.5 * 6 / 3 and got["rows"] == 3

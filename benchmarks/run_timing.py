@@ -1,0 +1,55 @@
+r"""Seconds per train step and per epoch of finished runs, from their metrics.jsonl.
+
+  python -m benchmarks.run_timing RUN_DIR [RUN_DIR ...] [--markdown]
+
+Each ``train`` row of ``metrics.jsonl`` carries ``steps_per_sec`` over the
+steps since the row before it. The median over a run's rows is robust to the
+few intervals that a paused or shared machine stretched (the mean is not).
+Steps per epoch come from the rows' ``epoch`` field; the run's
+``config.json`` gives its ``train.num_epochs``. The first row (compile) is
+left out.
+"""
+
+import json
+import os
+import statistics
+import sys
+from typing import Any
+
+
+def run_timing(run_dir: str) -> dict[str, Any]:
+  """``{'run', 'steps', 'step_s', 'epoch_s', 'compile_s', 'rows'}`` of one run folder."""
+  rows = []
+  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      if row.get("split") == "train":
+        rows.append(row)
+  if not rows:
+    raise ValueError(f"{run_dir}/metrics.jsonl has no train rows.")
+  rates = [row["steps_per_sec"] for row in rows if row.get("steps_per_sec")]
+  compile_s = next((row["compile_seconds"] for row in rows if "compile_seconds" in row), None)
+  steps = max(row["step"] for row in rows)
+  epochs = max(row.get("epoch", 0) for row in rows) + 1
+  step_s = statistics.median(1.0 / r for r in rates) if rates else float("nan")
+  return {"run": os.path.basename(os.path.normpath(run_dir)), "steps": steps,
+          "step_s": step_s, "epoch_s": step_s * steps / epochs, "compile_s": compile_s,
+          "rows": len(rates)}
+
+
+def main(argv: list[str]) -> None:
+  markdown = "--markdown" in argv
+  results = [run_timing(path) for path in argv if path != "--markdown"]
+  if markdown:
+    print("| run | steps | s / step (median) | s / epoch | first step s |")
+    print("|---|---:|---:|---:|---:|")
+    for r in results:
+      first = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
+      print(f"| {r['run']} | {r['steps']} | {r['step_s']:.2f} | {r['epoch_s']:.1f} | {first} |")
+  else:
+    for r in results:
+      print(json.dumps(r))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
