@@ -207,7 +207,7 @@ class AttentionEncoder(nn.Module):
     positional: add the learned positional embedding.
     dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
     item_encoder: item vectors from the id table ('id'), the pictures' CNN
-      ('image') or their sum ('id+image'); SASRec only (``models.item_vectors``).
+      ('image') or their sum ('id+image'); see ``models.item_vectors``.
     image_channels: the image tower's conv channels (``image_cnn.ItemImageCNN``).
     image_kernel: its square kernel side.
     image_pool: its max-pool window side.
