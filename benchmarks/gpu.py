@@ -47,12 +47,16 @@ from benchmarks import environment as env_info
 from benchmarks import groups, harness, inputs, kernels, report, variants
 from deeprec_jax.models import layers, validation
 
-_OUT = flags.DEFINE_string("out", None, "Directory for results.json and results.md.",
-                           required=True)
-_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes, 1 repeat (a CPU check of the script).")
-_REPEATS = flags.DEFINE_integer("repeats", 0, "Timed samples per row (0: 10, or 1 with --smoke).")
-_BUDGET_S = flags.DEFINE_float("budget_s", 0.0,
-                               "Start no row after this many seconds (0: 390, or 110 smoke).")
+
+def _define_flags() -> None:
+  """The binary's flags: defined only when run as one, since benchmarks.run (imported
+  beside this module in the tests) defines an --out of its own."""
+  flags.DEFINE_string("out", None, "Directory for results.json and results.md.", required=True)
+  flags.DEFINE_bool("smoke", False, "Tiny shapes, 1 repeat (a CPU check of the script).")
+  flags.DEFINE_integer("repeats", 0, "Timed samples per row (0: 10, or 1 with --smoke).")
+  flags.DEFINE_float("budget_s", 0.0, "Start no row after this many seconds (0: 390, or 110 "
+                     "smoke).")
+
 
 SECTIONS = ("peaks", "train_step", "train_step_x10", "attention", "eval", "eval_x10")
 DEFAULT_BUDGET_S, SMOKE_BUDGET_S = 390.0, 110.0
@@ -407,8 +411,10 @@ def run(out: str, *, smoke: bool = False, repeats: int = 0,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  run(_OUT.value, smoke=_SMOKE.value, repeats=_REPEATS.value, budget_s=_BUDGET_S.value)
+  f = flags.FLAGS
+  run(f.out, smoke=f.smoke, repeats=f.repeats, budget_s=f.budget_s)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
