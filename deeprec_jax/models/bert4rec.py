@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from deeprec_jax.models import encoder, image_cnn, item_embedding, layers, validation
 
 
-class Model(encoder.AttentionEncoder):
+class Model(image_cnn.ImageTower, encoder.AttentionEncoder):
   """BERT4Rec; fields as ``encoder.AttentionEncoder`` (ids 1..N, 0 = padding, N + 1 = [mask]).
 
   With ``item_encoder != 'id'`` the image tower (``image_cnn.ItemImageCNN``,
@@ -43,14 +43,6 @@ class Model(encoder.AttentionEncoder):
   (``models.item_vectors``) embed the inputs; the [mask] token keeps its row
   of the id table, the one item without a picture.
   """
-
-  def setup(self) -> None:
-    if self.item_encoder != "id":
-      self.item_image = image_cnn.tower_of(self)
-
-  def encode_images(self, images: jax.Array) -> jax.Array:
-    """``uint8[n, H, W, 3] -> float32[n, dim]``: the image tower (not for 'id')."""
-    return self.item_image(images)
 
   @property
   def mask_token(self) -> int:

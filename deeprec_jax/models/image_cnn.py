@@ -91,6 +91,22 @@ def check_fields(model: Any) -> None:
                    "model.image_channels", "a non-empty tuple of positive ints", channels)
 
 
+class ImageTower:
+  """Mixin of the sequential models with an item encoder (the ``image_*`` fields).
+
+  Its ``setup`` places the tower (``tower_of``) at ``IMAGE_TOWER`` when
+  ``item_encoder != 'id'``; ``models.item_vectors`` calls ``encode_images``.
+  """
+
+  def setup(self) -> None:
+    if self.item_encoder != "id":
+      self.item_image = tower_of(self)  # the attribute's name is IMAGE_TOWER
+
+  def encode_images(self, images: jax.Array) -> jax.Array:
+    """``uint8[n, H, W, 3] -> float32[n, dim]``: the image tower (not for 'id')."""
+    return self.item_image(images)
+
+
 def tower_of(model: Any) -> ItemImageCNN:
   """The image tower of a sequential model with the ``image_*`` fields, out_dim = its dim.
 

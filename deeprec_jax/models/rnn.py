@@ -206,7 +206,7 @@ def _validate(model: Any) -> None:
   image_cnn.check_fields(model)
 
 
-class Model(nn.Module):
+class Model(image_cnn.ImageTower, nn.Module):
   """Stacked recurrent next-item model (GRU4Rec-style, trained autoregressively).
 
   Attributes:
@@ -250,14 +250,6 @@ class Model(nn.Module):
   def __post_init__(self) -> None:
     _validate(self)
     super().__post_init__()
-
-  def setup(self) -> None:
-    if self.item_encoder != "id":
-      self.item_image = image_cnn.tower_of(self)
-
-  def encode_images(self, images: Array) -> Array:
-    """``uint8[n, H, W, 3] -> float32[n, dim]``: the image tower (not for 'id')."""
-    return self.item_image(images)
 
   @nn.compact
   def __call__(self, item_seq: Array, *, deterministic: bool = True,

@@ -27,20 +27,12 @@ import jax.numpy as jnp
 from deeprec_jax.models import encoder, image_cnn, item_embedding, layers, validation
 
 
-class Model(encoder.AttentionEncoder):
+class Model(image_cnn.ImageTower, encoder.AttentionEncoder):
   """SASRec; its fields are ``encoder.AttentionEncoder``'s (N items, 0 = padding).
 
   With ``item_encoder != 'id'`` the image tower (``image_cnn.ItemImageCNN``,
   ``out_dim = dim``) sits at ``image_cnn.IMAGE_TOWER``; see ``models.item_vectors``.
   """
-
-  def setup(self) -> None:
-    if self.item_encoder != "id":
-      self.item_image = image_cnn.tower_of(self)
-
-  def encode_images(self, images: jax.Array) -> jax.Array:
-    """``uint8[n, H, W, 3] -> float32[n, dim]``: the image tower (not for 'id')."""
-    return self.item_image(images)
 
   @nn.compact
   def __call__(self, item_seq: jax.Array, *, deterministic: bool = True,
