@@ -190,19 +190,27 @@ def evaluate(model: ctr.Model, params: Any, pairs: Pairs, images: Any) -> dict[s
   return results
 
 
+def item_vectors(model: ctr.Model, params: Any, images: Any) -> jax.Array:
+  """``float32[N + 1, dim]``: every item's picture (+ id) vector, the catalogue at once."""
+  return jax.jit(lambda p, ids, pictures: model.apply(
+      {"params": p}, ids, pictures, method="encode_items"))(
+          params, jnp.arange(images.shape[0]), jnp.asarray(images))
+
+
 def rank_evaluation(model: ctr.Model, params: Any, dataset: builders.Dataset, images: Any,
-                    config: Any, split: str) -> dict[str, float]:
+                    config: Any, split: str, vectors: jax.Array | None = None
+                    ) -> dict[str, float]:
   """Full-ranking HR/NDCG/MRR@K of the click logits of every item, as the recommenders'.
 
   Each user's click logit for every item of the catalogue (``rank_logits``;
   pictures encoded once) ranks the held-out item with the history excluded,
   through ``evaluate.make_eval_step``: the same batches, metrics and
-  ``cold/`` / ``warm/`` split as ``train.Trainer.evaluate``.
+  ``cold/`` / ``warm/`` split as ``train.Trainer.evaluate``. ``vectors``:
+  ``item_vectors(model, params, images)`` if already computed.
   """
   num_items = dataset.num_items
-  vectors = jax.jit(lambda p, ids, pictures: model.apply(
-      {"params": p}, ids, pictures, method="encode_items"))(
-          params, jnp.arange(num_items + 1), jnp.asarray(images))
+  if vectors is None:
+    vectors = item_vectors(model, params, images)
   scorer = lambda p, batch, item_vectors: model.apply(
       {"params": p}, batch["item_seq"], item_vectors, method="rank_logits")
   step = evaluate_lib.make_eval_step(model, num_items, tuple(config.eval.ks),
@@ -239,12 +247,13 @@ def run(config: Any) -> dict[str, float]:
                          batch_size=config.train.batch_size,
                          learning_rate=config.train.learning_rate, seed=config.seed)
   results = {"train/final_loss": float(np.mean(losses[-10:]))}
+  vectors = item_vectors(model, params, pictures)  # once for both splits' rankings
   for split in ("valid", "test"):
     held_out = make_pairs(dataset, split=split, max_len=config.data.max_len,
                           num_negatives=config.eval.num_negatives, seed=config.seed)
     results.update({f"{split}/{k}": v
                     for k, v in evaluate(model, params, held_out, pictures).items()})
-    ranked = rank_evaluation(model, params, dataset, pictures, config, split)
+    ranked = rank_evaluation(model, params, dataset, pictures, config, split, vectors)
     results.update({f"{split}/{k.replace('count', 'ranked_count')}": v
                     for k, v in ranked.items()})
   return results
