@@ -240,21 +240,30 @@ def np_attention(q_in, kv_in, allowed, p, kind: str, num_heads: int):
   return out
 
 
-def np_block(x, valid, p, kind, num_heads, causal, activation):
-  """encoder.SelfAttentionBlock: q = LN1(x); h = q + Att(q, x); f = LN2(h); (f + FFN(f)) * valid."""
+def np_block(x, valid, p, kind, num_heads, causal, activation, arrangement="sasrec"):
+  """encoder.SelfAttentionBlock.
+
+  'sasrec': q = LN1(x); h = q + Att(q, x); f = LN2(h); (f + FFN(f)) * valid.
+  'pre_ln': n = LN1(x); h = x + Att(n, n); (h + FFN(LN2(h))) * valid.
+  """
   seq_len = x.shape[1]
   allowed = np.repeat(valid[:, None, :], seq_len, axis=1)
   if causal:
     allowed = allowed & np.tril(np.ones((seq_len, seq_len), bool))
   q = np_layer_norm(x, p["ln_attention"])
-  h = q + np_attention(q, x, allowed, p["attention"], kind, num_heads)
+  if arrangement == "pre_ln":
+    h = x + np_attention(q, q, allowed, p["attention"], kind, num_heads)
+  else:
+    h = q + np_attention(q, x, allowed, p["attention"], kind, num_heads)
   f = np_layer_norm(h, p["ln_ffn"])
   ffn = p["ffn"]
   inner = activation(f @ ffn["dense_in"]["kernel"] + ffn["dense_in"]["bias"])
-  return (f + inner @ ffn["dense_out"]["kernel"] + ffn["dense_out"]["bias"]) * valid[..., None]
+  residual = h if arrangement == "pre_ln" else f
+  out = residual + inner @ ffn["dense_out"]["kernel"] + ffn["dense_out"]["bias"]
+  return out * valid[..., None]
 
 
-def np_sasrec(params, item_seq, *, kind, num_heads, num_blocks, max_len):
+def np_sasrec(params, item_seq, *, kind, num_heads, num_blocks, max_len, arrangement="sasrec"):
   """x = (E[s] * sqrt(d) + P[-L:]) * valid; causal ReLU blocks; LN; * valid."""
   p = f64(params)
   valid = item_seq != 0
@@ -262,7 +271,8 @@ def np_sasrec(params, item_seq, *, kind, num_heads, num_blocks, max_len):
   x = p["item_embed"]["embedding"][item_seq] * np.sqrt(DIM)
   x = (x + p["pos_embed"]["embedding"][max_len - seq_len:]) * valid[..., None]
   for i in range(num_blocks):
-    x = np_block(x, valid, p[f"block_{i}"], kind, num_heads, causal=True, activation=np_relu)
+    x = np_block(x, valid, p[f"block_{i}"], kind, num_heads, causal=True, activation=np_relu,
+                 arrangement=arrangement)
   return np_layer_norm(x, p["final_ln"]) * valid[..., None]
 
 
@@ -304,6 +314,42 @@ def test_attention_model_matches_numpy(name, attention):
   # The last-position path (evaluation) computes only the last row.
   assert_close(last, expected[:, -1:], f"{name} {attention} last_only")
   assert_close(last_scores, scores_of(expected[:, -1:], params), f"{name} last_only scores")
+
+
+def test_pre_ln_sasrec_matches_numpy():
+  """model.block = 'pre_ln' (with a 3 * dim FFN): normalized keys/values, raw residuals."""
+  max_len, seq_len = 9, 7
+  model = sasrec.Model(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=max_len, dim=DIM,
+                       num_blocks=2, num_heads=2, dropout_rate=0.3, block="pre_ln",
+                       ffn_dim=3 * DIM)
+  item_seq = left_padded([7, 4, 1], seq_len, seed=5)
+  params = random_params(model, item_seq, seed=6)
+  assert params["block_1"]["ffn"]["dense_in"]["kernel"].shape == (DIM, 3 * DIM)
+  hidden, _, last, _ = forward_and_scores(model, params, item_seq, with_last_only=True)
+  expected = np_sasrec(params, item_seq, kind="dot_product", num_heads=2, num_blocks=2,
+                       max_len=max_len, arrangement="pre_ln")
+  assert_close(hidden, expected, "pre_ln sasrec hidden")
+  assert_close(last, expected[:, -1:], "pre_ln sasrec last_only")
+  # The arrangement matters: the SASRec block gives other states from the same params.
+  original = np_sasrec(params, item_seq, kind="dot_product", num_heads=2, num_blocks=2,
+                       max_len=max_len)
+  assert np.abs(original - expected).max() > 1e-2
+
+
+def test_sasrec_init_std_draws_normal_weights():
+  """model.init_std > 0: kernels and embeddings ~ normal(0, init_std); 0 = Xavier uniform."""
+  item_seq = left_padded([7, 4, 1], 7, seed=5)
+  stds = {}
+  for init_std in (0.0, 0.02):
+    model = sasrec.Model(num_items=400, num_users=NUM_USERS, max_len=9, dim=32, num_blocks=1,
+                         init_std=init_std)
+    params = model.init(jax.random.key(0), item_seq)["params"]
+    stds[init_std] = float(np.std(params["item_embed"]["embedding"][1:401]))  # rows 1..N
+  # Xavier uniform over a [401, 32] table: sqrt(2 / (401 + 32)) ~ 0.068.
+  np.testing.assert_allclose(stds[0.02], 0.02, rtol=0.05)
+  np.testing.assert_allclose(stds[0.0], np.sqrt(2 / 433), rtol=0.05)
+  with pytest.raises(ValueError, match="model.init_std"):
+    sasrec.Model(num_items=10, num_users=1, max_len=4, init_std=-1.0)
 
 
 # --------------------------------------------------------------------------

@@ -78,7 +78,8 @@ class Model(image_cnn.ImageTower, encoder.AttentionEncoder):
     del user  # BERT4Rec does not use user ids.
     self.check_input(item_seq)
     dtype = validation.compute_dtype(self.dtype)
-    init = nn.initializers.truncated_normal(stddev=0.02)  # BERT's initializer_range
+    # BERT's initializer_range 0.02 unless model.init_std says otherwise.
+    init = nn.initializers.truncated_normal(stddev=self.init_std or 0.02)
     layer_norm = lambda name: nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=dtype,
                                            use_fast_variance=False, name=name)
     valid = item_seq != 0  # [batch, seq_len]; the mask token counts as real

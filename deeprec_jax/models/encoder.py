@@ -97,9 +97,9 @@ class PositionalEmbedding(nn.Module):
 
 
 class SelfAttentionBlock(nn.Module):
-  """A SASRec self-attention block, as in the public SASRec code.
+  """A SASRec self-attention block, as in the public SASRec code, or a pre-LN one.
 
-  With ``x`` the block input ``[batch, seq_len, dim]``:
+  With ``x`` the block input ``[batch, seq_len, dim]`` and ``arrangement='sasrec'``:
 
       q = LN_1(x)
       h = q + Attention(query=q, key=value=x, mask)   # residual adds LN_1(x)
@@ -113,7 +113,15 @@ class SelfAttentionBlock(nn.Module):
   zeroes padding positions so that they carry nothing into the next block.
   The model applies a final LayerNorm after the last block.
 
+  ``arrangement='pre_ln'`` is the textbook pre-LN transformer block that later
+  reimplementations use (queries, keys and values all normalized; residuals
+  add the raw input):
+
+      h = x + Attention(LN_1(x))
+      y = (h + FFN(LN_2(h))) * valid
+
   Attributes:
+    arrangement: 'sasrec' or 'pre_ln' (``validation.BLOCK_ARRANGEMENTS``).
     attention: 'dot_product' or 'additive'.
     attention_impl: 'xla' (``layers``) or 'pallas' (``pallas_attention``).
     num_heads: attention heads.
@@ -128,6 +136,7 @@ class SelfAttentionBlock(nn.Module):
     kernel_init: initializer of all dense kernels.
   """
 
+  arrangement: str = "sasrec"
   attention: str = "dot_product"
   attention_impl: str = "xla"
   num_heads: int = 1
@@ -164,6 +173,9 @@ class SelfAttentionBlock(nn.Module):
     if self.attention not in validation.ATTENTION_KINDS:
       raise ValueError(f"attention must be one of {', '.join(validation.ATTENTION_KINDS)}; "
                        f"got {self.attention!r}.")
+    if self.arrangement not in validation.BLOCK_ARRANGEMENTS:
+      raise ValueError(f"arrangement must be one of {', '.join(validation.BLOCK_ARRANGEMENTS)}; "
+                       f"got {self.arrangement!r}.")
     layer_norm = lambda name: nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype,
                                            param_dtype=self.param_dtype,
                                            use_fast_variance=False, name=name)
@@ -175,18 +187,25 @@ class SelfAttentionBlock(nn.Module):
     else:
       attend = layers.AdditiveAttention(hidden_dim=self.attention_dim, **common)
 
-    x = x.astype(self.dtype)
+    x = inputs = x.astype(self.dtype)
     # [batch, 1, seq_len, seq_len]
     mask = layers.attention_mask(valid, causal=self.causal, segment_ids=segment_ids)
     if last_only:
       mask, valid = mask[:, :, -1:], valid[:, -1:]
-    q = layer_norm("ln_attention")(x[:, -1:] if last_only else x)
-    h = q + attend(q, x, mask, deterministic=deterministic)
+    pre_ln = self.arrangement == "pre_ln"
+    if pre_ln:
+      x = layer_norm("ln_attention")(x)  # keys and values see the normalized input too
+      q = x[:, -1:] if last_only else x
+      residual = inputs[:, -1:] if last_only else inputs
+    else:
+      q = residual = layer_norm("ln_attention")(x[:, -1:] if last_only else x)
+    h = residual + attend(q, x, mask, deterministic=deterministic)
     f = layer_norm("ln_ffn")(h)
-    y = f + PointwiseFeedForward(hidden_dim=self.ffn_dim, activation=self.activation,
-                                 dropout_rate=self.dropout_rate, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                                 name="ffn")(f, deterministic=deterministic)
+    ffn = PointwiseFeedForward(hidden_dim=self.ffn_dim, activation=self.activation,
+                               dropout_rate=self.dropout_rate, dtype=self.dtype,
+                               param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                               name="ffn")
+    y = (h if pre_ln else f) + ffn(f, deterministic=deterministic)
     return y * valid[..., None].astype(y.dtype)
 
 
@@ -201,6 +220,13 @@ class AttentionEncoder(nn.Module):
     num_blocks: self-attention blocks.
     num_heads: attention heads.
     dropout_rate: dropout on embeddings, attention weights and FFN.
+    init_std: 0 = the model's own initializer (SASRec: Xavier uniform, as
+      its code; BERT4Rec: truncated normal 0.02, as BERT); > 0 = normal(0,
+      init_std) (BERT4Rec: truncated), as the SASRec+ and RecBole
+      reimplementations initialize SASRec (0.02).
+    ffn_dim: the FFN's inner width; 0 = dim (SASRec); BERT uses 4 * dim.
+    block: the blocks' arrangement, 'sasrec' (the original code's) or
+      'pre_ln' (``SelfAttentionBlock``).
     attention: 'dot_product' or 'additive'.
     attention_impl: 'xla' or 'pallas' (kernels of ``pallas_attention``,
       interpret mode on CPU; attention dropout must be 0).
@@ -223,6 +249,9 @@ class AttentionEncoder(nn.Module):
   num_blocks: int = 2
   num_heads: int = 1
   dropout_rate: float = 0.2
+  init_std: float = 0.0
+  ffn_dim: int = 0
+  block: str = "sasrec"
   attention: str = "dot_product"
   attention_impl: str = "xla"
   positional: bool = True
@@ -251,8 +280,9 @@ class AttentionEncoder(nn.Module):
     """
     for i in range(self.num_blocks):
       last = last_only and i == self.num_blocks - 1
-      x = SelfAttentionBlock(attention=self.attention, attention_impl=self.attention_impl,
-                             num_heads=self.num_heads,
+      x = SelfAttentionBlock(arrangement=self.block, attention=self.attention,
+                             attention_impl=self.attention_impl, num_heads=self.num_heads,
+                             ffn_dim=self.ffn_dim or None,
                              dropout_rate=self.dropout_rate, dtype=dtype, causal=causal,
                              activation=activation, kernel_init=kernel_init, name=f"block_{i}")(
           x, valid, deterministic=deterministic, last_only=last, segment_ids=segment_ids)

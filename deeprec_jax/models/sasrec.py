@@ -11,8 +11,8 @@ the shared item embedding. Follows the public code (``kang205/SASRec``,
 
 with learned positions ``P`` aligned to the right end of the sequence (see
 ``encoder.PositionalEmbedding``) and Xavier-uniform initialization throughout,
-as in the public code. Parameters (dot-product attention, N items, d = dim,
-L = max_len, B = num_blocks):
+as in the public code (``init_std`` > 0: normal instead). Parameters
+(dot-product attention, N items, d = dim, L = max_len, B = num_blocks):
 
     (N + 1) d + L d + B [2 * 2d + 4 (d^2 + d) + 2 (d^2 + d)] + 2d
 
@@ -67,7 +67,8 @@ class Model(image_cnn.ImageTower, encoder.AttentionEncoder):
     del user  # SASRec does not use user ids.
     self.check_input(item_seq)
     dtype = validation.compute_dtype(self.dtype)
-    init = nn.initializers.xavier_uniform()
+    init = (nn.initializers.normal(self.init_std) if self.init_std
+            else nn.initializers.xavier_uniform())
     valid = item_seq != 0  # [batch, seq_len]: SASRec's "timeline mask"
 
     # Embeddings are summed in float32 (param dtype), then cast for compute.

@@ -14,6 +14,8 @@ import numpy as np
 
 # Attention forms of the self-attention models (encoder.SelfAttentionBlock).
 ATTENTION_KINDS = ("dot_product", "additive")
+# SASRec's block (LN on the query, normalized residuals) or a textbook pre-LN one.
+BLOCK_ARRANGEMENTS = ("sasrec", "pre_ln")
 ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")  # layers (XLA) or pallas_attention kernels
 # Names accepted by ``config.model.dtype``; parameters always stay float32.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -85,12 +87,16 @@ def check_attention_encoder(model: Any) -> None:
   """Checks the fields of a self-attention encoder (SASRec, BERT4Rec)."""
   check_sizes(model)
   validate_fields(model, {"dim": lambda m, f: check_int(m, f, 1),
-                          "num_blocks": lambda m, f: check_int(m, f, 0)})
+                          "num_blocks": lambda m, f: check_int(m, f, 0),
+                          "ffn_dim": lambda m, f: check_int(m, f, 0)})
   check(is_int(model.num_heads) and model.num_heads >= 1 and model.dim % model.num_heads == 0,
         "model.num_heads", f"a positive int dividing model.dim={model.dim}", model.num_heads)
   check_fraction(model, "dropout_rate")
   check_choice(model, "attention", ATTENTION_KINDS)
   check_choice(model, "attention_impl", ATTENTION_IMPLEMENTATIONS)
+  check_choice(model, "block", BLOCK_ARRANGEMENTS)
+  check(is_real(model.init_std) and model.init_std >= 0, "model.init_std",
+        "a float >= 0 (0 = the model's own initializer)", model.init_std)
   check_bool(model, "positional")
   compute_dtype(model.dtype)
 

@@ -83,6 +83,9 @@ def model_config() -> ml_collections.ConfigDict:
   model.num_blocks = 2  # self-attention blocks
   model.num_heads = 1  # attention heads (each additive head has its own b, v)
   model.dropout_rate = 0.2  # dropout on embeddings, attention and FFN
+  model.init_std = 0.0  # 0 = the model's initializer (SASRec: Xavier); > 0 = normal(0, init_std)
+  model.ffn_dim = 0  # FFN inner width (0 = dim, as SASRec; BERT uses 4 * dim)
+  model.block = "sasrec"  # sasrec (LN on the query, normalized residuals) | pre_ln
   model.attention = "dot_product"  # dot_product | additive
   model.attention_impl = "xla"  # xla | pallas (models/pallas_attention.py; no attention dropout)
   model.positional = True  # learned positional embedding on/off
