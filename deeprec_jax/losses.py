@@ -10,7 +10,9 @@ Every loss sees only ``(hidden, item_table, targets, negatives)``, never a model
   * ``targets``: ``int[B, L]`` or ``int[B, T]``; 0 means "no target here" and
     the position contributes nothing to the loss or its gradient.
   * ``negatives``: ``int[B, L, k]`` / ``int[B, T, k]`` (or anything that
-    broadcasts to ``targets.shape + (k,)``). A negative equal to 0 (padding) or
+    broadcasts to ``targets.shape + (k,)``). ``int[B, 1, k]`` is one set per
+    sequence shared by its positions (``train.shared_negatives``): its ``k``
+    rows are gathered once and scored by one matmul. A negative equal to 0 (padding) or
     to its own target is ignored: the sampler may collide with the positive,
     and scoring the positive as a negative would push it both ways at once.
 
@@ -57,14 +59,30 @@ def _item_logits(hidden: Array, item_table: Array, items: Array) -> Array:
   return jnp.sum(hidden[..., None, :] * embeddings, axis=-1)
 
 
-def _valid_negatives(targets: Array, negatives: Array) -> tuple[Array, Array]:
-  """Broadcasts ``negatives`` to ``targets.shape + (k,)`` and says which count."""
+def _valid_negatives(targets: Array, negatives: Array) -> Array:
+  """``bool[*targets.shape, k]``: which negatives count (not padding, not the target)."""
   if negatives is None:
     raise ValueError("this loss needs sampled negatives (batch['negatives']); only "
                      "train.loss='softmax' works without them.")
+  return (negatives > 0) & (negatives != targets[..., None])
+
+
+def _negative_logits(hidden: Array, item_table: Array, targets: Array,
+                     negatives: Array) -> Array:
+  """``[*targets.shape, k]`` logits of the negatives; ``hidden`` as ``_align`` returns it.
+
+  Negatives shared along the position axis (``[B, 1, k]`` against ``[B, L]``
+  targets) are gathered once per sequence, ``[B, k, D]``, and scored with one
+  matmul; any other shape is broadcast and gathered per position.
+  """
+  shared = (negatives.ndim == targets.ndim + 1 and negatives.ndim >= 3
+            and negatives.shape[-2] == 1 and targets.shape[-1] > 1
+            and hidden.shape[-2] == targets.shape[-1])
+  if shared:
+    embeddings = jnp.take(item_table, negatives[..., 0, :], axis=0).astype(jnp.float32)
+    return jnp.einsum("...ld,...kd->...lk", hidden, embeddings)
   negatives = jnp.broadcast_to(negatives, targets.shape + negatives.shape[-1:])
-  valid = (negatives > 0) & (negatives != targets[..., None])
-  return negatives, valid
+  return _item_logits(hidden, item_table, negatives)
 
 
 def _masked_mean(per_target: Array, targets: Array,
@@ -103,9 +121,9 @@ def bce_sampled(hidden: Array, item_table: Array, targets: Array, negatives: Arr
     Scalar float32 loss, or ``(loss, count)``.
   """
   h = _align(hidden, targets)
-  negatives, valid = _valid_negatives(targets, negatives)
+  valid = _valid_negatives(targets, negatives)
   pos = _item_logits(h, item_table, targets[..., None])[..., 0]
-  neg = _item_logits(h, item_table, negatives)
+  neg = _negative_logits(h, item_table, targets, negatives)
   # -log σ(x) = softplus(-x) and -log σ(-x) = softplus(x), both stable.
   per_target = jax.nn.softplus(-pos) + jnp.sum(jnp.where(valid, jax.nn.softplus(neg), 0.0), -1)
   return _masked_mean(per_target, targets, return_count)
@@ -136,11 +154,13 @@ def sampled_softmax(hidden: Array, item_table: Array, targets: Array, negatives:
     Scalar float32 loss, or ``(loss, count)``.
   """
   h = _align(hidden, targets)
-  negatives, valid = _valid_negatives(targets, negatives)
-  items = jnp.concatenate([targets[..., None], negatives], axis=-1)  # [..., 1 + k]
-  logits = _item_logits(h, item_table, items)
+  valid = _valid_negatives(targets, negatives)
+  pos = _item_logits(h, item_table, targets[..., None])  # [..., 1]
+  neg = _negative_logits(h, item_table, targets, negatives)  # [..., k]
   if log_q is not None:
-    logits = logits - jnp.take(log_q, items, axis=0).astype(jnp.float32)
+    pos = pos - jnp.take(log_q, targets[..., None], axis=0).astype(jnp.float32)
+    neg = neg - jnp.take(log_q, negatives, axis=0).astype(jnp.float32)
+  logits = jnp.concatenate([pos, neg], axis=-1)  # [..., 1 + k]
   valid = jnp.concatenate([jnp.ones_like(valid[..., :1]), valid], axis=-1)
   logits = jnp.where(valid, logits, -jnp.inf)
   per_target = jax.nn.logsumexp(logits, axis=-1) - logits[..., 0]
@@ -181,13 +201,13 @@ def gbce(hidden: Array, item_table: Array, targets: Array, negatives: Array, *,
   if not 0.0 <= t <= 1.0:
     raise ValueError(f"config key train.gbce_t={t}: expected a float in [0, 1].")
   h = _align(hidden, targets)
-  negatives, valid = _valid_negatives(targets, negatives)
+  valid = _valid_negatives(targets, negatives)
   if num_items is None:
     num_items = item_table.shape[0] - 1
   alpha = negatives.shape[-1] / max(num_items - 1, 1)  # k / (N - 1)
   beta = alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
   pos = _item_logits(h, item_table, targets[..., None])[..., 0]
-  neg = _item_logits(h, item_table, negatives)
+  neg = _negative_logits(h, item_table, targets, negatives)
   per_target = beta * jax.nn.softplus(-pos) + jnp.sum(
       jnp.where(valid, jax.nn.softplus(neg), 0.0), -1)
   return _masked_mean(per_target, targets, return_count)

@@ -20,6 +20,7 @@ _ADDED = {
     ("train", "divergence_factor"): 0.0,
     ("train", "temperature"): 1.0,
     ("train", "gbce_t"): 0.75,
+    ("train", "shared_negatives"): False,
     ("eval", "length_buckets"): 4,  # The metrics do not depend on it.
     # Runs before DP-SGD were not private; the other keys are read only when enabled.
     ("privacy", "enabled"): False,

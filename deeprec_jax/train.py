@@ -169,6 +169,9 @@ class Trainer:
                                      total_steps=self.total_steps)
                     if config.privacy.enabled else None)
     self.pack = self.pack and not self.privacy
+    # One negative set per sequence needs one sequence per row.
+    self.shared_negatives = bool(config.train.get("shared_negatives", False))
+    self.pack = self.pack and not self.shared_negatives
     self.negative_cdf, self.log_q = self._negative_sampler()
     sharding.check_batch_size(config.eval.batch_size, self.mesh, "eval.batch_size")
     self.tx = optimizers.create_optimizer(config.train, max(self.total_steps, 1), self.mesh)
@@ -247,7 +250,8 @@ class Trainer:
         num_negatives=self.config.train.num_negatives,
         seed=self.config.seed, epoch=epoch, num_targets=self.config.task.num_targets,
         mask_prob=self.config.task.mask_prob, pack_row_multiple=pack_row_multiple,
-        process_index=block, process_count=num_blocks, negative_cdf=self.negative_cdf)
+        process_index=block, process_count=num_blocks, negative_cdf=self.negative_cdf,
+        shared_negatives=self.shared_negatives)
 
   def item_vectors(self, params: Any) -> jax.Array | None:
     """The catalogue's ``models.item_vectors`` for image encoders, once; None for 'id'."""

@@ -86,6 +86,27 @@ def test_matches_numpy_reference(name, window):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ("bce", "gbce", "sampled_softmax"))
+def test_shared_negatives_match_numpy_and_per_position_gradients(name):
+  """``[B, 1, k]`` negatives (one set per sequence) = the set repeated at every position."""
+  hidden, table, targets, _ = _inputs(21)
+  rng = np.random.default_rng(21)
+  shared = rng.integers(0, N + 1, size=(B, 1, 2 * K)).astype(np.int32)
+  shared[0, 0, 0] = targets[0, -1]  # collides with a target: ignored there only
+  repeated = np.repeat(shared, L, axis=1)
+  log_q = (np.log(rng.dirichlet(np.ones(N + 1))).astype(np.float32)
+           if name == "sampled_softmax" else None)
+  extra = {} if log_q is None else {"log_q": log_q}
+  fn = losses.loss_fn(name)
+  got = fn(hidden, table, targets, shared, **extra)
+  np.testing.assert_allclose(got, _np_loss(name, hidden, table, targets, repeated, log_q=log_q),
+                             rtol=1e-5)
+  grad = jax.grad(lambda h, t, n: fn(h, t, targets, n, **extra), argnums=(0, 1))
+  for shared_grad, repeated_grad in zip(grad(hidden, table, shared),
+                                        grad(hidden, table, repeated), strict=True):
+    np.testing.assert_allclose(shared_grad, repeated_grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("gbce_t", [0.0, 0.3, 1.0])
 def test_gbce_calibration_and_its_ends(gbce_t):
   hidden, table, targets, negatives = _inputs(11)

@@ -88,6 +88,27 @@ def test_the_step_subtracts_log_q_from_every_logit(item_optimizer):
   assert abs(float(corrected) - float(plain)) > 1e-3  # the correction changes the loss
 
 
+def test_shared_negatives_train_unpacked_and_the_step_scores_them():
+  """train.shared_negatives: rows unpacked, [B, 1, k] batches, the step's loss is the loss's."""
+  config = tiny.get_config("sasrec")
+  config.model.dropout_rate = 0.0
+  config.train.update(loss="sampled_softmax", num_negatives=16, shared_negatives=True)
+  trainer = train.Trainer(config, train.builders.load(config.data))
+  assert not trainer.pack
+  state = trainer.init_state()
+  local = trainer.train_batches(epoch=0)[0]
+  assert local["negatives"].shape == (config.train.batch_size, 1, 16)
+  step = jax.jit(train.make_train_step(trainer.model, trainer.tx, loss="sampled_softmax",
+                                       num_items=trainer.dataset.num_items))
+  _, metrics = step(state, sharding.to_global(local, trainer.mesh))
+  params = jax.device_get(state["params"])
+  hidden = trainer.model.apply({"params": params}, local["item_seq"], user=local["user"])
+  table = models.item_table(params, trainer.dataset.num_items)
+  expected = losses.sampled_softmax(hidden, table, local["targets"],
+                                    np.repeat(local["negatives"], local["targets"].shape[1], 1))
+  np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+
+
 def test_window_models_and_unknown_samplers_are_refused():
   config = tiny.get_config("caser")
   config.train.negative_sampling = "popularity"

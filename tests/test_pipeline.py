@@ -173,6 +173,25 @@ def test_negatives_outside_the_users_sequence(task):
       assert np.all(negatives <= dataset.num_items)
 
 
+@pytest.mark.parametrize("task", ["autoregressive", "masked"])
+def test_shared_negatives_one_set_per_sequence(task):
+  """train.shared_negatives: negatives [B, 1, k], unseen items, deterministic; refused packed."""
+  dataset = _random_dataset(num_items=25, max_length=20)
+  ds = _train(dataset, task, shared_negatives=True, num_negatives=5)
+  for step in range(len(ds)):
+    batch = ds[step]
+    assert batch["negatives"].shape == (4, 1, 5)
+    for targets, negatives, user in zip(batch["targets"], batch["negatives"], batch["user"],
+                                        strict=True):
+      assert targets.any() and (negatives > 0).all()
+      assert not np.isin(negatives, dataset.source[user]["item_seq"]).any()
+  _assert_batches_equal(ds[1], _train(dataset, task, shared_negatives=True, num_negatives=5)[1])
+  with pytest.raises(ValueError, match="train.shared_negatives"):
+    _train(dataset, task, shared_negatives=True, pack_row_multiple=8)
+  with pytest.raises(ValueError, match="train.shared_negatives"):
+    _train(dataset, "window", shared_negatives=True)
+
+
 def test_negatives_when_the_user_has_every_item():
   dataset = _dataset([np.arange(1, 6), np.arange(5, 0, -1)], num_items=5)
   batch = _train(dataset, "autoregressive", global_batch_size=2)[0]

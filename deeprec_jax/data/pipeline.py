@@ -65,7 +65,8 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
                   global_batch_size: int, num_negatives: int, seed: int, epoch: int,
                   num_targets: int = 1, mask_prob: float = 0.2, pack_row_multiple: int = 0,
                   process_index: int = 0, process_count: int = 1,
-                  negative_cdf: np.ndarray | None = None) -> grain.MapDataset:
+                  negative_cdf: np.ndarray | None = None,
+                  shared_negatives: bool = False) -> grain.MapDataset:
   """The training batches of one epoch, for this process.
 
   Examples per task (t = ``split_train(seq)``, left-padded with 0):
@@ -81,7 +82,9 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
   ``negatives[..., k]`` are drawn uniformly (or, with ``negative_cdf``, in
   proportion to training popularity) from the items the user never
   interacted with (the whole sequence, valid and test items included, as
-  SASRec does), 0 where the target is 0.
+  SASRec does), 0 where the target is 0; with ``shared_negatives``, one set
+  of ``k`` per sequence, ``negatives[B, 1, k]``, that all its positions share
+  (as the SASRec+ code samples its 3,000 negatives).
 
   Args:
     dataset: the per-user sequences.
@@ -103,6 +106,8 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
     negative_cdf: ``cumsum(train_item_counts(dataset))`` to draw negatives by
       popularity (``config.train.negative_sampling='popularity'``; sequence
       tasks only); None = uniform.
+    shared_negatives: draw each sequence's ``k`` negatives once, shared by its
+      positions (``config.train.shared_negatives``; sequence tasks, unpacked).
 
   Returns:
     A MapDataset with ``len == steps_per_epoch(...)``; element ``step`` is
@@ -120,6 +125,10 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
   if pack_row_multiple and task == "window":
     raise ValueError("config key train.pack: packing needs a sequence task ('autoregressive' "
                      "or 'masked'), not 'window'.")
+  if shared_negatives and (pack_row_multiple or task == "window"):
+    raise ValueError("config key train.shared_negatives: one negative set per sequence needs "
+                     "one sequence per row: a sequence task ('autoregressive' or 'masked'), "
+                     "unpacked.")
   if negative_cdf is not None and task == "window":
     raise ValueError("config key train.negative_sampling='popularity' needs a sequence task "
                      "('autoregressive' or 'masked'); window models draw uniform negatives.")
@@ -132,7 +141,7 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
     build = functools.partial(
         _train_batch, dataset=dataset, users=users, task=task, max_len=max_len,
         num_negatives=num_negatives, mask_prob=mask_prob, seed=seed, epoch=epoch,
-        negative_cdf=negative_cdf)
+        negative_cdf=negative_cdf, shared_negatives=shared_negatives)
   if pack_row_multiple:
     # Every example's input length: each process computes the global batch's
     # layout and loads the users of its own rows.
@@ -354,7 +363,8 @@ def train_item_counts(dataset: builders.Dataset) -> np.ndarray:
 def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
                  users: np.ndarray, task: str, max_len: int, num_negatives: int,
                  mask_prob: float, seed: int, epoch: int,
-                 negative_cdf: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 negative_cdf: np.ndarray | None = None,
+                 shared_negatives: bool = False) -> dict[str, np.ndarray]:
   """This process's rows of a global batch of sequence examples, one user at a time.
 
   For the 'autoregressive' and 'masked' tasks (one example per user); window
@@ -365,7 +375,8 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
   batch = {
       "item_seq": np.zeros((size, max_len), np.int32),
       "targets": np.zeros((size, max_len), np.int32),
-      "negatives": np.zeros((size, max_len, num_negatives), np.int32),
+      "negatives": np.zeros((size, 1 if shared_negatives else max_len, num_negatives),
+                            np.int32),
       "user": np.zeros((size,), np.int32),
   }
   records = _read(dataset.source, users[indices])
@@ -385,10 +396,14 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
     has_target = batch["targets"][row] != 0
     seen = np.unique(seq) if dataset.withheld_items is None else np.union1d(
         seq, dataset.withheld_items)  # Cold-start items are never negatives either.
-    shape = (int(has_target.sum()), num_negatives)
-    batch["negatives"][row, has_target] = (
-        negatives.sample_uniform(rng, dataset.num_items, seen, shape) if negative_cdf is None
-        else negatives.sample_popular(rng, negative_cdf, seen, shape))
+    drawn_rows = (int(has_target.any()) if shared_negatives else int(has_target.sum()))
+    shape = (drawn_rows, num_negatives)
+    drawn = (negatives.sample_uniform(rng, dataset.num_items, seen, shape) if negative_cdf is None
+             else negatives.sample_popular(rng, negative_cdf, seen, shape))
+    if shared_negatives:
+      batch["negatives"][row, :drawn_rows] = drawn
+    else:
+      batch["negatives"][row, has_target] = drawn
   return batch
 
 

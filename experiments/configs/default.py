@@ -123,6 +123,9 @@ def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config.train.num_steps = 0  # if > 0, overrides num_epochs
   config.train.loss = "bce"  # bce | gbce | sampled_softmax | softmax
   config.train.num_negatives = 1  # sampled negatives per target (bce, gbce, sampled_softmax)
+  # True: one set of num_negatives per sequence, shared by its positions (the
+  # SASRec+ code's 3,000); rows are then never packed.
+  config.train.shared_negatives = False
   # uniform | popularity (in proportion to training counts; sampled_softmax
   # then subtracts log q from every logit, the logQ correction).
   config.train.negative_sampling = "uniform"
