@@ -62,14 +62,18 @@ def make_train_step(model: nn.Module,
                     num_items: int, temperature: float = 1.0, gbce_t: float = 0.75,
                     images: Any = None,
                     log_q: Any = None) -> Callable[[State, dict], tuple[State, dict]]:
-  """Returns ``train_step(state, batch) -> (state, {'loss', 'grad_norm'})``.
+  """Returns ``train_step(state, batch, images=None) -> (state, {'loss', 'grad_norm'})``.
 
   Dropout's RNG is ``fold_in(state['rng'], step)``, computed inside the step,
   so it depends on the step alone, not on how the run was split or resumed.
-  ``images`` (``uint8[N + 1, H, W, 3]``, image encoders only) is a constant of
-  the step's closure: each step encodes the pictures of the items its batch
-  names (inputs, targets, negatives; ``models.item_vectors(ids=)``), or the
-  whole catalogue for the full softmax, which scores every item. With a
+  The item pictures ``images`` (``uint8[N + 1, H, W, 3]``, image encoders
+  only) are the step's third argument; ``make_train_step(images=)`` is the
+  value used when the step is called without it (a constant of the compiled
+  program, so the trainer passes them as an argument: a large catalogue's
+  pictures then stay out of the HLO and the compilation cache). Each step
+  encodes the pictures of the items its batch names (inputs, targets,
+  negatives; ``models.item_vectors(ids=)``), or the whole catalogue for the
+  full softmax, which scores every item. With a
   ``row_sparse.SparseOptimizer`` the model and loss run on the batch's rows
   of the item table only (``row_sparse.localize``), and only those rows change.
   ``log_q`` (``float[N + 1]``, ``sampled_softmax`` only) is the negative
@@ -77,18 +81,23 @@ def make_train_step(model: nn.Module,
   """
   loss_fn = losses.loss_fn(loss, temperature=temperature, gbce_t=gbce_t, num_items=num_items)
   uses_images = models.item_encoder(model) != "id"
-  images = jnp.asarray(images) if uses_images and images is not None else None
+  default_images = jnp.asarray(images) if uses_images and images is not None else None
   sparse = isinstance(tx, row_sparse.SparseOptimizer)
   # Sampled losses score the batch's items only: encode just their pictures.
   # Not for BERT4Rec: renumbering the batch would hide its [mask] token (N + 1).
-  tower_on_batch = (images is not None and loss != "softmax"
+  tower_on_batch = (uses_images and loss != "softmax"
                     and getattr(model, "mask_token", None) is None)
   if sparse and uses_images:
     raise ValueError("config key train.item_optimizer: row-sparse updates need "
                      "model.item_encoder='id'; image encoders score every item through "
                      "the tower. Use train.item_optimizer='dense'.")
 
-  def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
+  def train_step(state: State, batch: dict[str, jax.Array],
+                 images: jax.Array | None = None) -> tuple[State, dict]:
+    if images is None:
+      images = default_images
+    if not uses_images:
+      images = None
     dropout_rng = jax.random.fold_in(
         jax.random.wrap_key_data(state["rng"], impl=DROPOUT_RNG_IMPL), state["step"])
 
@@ -412,12 +421,16 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
              if trainer.privacy else
              make_train_step(trainer.model, trainer.tx, loss=config.loss,
                              num_items=trainer.dataset.num_items, temperature=config.temperature,
-                             gbce_t=config.gbce_t, images=trainer.images,
-                             log_q=trainer.log_q))
-  train_step = jax.jit(
+                             gbce_t=config.gbce_t, log_q=trainer.log_q))
+  step_inputs = ()  # the pictures, an argument rather than a constant of the program
+  if trainer.images is not None and not trainer.privacy:
+    step_inputs = (jax.device_put(jnp.asarray(trainer.images), sharding.replicated(trainer.mesh)),)
+  compiled_step = jax.jit(
       step_fn,
-      in_shardings=(state_shardings, sharding.batch_sharding(trainer.mesh)),
+      in_shardings=(state_shardings, sharding.batch_sharding(trainer.mesh))
+      + (sharding.replicated(trainer.mesh),) * len(step_inputs),
       out_shardings=(state_shardings, sharding.replicated(trainer.mesh)), donate_argnums=0)
+  train_step = lambda state, batch: compiled_step(state, batch, *step_inputs)  # noqa: E731
   all_finite = jax.jit(_all_finite)
   guard = DivergenceGuard(config.divergence_factor, manager)
   step = int(state["step"])

@@ -1,5 +1,7 @@
 """Image-aware item vectors (model.item_encoder) and the item_vectors contract."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +115,16 @@ def test_image_encoder_train_step_and_eval():
                                   params[image_cnn.IMAGE_TOWER],
                                   new_state["params"][image_cnn.IMAGE_TOWER])
   assert all(jax.tree.leaves(tower_grad_moved))
+  # The pictures as the step's argument: the same step, and no constant of the
+  # program (the trainer passes them so; the closure's copy is baked into the HLO).
+  as_argument = jax.jit(train.make_train_step(model, tx, loss="bce", num_items=NUM_ITEMS))
+  argument_state, argument_metrics = as_argument(state, batch, images)
+  np.testing.assert_allclose(argument_metrics["loss"], metrics["loss"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               argument_state["params"], new_state["params"])
+  constants = lambda jitted, *args: sum(np.size(c) for c in jitted.trace(*args).jaxpr.consts)
+  assert constants(step, state, batch) >= images.size
+  assert constants(as_argument, state, batch, images) < images.size
   with pytest.raises(ValueError, match="needs the pictures"):
     models.item_vectors(model, params, NUM_ITEMS)
   with pytest.raises(ValueError, match="needs the item pictures"):
@@ -279,3 +291,29 @@ def test_caser_image_encoder_train_step():
   moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params[image_cnn.IMAGE_TOWER],
                        new_state["params"][image_cnn.IMAGE_TOWER])
   assert all(jax.tree.leaves(moved))
+
+
+def test_resume_with_pictures_in_the_batch_is_exact(tmp_path):
+  """A run resumed from its mid-run checkpoint ends where the straight run ends."""
+  config = tiny.get_config("sasrec")
+  config.model.item_encoder = "id+image"
+  config.model.update(TOWER)
+  config.data.images.size = SIZE
+  config.train.update(num_epochs=2, num_devices=1, keep_checkpoints=3)
+  config.eval.num_sampled_negatives = 0
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  # Cut the finished run back to its first epoch's checkpoint, as a crash would.
+  resumed_dir = tmp_path / "resumed"
+  shutil.copytree(tmp_path / "straight", resumed_dir)
+  steps = sorted(int(p.name) for p in (resumed_dir / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(steps) == 2, steps  # one per epoch
+  shutil.rmtree(resumed_dir / "checkpoints" / str(steps[-1]))
+  (resumed_dir / "final_metrics.json").unlink()
+  resumed = train.train_and_evaluate(config, str(resumed_dir))
+  assert resumed.keys() == straight.keys()
+  for name, value in straight.items():
+    np.testing.assert_allclose(resumed[name], value, rtol=1e-6, err_msg=name)
+  _, straight_params, _ = train.load_trained(str(tmp_path / "straight"))
+  _, resumed_params, _ = train.load_trained(str(resumed_dir))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0),
+               resumed_params, straight_params)
