@@ -539,6 +539,7 @@ def _final_evaluation(trainer: Trainer, manager, writer, workdir: str,
     writer.write(best, f"final_{split}", split_metrics)
     results.update({f"{split}/{k}": v for k, v in split_metrics.items()})
   results["best_step"] = best
+  results["best_epoch"] = best / trainer.steps_per_epoch  # of the evaluated checkpoint
   if trainer.privacy:  # (epsilon, delta) of every step trained, not only up to the best.
     results.update(trainer.privacy.report(manager.latest_step()))
   if is_writer:

@@ -293,6 +293,23 @@ def test_markdown_bolds_the_best_and_marks_missing_seeds():
   assert lines[-1] == "Caption."
 
 
+def test_budget_columns_average_best_epoch_and_minutes_of_finished_seeds():
+  rows = [{"label": "a", "seed": 0, "status": "ok", "hr@10": 0.2, "best_epoch": 40.0,
+           "train_seconds": 600.0},
+          {"label": "a", "seed": 1, "status": "ok", "hr@10": 0.4, "best_epoch": 60.0,
+           "train_seconds": 1200.0},
+          {"label": "a", "seed": 2, "status": "failed", "best_epoch": 99.0},
+          {"label": "b", "seed": 0, "status": "todo"}]
+  summaries = report.summarize(rows, ["hr@10"])
+  columns = report.budget_columns(rows, summaries)
+  assert columns == {"best epoch": ["50.0", "n/a"], "train min": ["15", "n/a"]}
+  lines = report.render_markdown(summaries, ["hr@10"], "Caption.",
+                                 extra_columns=columns).splitlines()
+  assert lines[0] == "| point | HR@10 | best epoch | train min |"
+  assert lines[1] == "|---|---:|---:|---:|"
+  assert lines[2] == "| a | **0.3000 ± 0.1414 †** | 50.0 | 15 |"  # 2 of 3 seeds
+
+
 def test_latex_escapes_labels_and_bolds_ties():
   rows = [{"label": "x_1 & y", "seed": 0, "status": "ok", "hr@10": 0.5},
           {"label": "z%", "seed": 0, "status": "ok", "hr@10": 0.5},

@@ -54,7 +54,7 @@ def collect_results(workdir: str, split: str = "test",
 
   Returns:
     Rows ``{'label', <varied keys>, 'seed', 'status', 'split', <metrics>,
-    'train_seconds', 'best_step', 'workdir', 'error'}``; status is 'ok',
+    'train_seconds', 'best_step', 'best_epoch', 'workdir', 'error'}``; status is 'ok',
     'failed' or 'todo' (not run yet).
   """
   if run_dirs is None:
@@ -77,7 +77,8 @@ def collect_results(workdir: str, split: str = "test",
     row.update(seed=info.get("seed"), status=plan.run_status(run_dir), split=split)
     row.update({k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)})
     row.update(train_seconds=status.get("train_seconds"), best_step=final.get("best_step"),
-               workdir=run_dir, error=status.get("error", ""))
+               best_epoch=final.get("best_epoch"), workdir=run_dir,
+               error=status.get("error", ""))
     if row["status"] == "failed" and not row["error"]:
       with open(os.path.join(run_dir, plan.ERROR_FILE), encoding="utf-8") as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
@@ -102,7 +103,7 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str, keys: Sequence[str] 
     metrics: the reported metrics, put first among the metric columns.
   """
   head = ["label", *keys, "seed", "status", "split"]
-  tail = ["train_seconds", "best_step", "workdir", "error"]
+  tail = ["train_seconds", "best_step", "best_epoch", "workdir", "error"]
   others = sorted({k for row in rows for k in row if k not in head and k not in tail
                    and k not in metrics}, key=_metric_order)
   columns = [*head, *metrics, *others, *tail]
@@ -229,6 +230,24 @@ def _cells(summaries: Sequence[Summary], metrics: Sequence[str], pm: str
   return table
 
 
+def budget_columns(rows: Sequence[Mapping[str, Any]],
+                   summaries: Sequence[Summary]) -> dict[str, list[str]]:
+  """The 'best epoch' and 'train min' columns: means over a point's finished seeds.
+
+  Best epoch is the epoch of the checkpoint that was evaluated (early
+  stopping on the validation metric); train minutes are wall time of the
+  training loop, evaluations included, on whatever machine ran it.
+  """
+  columns = {"best epoch": [], "train min": []}
+  for summary in summaries:
+    finished = [r for r in rows if str(r["label"]) == summary.label and r.get("status") == "ok"]
+    for title, key, scale, digits in (("best epoch", "best_epoch", 1.0, 1),
+                                      ("train min", "train_seconds", 1 / 60, 0)):
+      values = [v * scale for v in (_as_float(r.get(key)) for r in finished) if v is not None]
+      columns[title].append(f"{np.mean(values):.{digits}f}" if values else "n/a")
+  return columns
+
+
 def _row_heads(summaries: Sequence[Summary], keys: Sequence[str]) -> tuple[list, list]:
   """Header and per-row identity cells: one column per axis, else the label."""
   if keys:
@@ -239,7 +258,8 @@ def _row_heads(summaries: Sequence[Summary], keys: Sequence[str]) -> tuple[list,
 
 
 def render_markdown(summaries: Sequence[Summary], metrics: Sequence[str], caption: str,
-                    keys: Sequence[str] = ()) -> str:
+                    keys: Sequence[str] = (),
+                    extra_columns: Mapping[str, Sequence[str]] | None = None) -> str:
   """A GitHub-markdown table, best per column in bold, caption below.
 
   Args:
@@ -247,17 +267,21 @@ def render_markdown(summaries: Sequence[Summary], metrics: Sequence[str], captio
     metrics: the metric columns, in order.
     caption: from ``caption_text``.
     keys: axis keys, one column each (grids); empty: a 'point' label column.
+    extra_columns: title -> one text per row, appended after the metrics
+      (``budget_columns``).
 
   Returns:
     The markdown text.
   """
   header, heads = _row_heads(summaries, keys)
   cells = _cells(summaries, metrics, "±")
+  extra = dict(extra_columns or {})
   escape = lambda text: str(text).replace("|", "\\|")
-  lines = ["| " + " | ".join([*map(escape, header), *map(metric_title, metrics)]) + " |",
-           "|" + "---|" * len(header) + "---:|" * len(metrics)]
-  for head, row in zip(heads, cells, strict=True):
+  lines = ["| " + " | ".join([*map(escape, header), *map(metric_title, metrics), *extra])
+           + " |", "|" + "---|" * len(header) + "---:|" * (len(metrics) + len(extra))]
+  for i, (head, row) in enumerate(zip(heads, cells, strict=True)):
     shown = [f"**{text}**" if is_best else text for text, is_best in row]
+    shown += [texts[i] for texts in extra.values()]
     lines.append("| " + " | ".join([*map(escape, head), *shown]) + " |")
   return "\n".join(lines) + f"\n\n{caption}\n"
 
@@ -418,7 +442,8 @@ def write_report(ablation_config: ml_collections.ConfigDict, workdir: str,
   write_csv(rows, os.path.join(workdir, "results.csv"), keys, metrics)
   summaries = summarize(rows, metrics, keys)
   caption = caption_text(ablation_config, summaries)
-  markdown = render_markdown(summaries, metrics, caption, axis_keys)
+  extra = budget_columns(rows, summaries) if ablation_config.get("budget_columns") else None
+  markdown = render_markdown(summaries, metrics, caption, axis_keys, extra)
   with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
     f.write(markdown)
   with open(os.path.join(workdir, "table.tex"), "w", encoding="utf-8") as f:

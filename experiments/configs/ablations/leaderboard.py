@@ -97,6 +97,7 @@ def get_config(dataset: str = "ml-1m") -> ml_collections.ConfigDict:
   config.seeds = (0,)  # one seed per row at these budgets; more where time allows
   config.metrics = ("hr@10", "ndcg@10", "mrr@10")  # table columns; K must be in eval.ks
   config.split = "test"  # reported split (valid picks the best checkpoint)
+  config.budget_columns = True  # table also shows each row's best epoch and training minutes
   config.caption = ml_collections.ConfigDict()
   config.caption.title = "Published ML-1M rows, reproduced"  # table title
   config.caption.dataset = plan.DATASET_NAMES.get(dataset, dataset)  # named in the caption
