@@ -223,7 +223,7 @@ def make_example_loss(model: nn.Module, *, loss: str, num_items: int, temperatur
   def example_loss(params, example, dropout_key):
     hidden = model.apply({"params": params}, example["item_seq"], user=example["user"],
                          deterministic=False, rngs={"dropout": dropout_key})
-    return loss_fn(hidden, models.item_table(params, num_items), example["targets"],
+    return loss_fn(hidden, models.item_vectors(model, params, num_items), example["targets"],
                    example["negatives"])
 
   return example_loss

@@ -116,14 +116,20 @@ def np_hstu_layer(x, valid, p, heads, qk_dim, v_dim, max_len):
   return (x + y) * valid[..., None]
 
 
-def np_hstu(seq, p, num_blocks, heads, qk_dim, v_dim, max_len):
-  """The whole model in eval mode: embeddings, layers, final layer norm (float64)."""
+def np_hstu(seq, p, num_blocks, heads, qk_dim, v_dim, max_len, l2_norm=False):
+  """The whole model in eval mode: embeddings, layers, final layer norm (float64).
+
+  ``l2_norm``: the output is L2-normalized instead of layer-normed.
+  """
   valid = seq != 0
   dim = p["item_embed"]["embedding"].shape[1]
   x = p["item_embed"]["embedding"][seq] * np.sqrt(dim)
   x = (x + p["pos_embed"]["embedding"][max_len - seq.shape[1]:][None]) * valid[..., None]
   for i in range(num_blocks):
     x = np_hstu_layer(x, valid, p[f"block_{i}"], heads, qk_dim, v_dim, max_len)
+  if l2_norm:
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, 1e-6) * valid[..., None]
   return np_layer_norm(x, p["final_ln"]) * valid[..., None]
 
 
@@ -166,6 +172,23 @@ def test_model_matches_numpy():
   ref_scores = ref @ p["item_embed"]["embedding"][:NUM_ITEMS + 1].T
   assert _rel_err(hidden @ table.T, ref_scores) < RTOL
   np.testing.assert_array_equal(np.asarray(hidden)[seq == 0], 0.0)
+
+
+def test_l2_norm_gives_cosine_scores():
+  """model.l2_norm: unit output (no final layer norm) and unit item vectors: cosines."""
+  model = _model(l2_norm=True)
+  seq = _left_padded([6, 4, 1], 6, seed=2)
+  params = _random_params(model, seq, seed=2)
+  assert "final_ln" not in params
+  hidden = model.apply({"params": params}, seq)
+  p = _f64(params)
+  ref = np_hstu(seq, p, 2, 2, 3, 5, MAX_LEN, l2_norm=True)
+  assert _rel_err(hidden, ref) < RTOL
+  vectors = np.asarray(models.item_vectors(model, params, NUM_ITEMS))
+  table = p["item_embed"]["embedding"][:NUM_ITEMS + 1]
+  unit = table / np.linalg.norm(table, axis=-1, keepdims=True)
+  np.testing.assert_allclose(vectors, unit, rtol=1e-5)
+  assert _rel_err(np.asarray(hidden) @ vectors.T, ref @ unit.T) < RTOL
 
 
 # ----------------------------------------------------------------------------

@@ -336,6 +336,26 @@ def test_pre_ln_sasrec_matches_numpy():
   assert np.abs(original - expected).max() > 1e-2
 
 
+@pytest.mark.parametrize("name", sorted(ATTENTION_MODELS))
+def test_l2_norm_states_and_item_vectors_are_unit(name):
+  """model.l2_norm: the reference's states and the table rows, each divided by its norm."""
+  module, reference = ATTENTION_MODELS[name]
+  model = module(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=9, dim=DIM, num_blocks=1,
+                 num_heads=2, l2_norm=True)
+  item_seq = left_padded([7, 4, 1], 7, seed=8)
+  params = random_params(model, item_seq, seed=9)
+  hidden = np.asarray(model.apply({"params": params}, item_seq))
+  expected = reference(params, item_seq, kind="dot_product", num_heads=2, num_blocks=1,
+                       max_len=9)
+  norms = np.linalg.norm(expected, axis=-1, keepdims=True)
+  expected = np.where(norms > 0, expected / np.maximum(norms, 1e-12), 0.0)
+  assert_close(hidden, expected, f"{name} l2_norm hidden")
+  vectors = np.asarray(models.item_vectors(model, params, NUM_ITEMS))
+  table = f64(params)["item_embed"]["embedding"][:NUM_ITEMS + 1]
+  np.testing.assert_allclose(vectors, table / np.linalg.norm(table, axis=-1, keepdims=True),
+                             rtol=1e-5)
+
+
 def test_sasrec_init_std_draws_normal_weights():
   """model.init_std > 0: kernels and embeddings ~ normal(0, init_std); 0 = Xavier uniform."""
   item_seq = left_padded([7, 4, 1], 7, seed=5)

@@ -24,7 +24,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from deeprec_jax.models import bert4rec, caser, hstu, item_embedding, popularity, rnn, sasrec
+from deeprec_jax.models import (
+  bert4rec,
+  caser,
+  hstu,
+  item_embedding,
+  layers,
+  popularity,
+  rnn,
+  sasrec,
+)
 
 # What the pipeline builds examples for: 'autoregressive' (targets are the
 # next items), 'window' (L previous items -> T next items, Caser) or 'masked'
@@ -129,6 +138,8 @@ def item_vectors(model: nn.Module, params: Any, num_items: int, images: Any = No
                  ids: jax.Array | None = None) -> jax.Array:
   """The scored item vectors ``[num_items + 1, dim]``; every score is ``hidden @ this.T``.
 
+  With ``model.l2_norm`` (SASRec, BERT4Rec, HSTU) every row is
+  L2-normalized, so that scores are cosine similarities.
   'id': exactly ``item_table(params, num_items)``. 'image': the model's image
   tower (``encode_images``) over ``images``, row 0 (padding) zeroed. 'id+image':
   their sum (with ``rng``, training only, each id row dropped with probability
@@ -151,6 +162,14 @@ def item_vectors(model: nn.Module, params: Any, num_items: int, images: Any = No
   Returns:
     ``float32[N + 1, dim]``, or ``[U, dim]`` with ``ids``.
   """
+  vectors = _item_vectors(model, params, num_items, images, chunk_size=chunk_size, rng=rng,
+                          ids=ids)
+  return layers.l2_normalize(vectors) if getattr(model, "l2_norm", False) else vectors
+
+
+def _item_vectors(model: nn.Module, params: Any, num_items: int, images: Any, *,
+                  chunk_size: int, rng: jax.Array | None, ids: jax.Array | None) -> jax.Array:
+  """``item_vectors`` before the optional L2 normalization."""
   table = item_table(params, num_items)
   encoder = item_encoder(model)
   if encoder == "id":

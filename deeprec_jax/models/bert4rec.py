@@ -108,4 +108,6 @@ class Model(image_cnn.ImageTower, encoder.AttentionEncoder):
     # Output transform of the masked-LM head: hidden is what meets the table.
     x = nn.Dense(self.dim, dtype=dtype, kernel_init=init, name="head")(x)
     x = layer_norm("head_ln")(nn.gelu(x))
+    if self.l2_norm:  # cosine scores against models.item_vectors' unit rows
+      x = layers.l2_normalize(x).astype(valid_f.dtype)
     return (x * valid_f).astype(jnp.float32)

@@ -225,6 +225,9 @@ class AttentionEncoder(nn.Module):
       init_std) (BERT4Rec: truncated), as the SASRec+ and RecBole
       reimplementations initialize SASRec (0.02).
     ffn_dim: the FFN's inner width; 0 = dim (SASRec); BERT uses 4 * dim.
+    l2_norm: L2-normalize the output states and the item vectors
+      (``models.item_vectors``): scores are cosines, as generative-recommenders
+      scores SASRec and HSTU (with ``train.temperature`` 0.05).
     block: the blocks' arrangement, 'sasrec' (the original code's) or
       'pre_ln' (``SelfAttentionBlock``).
     attention: 'dot_product' or 'additive'.
@@ -251,6 +254,7 @@ class AttentionEncoder(nn.Module):
   dropout_rate: float = 0.2
   init_std: float = 0.0
   ffn_dim: int = 0
+  l2_norm: bool = False
   block: str = "sasrec"
   attention: str = "dot_product"
   attention_impl: str = "xla"

@@ -37,8 +37,11 @@ and one layer (pre-norm, residual; h heads, widths d_qk and d_v per head):
 * The layer norms inside a layer have no learned scale or offset, as in the
   official code (``F.layer_norm`` without weights, epsilon 1e-6); the final
   layer norm (not in the official code, which L2-normalizes the output
-  instead) has both. Scores here are raw dot products with the item table
-  (no L2 normalization of either side), as for every model in this package.
+  instead) has both. Scores are raw dot products with the item table unless
+  ``l2_norm``: then, as in the official code, the output is L2-normalized
+  instead of layer-normed, the item vectors are too (``models.item_vectors``),
+  and scores are cosines (the published configs divide them by a temperature
+  of 0.05).
 * Dropout is applied after ``W_2`` (the official code drops ``LN(out) * U``
   before ``W_2``; the two differ only by where the mask sits relative to the
   linear map) and on the input embeddings; there is no attention dropout
@@ -82,6 +85,7 @@ def check_fields(model: "Model") -> None:
                      f"a positive int dividing model.dim={model.dim} (or set model.qk_dim "
                      "and model.v_dim)", model.num_heads)
   validation.check_fraction(model, "dropout_rate")
+  validation.check_bool(model, "l2_norm")
   validation.compute_dtype(model.dtype)
 
 
@@ -222,6 +226,8 @@ class Model(nn.Module):
     qk_dim: query/key width per head d_qk; None = dim // num_heads.
     v_dim: value width per head d_v; None = dim // num_heads.
     dropout_rate: dropout on the input embeddings and each layer's output.
+    l2_norm: L2-normalize the output (instead of the final layer norm) and
+      the item vectors: cosine scores, as the official code.
     dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
   """
 
@@ -234,6 +240,7 @@ class Model(nn.Module):
   qk_dim: int | None = None
   v_dim: int | None = None
   dropout_rate: float = 0.2
+  l2_norm: bool = False
   dtype: str = "float32"
 
   def __post_init__(self) -> None:
@@ -299,6 +306,10 @@ class Model(nn.Module):
     if last_only:
       x, valid = x[:, -1:], valid[:, -1:]
 
-    x = nn.LayerNorm(epsilon=EPSILON, dtype=dtype, use_fast_variance=False, name="final_ln")(x)
+    if self.l2_norm:  # the official code's output: unit states, cosine scores
+      x = layers.l2_normalize(x)
+    else:
+      x = nn.LayerNorm(epsilon=EPSILON, dtype=dtype, use_fast_variance=False,
+                       name="final_ln")(x)
     # Zero padding positions so nothing downstream can read a spurious state.
     return (x * valid[..., None].astype(x.dtype)).astype(jnp.float32)

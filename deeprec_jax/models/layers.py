@@ -472,3 +472,12 @@ class AdditiveAttention(_Attention):
     out = attend_by_blocks(logits_fn, value, mask, q_len=query.shape[1], causal=self.causal,
                            dropout_rate=self.dropout_rate, deterministic=deterministic)
     return out.reshape(out.shape[:-2] + (features,))
+
+
+def l2_normalize(x: Array, epsilon: float = 1e-6) -> Array:
+  """``x / max(||x||, epsilon)`` over the last axis, in float32; zero rows stay zero.
+
+  Scores of L2-normalized states and item vectors are cosines (``model.l2_norm``).
+  """
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), epsilon)

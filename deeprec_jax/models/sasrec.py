@@ -90,5 +90,7 @@ class Model(image_cnn.ImageTower, encoder.AttentionEncoder):
 
     x = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=dtype, use_fast_variance=False,
                      name="final_ln")(x)
+    if self.l2_norm:  # cosine scores against models.item_vectors' unit rows
+      x = layers.l2_normalize(x)
     # Zero padding positions so nothing downstream can read a spurious state.
     return (x * valid[..., None].astype(x.dtype)).astype(jnp.float32)
