@@ -32,6 +32,15 @@ _ADDED = {
     ("privacy", "sampling"): "poisson",
     ("privacy", "microbatch_size"): 0,
 }
+# Model fields added since, with the value that reproduces older runs. They
+# are not added to saved model blocks (each model has its own fields, and
+# absent fields take these defaults anyway); ``same_config`` accepts them.
+ADDED_MODEL_FIELDS = {
+    "model.init_std": 0.0,
+    "model.ffn_dim": 0,
+    "model.l2_norm": False,
+    "model.block": "sasrec",
+}
 # Pipeline settings that were model fields: (old model key, task key, default).
 _MOVED_TO_TASK = (("mask_prob", "mask_prob", 0.2), ("num_targets", "num_targets", 1))
 
@@ -50,6 +59,39 @@ def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   for (block, key), default in _ADDED.items():
     tree.setdefault(block, {}).setdefault(key, default)
   return ml_collections.ConfigDict(tree)
+
+
+def config_changes(saved: dict, now: dict) -> list[str]:
+  """Dotted keys whose values differ between a saved and a current flat config.
+
+  ``saved`` is read in today's layout first (``upgrade_config``), and a key
+  absent from it counts as unchanged when ``now`` holds the value that
+  reproduces older runs (``ADDED_MODEL_FIELDS``). Both are ``{dotted key: leaf}``.
+  """
+  tree: dict = {}
+  for key, value in saved.items():
+    node = tree
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[leaf] = value
+  if "model" in tree:
+    tree = upgrade_config(ml_collections.ConfigDict(tree)).to_dict()
+  before = dict(_flat(tree))
+  return sorted(k for k in set(before) | set(now) if before.get(k, _MISSING) != now.get(k, _MISSING)
+                and not (k not in before and k in ADDED_MODEL_FIELDS
+                         and now[k] == ADDED_MODEL_FIELDS[k]))
+
+
+_MISSING = object()
+
+
+def _flat(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:

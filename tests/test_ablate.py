@@ -455,3 +455,22 @@ def test_failing_point_is_recorded_and_the_others_finish(tiny_sweep, tmp_path):
   with open(os.path.join(broken["workdir"], "error.txt"), encoding="utf-8") as f:
     assert "Traceback" in f.read()
   assert "| broken | failed | failed | failed |" in result.stdout
+
+
+def test_a_run_dir_of_another_config_is_refused_but_older_layouts_are_not(tmp_path):
+  """Resuming checks the saved config; keys added since (at their old-run value) pass."""
+  config = _points_config({"label": "p", "model.num_blocks": 1})
+  (first,) = plan.plan_runs(config, str(tmp_path))
+  saved = plan.config_json(first.config)
+  # A run written before model.block / init_std / ffn_dim / l2_norm and
+  # train.shared_negatives existed.
+  for block, key in (("model", "block"), ("model", "init_std"), ("model", "ffn_dim"),
+                     ("model", "l2_norm"), ("train", "shared_negatives")):
+    del saved[block][key]
+  os.makedirs(first.workdir)
+  plan.write_json(os.path.join(first.workdir, plan.POINT_FILE), {"config": saved})
+  assert [r.workdir for r in plan.plan_runs(config, str(tmp_path))] == [first.workdir]
+  saved["model"]["dim"] += 1  # a real change
+  plan.write_json(os.path.join(first.workdir, plan.POINT_FILE), {"config": saved})
+  with pytest.raises(ValueError, match=r"holds a run of a different config \(model.dim"):
+    plan.plan_runs(config, str(tmp_path))

@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 import ml_collections
 from absl import logging
 
+from deeprec_jax import run_config
+
 # Where relative base-config paths are looked up when the working directory
 # is not the repository root.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -363,7 +365,7 @@ def _check_same_config(run: Run) -> None:
     return
   before = flatten(read_json(path).get("config", {}))
   now = flatten(config_json(run.config))
-  changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+  changed = run_config.config_changes(before, now)
   if changed:
     diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
     raise ValueError(f"{run.workdir} holds a run of a different config ({diffs}"
