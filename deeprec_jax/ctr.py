@@ -236,6 +236,10 @@ def run(config: Any) -> dict[str, float]:
   """
   dataset = cold_start.split(builders.load(config.data), config.data.cold_start_fraction,
                              config.seed)
+  if config.data.images.source == "features":
+    raise ValueError("config key data.images.source='features': the click model encodes "
+                     "pictures with its CNN; precomputed features are for the sequential "
+                     "models' item encoders.")
   pictures = images.load(config.data, dataset).images  # uint8[N + 1, S, S, 3]
   fields = dict(config.model)
   fields.pop("name")

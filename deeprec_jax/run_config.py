@@ -32,10 +32,12 @@ _ADDED = {
     ("privacy", "sampling"): "poisson",
     ("privacy", "microbatch_size"): 0,
 }
-# Model fields added since, with the value that reproduces older runs. They
-# are not added to saved model blocks (each model has its own fields, and
-# absent fields take these defaults anyway); ``same_config`` accepts them.
-ADDED_MODEL_FIELDS = {
+# Nested keys and model fields added since, with the value that reproduces
+# older runs. They are not added to saved configs (each model has its own
+# fields, and absent fields take these defaults anyway); ``config_changes``
+# accepts their absence.
+ADDED_KEYS = {
+    "data.images.item_ids": "",
     "model.init_std": 0.0,
     "model.ffn_dim": 0,
     "model.l2_norm": False,
@@ -79,8 +81,7 @@ def config_changes(saved: dict, now: dict) -> list[str]:
     tree = upgrade_config(ml_collections.ConfigDict(tree)).to_dict()
   before = dict(_flat(tree))
   return sorted(k for k in set(before) | set(now) if before.get(k, _MISSING) != now.get(k, _MISSING)
-                and not (k not in before and k in ADDED_MODEL_FIELDS
-                         and now[k] == ADDED_MODEL_FIELDS[k]))
+                and not (k not in before and k in ADDED_KEYS and now[k] == ADDED_KEYS[k]))
 
 
 _MISSING = object()

@@ -1,6 +1,7 @@
 """Item pictures: synthetic drawing (determinism, shapes, cluster signal), files, the cache."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -131,3 +132,77 @@ def test_bad_inputs(tmp_path):
   config.images.source = "files"
   with pytest.raises(sources.DataFormatError, match="data.images.path"):
     images.settings(config)
+
+
+def _write_features(tmp_path, ids, dim=5, seed=0):
+  features = np.random.default_rng(seed).normal(size=(len(ids), dim)).astype(np.float32)
+  path = tmp_path / "features.npz"
+  np.savez(path, features=features, item_ids=np.asarray(ids, np.int64))
+  return str(path), features
+
+
+def test_precomputed_features_follow_the_item_ids(tmp_path):
+  """'features': rows by original id (.npz, or .npy + an id file); absent items are zeros."""
+  item_ids = np.array([-1, 30, 10, 20, 99])  # Dataset.item_ids: row -> original id
+  path, features = _write_features(tmp_path, [10, 20, 30, 40])
+  table = images.read_features(item_ids, path)
+  assert table.images.dtype == np.float32 and table.images.shape == (5, 5)
+  np.testing.assert_array_equal(table.images[1:4], features[[2, 0, 1]])
+  assert not table.images[0].any() and not table.images[4].any()
+  np.testing.assert_array_equal(table.missing, [False, False, False, False, True])
+  np.save(tmp_path / "features.npy", features)
+  (tmp_path / "ids.txt").write_text("10\n20\n\n30\n40\n")
+  from_npy = images.read_features(item_ids, str(tmp_path / "features.npy"),
+                                  str(tmp_path / "ids.txt"))
+  np.testing.assert_array_equal(from_npy.images, table.images)
+
+
+def test_precomputed_features_bad_inputs_name_the_file(tmp_path):
+  item_ids = np.array([-1, 1])
+  cases = {
+      "wrong_keys.npz": dict(feats=np.zeros((1, 2), np.float32), item_ids=np.array([1])),
+      "three_d.npz": dict(features=np.zeros((1, 2, 2), np.float32), item_ids=np.array([1])),
+      "ints.npz": dict(features=np.zeros((1, 2), np.int32), item_ids=np.array([1])),
+      "nan.npz": dict(features=np.array([[0.0, np.nan]], np.float32), item_ids=np.array([1])),
+      "counts.npz": dict(features=np.zeros((2, 2), np.float32), item_ids=np.array([1])),
+      "repeated.npz": dict(features=np.zeros((2, 2), np.float32), item_ids=np.array([1, 1])),
+      "float_ids.npz": dict(features=np.zeros((1, 2), np.float32), item_ids=np.array([1.5])),
+  }
+  expected = {"wrong_keys.npz": "'features' and 'item_ids'", "three_d.npz": "2-D float",
+              "ints.npz": "2-D float", "nan.npz": "row 0 is not finite",
+              "counts.npz": "1 item ids for 2 feature rows", "repeated.npz": "more than once",
+              "float_ids.npz": "1-D integer"}
+  for name, arrays in cases.items():
+    np.savez(tmp_path / name, **arrays)
+    with pytest.raises(sources.DataFormatError, match=re.escape(expected[name])) as error:
+      images.read_features(item_ids, str(tmp_path / name))
+    assert name in str(error.value)
+  (tmp_path / "truncated.npz").write_bytes(b"PK\x03\x04 not a zip")
+  with pytest.raises(sources.DataFormatError, match="truncated.npz: cannot read"):
+    images.read_features(item_ids, str(tmp_path / "truncated.npz"))
+  np.save(tmp_path / "rows.npy", np.zeros((1, 2), np.float32))
+  with pytest.raises(sources.DataFormatError, match="data.images.item_ids"):
+    images.read_features(item_ids, str(tmp_path / "rows.npy"))
+  (tmp_path / "ids.txt").write_text("1\nten\n")
+  with pytest.raises(sources.DataFormatError, match=r"ids.txt, line 2: item id 'ten'"):
+    images.read_features(item_ids, str(tmp_path / "rows.npy"), str(tmp_path / "ids.txt"))
+  config = _data_config()
+  config.images.source, config.images.path = "features", str(tmp_path / "rows.npy")
+  config.images.item_ids = str(tmp_path / "absent.txt")
+  with pytest.raises(sources.DataFormatError, match="data.images.item_ids"):
+    images.settings(config)
+
+
+def test_features_table_is_cached_by_its_file(tmp_path):
+  config = _data_config()
+  config.data_dir = str(tmp_path / "tfds")
+  dataset = builders.load(config)
+  path, _ = _write_features(tmp_path, dataset.item_ids[1:], dim=3)
+  config.images.source, config.images.path = "features", path
+  table = images.load(config, dataset)
+  assert table.images.shape == (dataset.num_items + 1, 3) and table.num_missing == 0
+  cached = [n for n in os.listdir(builders.get_builder(config).data_dir)
+            if n.startswith("item_images-features-")]
+  assert len(cached) == 2  # the table and its missing flags
+  _write_features(tmp_path, dataset.item_ids[1:], dim=4, seed=1)  # the file changes
+  assert images.load(config, dataset).images.shape == (dataset.num_items + 1, 4)

@@ -1,6 +1,6 @@
 """Item pictures: ``uint8[num_items + 1, S, S, 3]`` tables, row 0 = padding (zeros).
 
-Two sources, picked by ``config.data.images.source``:
+Three sources, picked by ``config.data.images.source``:
 
 * ``'synthetic'``: a small procedural picture per item of the embedded
   dataset (``draw_synthetic``). The item's latent cluster (the one its
@@ -14,6 +14,15 @@ Two sources, picked by ``config.data.images.source``:
   Pictures are decoded with Pillow, converted to RGB and resized to S x S.
   Items without a picture get zeros and a ``missing`` flag; a file that
   cannot be decoded raises ``sources.DataFormatError`` naming it.
+* ``'features'``: precomputed image features instead of pictures,
+  ``float32[num_items + 1, F]`` (``read_features``), for features extracted
+  elsewhere by a large pretrained network. ``config.data.images.path`` is an
+  ``.npz`` with the arrays ``features [M, F]`` and ``item_ids [M]`` (original
+  ids), or an ``.npy`` of ``features`` whose row order is the text file
+  ``config.data.images.item_ids`` (one original id per line). The models
+  project them to their width with a learned linear map (VBPR-style,
+  ``image_cnn.ImageTower``). Items without features get zeros and the
+  ``missing`` flag; ``data.images.size`` is not read.
 
 ``load(config.data, dataset)`` keeps the table beside the prepared dataset
 (in its TFDS version folder) as ``item_images-<key>.npy``, the key hashing
@@ -30,6 +39,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from typing import Any
 
 import ml_collections
@@ -38,7 +48,7 @@ from absl import logging
 
 from deeprec_jax.data import builders, sources, synthetic
 
-SOURCES = ("synthetic", "files")
+SOURCES = ("synthetic", "files", "features")
 # File name extensions the folder source looks for, in this order.
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 # Shapes of the synthetic pictures, one per cluster (cyclically).
@@ -53,7 +63,8 @@ class ItemImages:
   """A picture table and which items had none.
 
   Attributes:
-    images: ``uint8[num_items + 1, S, S, 3]``; row 0 (padding) is zeros.
+    images: ``uint8[num_items + 1, S, S, 3]`` (``float32[num_items + 1, F]``
+      for the 'features' source); row 0 (padding) is zeros.
     missing: ``bool[num_items + 1]``, True for items without a picture (their
       row is zeros); row 0 is False.
   """
@@ -157,6 +168,95 @@ def read_files(item_ids: np.ndarray, path: str, size: int) -> ItemImages:
   return ItemImages(images, missing)
 
 
+def read_features(item_ids: np.ndarray, path: str, ids_path: str = "") -> ItemImages:
+  """Precomputed features of ``item_ids`` (original ids, [0] = padding), one row each.
+
+  Args:
+    item_ids: ``int64[num_items + 1]``, ``Dataset.item_ids``.
+    path: an ``.npz`` with ``features [M, F]`` and ``item_ids [M]``, or an
+      ``.npy`` of ``features [M, F]``.
+    ids_path: for an ``.npy``: a text file of the M original item ids, one
+      per line, in the order of the rows.
+
+  Returns:
+    ``ItemImages`` whose ``images`` are ``float32[num_items + 1, F]``; items
+    without a row (and row 0) are zeros, the items flagged ``missing``.
+
+  Raises:
+    sources.DataFormatError: a file that is absent or unreadable, features
+      that are not a finite 2-D float array, ids that are not integers, a
+      repeated id, or ids and rows of different counts (each names the file).
+  """
+  features, ids = _features_and_ids(path, ids_path)
+  item_ids = np.asarray(item_ids, np.int64)
+  row_of = {int(item): row for row, item in enumerate(ids)}
+  table = np.zeros((len(item_ids), features.shape[1]), np.float32)
+  missing = np.zeros(len(item_ids), bool)
+  for row in range(1, len(item_ids)):
+    source_row = row_of.get(int(item_ids[row]))
+    if source_row is None:
+      missing[row] = True
+    else:
+      table[row] = features[source_row]
+  return ItemImages(table, missing)
+
+
+def _features_and_ids(path: str, ids_path: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(features float32[M, F], ids int64[M])`` read and checked (``read_features``)."""
+  arrays: dict[str, np.ndarray] = {}
+  try:
+    if path.endswith(".npz"):
+      with np.load(path, allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    else:
+      arrays = {"features": np.load(path, allow_pickle=False)}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    raise sources.DataFormatError(f"{path}: cannot read the features ({error}).") from error
+  if path.endswith(".npz"):
+    absent = {"features", "item_ids"} - set(arrays)
+    if absent:
+      raise sources.DataFormatError(f"{path}: expected the arrays 'features' and 'item_ids'; "
+                                    f"{sorted(absent)} absent (has {sorted(arrays)}).")
+  elif not ids_path:
+    raise sources.DataFormatError(f"{path}: an .npy of features needs its row order, the "
+                                  "item-id file config key data.images.item_ids.")
+  else:
+    arrays["item_ids"] = _read_ids(ids_path)
+  features, ids = arrays["features"], arrays["item_ids"]
+  if features.ndim != 2 or not np.issubdtype(features.dtype, np.floating):
+    raise sources.DataFormatError(f"{path}: features must be a 2-D float array [items, F], got "
+                                  f"{features.dtype}{list(features.shape)}.")
+  if not np.isfinite(features).all():
+    bad = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0])
+    raise sources.DataFormatError(f"{path}: features row {bad} is not finite.")
+  if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+    raise sources.DataFormatError(f"{path}: item_ids must be a 1-D integer array, got "
+                                  f"{ids.dtype}{list(ids.shape)}.")
+  if len(ids) != len(features):
+    raise sources.DataFormatError(f"{ids_path or path}: {len(ids)} item ids for "
+                                  f"{len(features)} feature rows.")
+  unique, counts = np.unique(ids, return_counts=True)
+  if (counts > 1).any():
+    raise sources.DataFormatError(f"{ids_path or path}: item id {int(unique[counts > 1][0])} "
+                                  "appears more than once.")
+  return features.astype(np.float32), ids.astype(np.int64)
+
+
+def _read_ids(path: str) -> np.ndarray:
+  """The original item ids of a text file, one per line (blank lines skipped)."""
+  ids = []
+  with open(path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        ids.append(int(line))
+      except ValueError as error:
+        raise sources.DataFormatError(f"{path}, line {line_number}: item id {line.strip()!r} "
+                                      "is not an integer.") from error
+  return np.asarray(ids, np.int64)
+
+
 def decode(file: str, size: int) -> np.ndarray:
   """``uint8[size, size, 3]``: ``file`` decoded by Pillow, as RGB, resized (bilinear)."""
   from PIL import Image  # Only the 'files' source needs Pillow.
@@ -211,9 +311,11 @@ def settings(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ValueError(f"config key data.images.source={images.source!r}; expected one of "
                      f"{', '.join(SOURCES)} (a model with model.item_encoder != 'id' needs "
                      "pictures).")
-  if not isinstance(images.size, int) or images.size < 4:
+  if images.source != "features" and (not isinstance(images.size, int) or images.size < 4):
     raise ValueError(f"config key data.images.size: expected an int >= 4, got {images.size!r}.")
-  result: dict[str, Any] = {"source": images.source, "size": images.size}
+  result: dict[str, Any] = {"source": images.source}
+  if images.source != "features":
+    result["size"] = images.size
   if images.source == "synthetic":
     if data_config.name != "synthetic":
       raise ValueError("config key data.images.source='synthetic' draws pictures of the "
@@ -225,6 +327,13 @@ def settings(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
       raise sources.DataFormatError(f"config key data.images.path={images.path!r}: no such "
                                     "folder or CSV manifest.")
     result.update(path=path, fingerprint=builders.fingerprint(path))
+    ids_path = images.get("item_ids", "") if images.source == "features" else ""
+    if ids_path:
+      ids_path = os.path.abspath(os.path.expanduser(ids_path))
+      if not os.path.isfile(ids_path):
+        raise sources.DataFormatError(f"config key data.images.item_ids={images.item_ids!r}: "
+                                      "no such file.")
+      result.update(item_ids=ids_path, item_ids_fingerprint=builders.fingerprint(ids_path))
   return result
 
 
@@ -233,6 +342,8 @@ def build(data_config: ml_collections.ConfigDict, item_ids: np.ndarray) -> ItemI
   config = settings(data_config)
   if config["source"] == "synthetic":
     return synthetic_table(item_ids, data_config.synthetic, config["size"])
+  if config["source"] == "features":
+    return read_features(item_ids, config["path"], config.get("item_ids", ""))
   return read_files(item_ids, config["path"], config["size"])
 
 
@@ -248,7 +359,8 @@ def load(data_config: ml_collections.ConfigDict, dataset: builders.Dataset) -> I
   """
   config = settings(data_config)
   blob = json.dumps(config, sort_keys=True, default=str)
-  key = f"{config['size']}px-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+  prefix = f"{config['size']}px" if "size" in config else config["source"]
+  key = f"{prefix}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
   folder = builders.get_builder(data_config).data_dir
   image_file = os.path.join(folder, f"item_images-{key}.npy")
   missing_file = os.path.join(folder, f"item_images-{key}-missing.npy")
@@ -278,11 +390,13 @@ def _save_atomic(file: str, array: np.ndarray) -> None:
 
 def for_model(config: ml_collections.ConfigDict, dataset: builders.Dataset
               ) -> np.ndarray | None:
-  """The pictures ``uint8[N + 1, S, S, 3]`` a run's model reads, or None ('id' encoder)."""
+  """The pictures ``uint8[N + 1, S, S, 3]`` (or features ``float32[N + 1, F]``) a run's
+  model reads, or None ('id' encoder)."""
   if config.model.get("item_encoder", "id") == "id":
     return None
   table = load(config.data, dataset)
   if table.num_missing:
-    logging.warning("%d of %d items have no picture (zeros).", table.num_missing,
-                    dataset.num_items)
+    logging.warning("%d of %d items have no %s (zeros).", table.num_missing,
+                    dataset.num_items,
+                    "features" if config.data.images.source == "features" else "picture")
   return table.images

@@ -25,8 +25,10 @@ from deeprec_jax.models import validation
 # How a sequential model builds item vectors: the id table row ('id'), the
 # CNN of the item's picture ('image'), or their sum ('id+image').
 ITEM_ENCODERS = ("id", "image", "id+image")
-# Path of the image tower inside a sequential model's params.
+# Path of the image tower inside a sequential model's params, and of the
+# projection of precomputed image features (data.images.source='features').
 IMAGE_TOWER = "item_image"
+FEATURE_PROJECTION = "item_features"
 
 
 class ItemImageCNN(nn.Module):
@@ -94,16 +96,23 @@ def check_fields(model: Any) -> None:
 class ImageTower:
   """Mixin of the sequential models with an item encoder (the ``image_*`` fields).
 
-  Its ``setup`` places the tower (``tower_of``) at ``IMAGE_TOWER`` when
-  ``item_encoder != 'id'``; ``models.item_vectors`` calls ``encode_images``.
+  Its ``setup`` places the tower at ``IMAGE_TOWER`` when ``item_encoder !=
+  'id'``; ``models.item_vectors`` calls ``encode_images``. Pictures
+  (``uint8[n, H, W, 3]``) go through the CNN (``tower_of``); precomputed
+  features (``float[n, F]``, ``data.images.source='features'``) through a
+  learned linear projection ``E f`` to the model width, as VBPR projects its
+  visual features. Which one is fixed by the first input (``init``).
   """
 
   def setup(self) -> None:
     if self.item_encoder != "id":
       self.item_image = tower_of(self)  # the attribute's name is IMAGE_TOWER
+      self.item_features = nn.Dense(self.dim, use_bias=False)  # FEATURE_PROJECTION
 
   def encode_images(self, images: jax.Array) -> jax.Array:
-    """``uint8[n, H, W, 3] -> float32[n, dim]``: the image tower (not for 'id')."""
+    """``uint8[n, H, W, 3]`` or ``float[n, F]`` -> ``float32[n, dim]`` (not for 'id')."""
+    if images.ndim == 2:
+      return self.item_features(images.astype(jnp.float32))
     return self.item_image(images)
 
 

@@ -50,8 +50,12 @@ def data_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   data.cold_start_fraction = 0.0  # items (by seed) withheld from training, seen only as targets
   # Item pictures (data/images.py; only read when model.item_encoder != 'id').
   data.images = ml_collections.ConfigDict()
-  data.images.source = "synthetic" if dataset == "synthetic" else ""  # synthetic | files | ''
-  data.images.path = ""  # files: folder of <item id>.png/.jpg..., or CSV manifest item_id,path
+  # synthetic | files | features (precomputed, projected by the model) | ''
+  data.images.source = "synthetic" if dataset == "synthetic" else ""
+  # files: folder of <item id>.png/.jpg..., or CSV manifest item_id,path;
+  # features: .npz of features [M, F] and item_ids [M], or .npy of features.
+  data.images.path = ""
+  data.images.item_ids = ""  # features from an .npy: text file of its rows' item ids
   data.images.size = 32  # pictures are S x S RGB (resized when read from files)
   # Synthetic generator (only read when name == 'synthetic').
   data.synthetic = ml_collections.ConfigDict()
