@@ -130,12 +130,15 @@ def bce_sampled(hidden: Array, item_table: Array, targets: Array, negatives: Arr
 
 
 def sampled_softmax(hidden: Array, item_table: Array, targets: Array, negatives: Array, *,
-                    log_q: Array | None = None,
+                    log_q: Array | None = None, label_smoothing: float = 0.0,
                     return_count: bool = False) -> Array | tuple[Array, Array]:
   """Cross-entropy over the ``1 + k`` logits ``[s_pos, s_neg_1..s_neg_k]``.
 
   ``loss_t = logsumexp([s_pos, s_neg_valid...]) - s_pos``, averaged over real
   targets; ignored negatives (0 or equal to the target) get a ``-inf`` logit.
+  With ``label_smoothing`` e the target distribution is ``1 - e`` on the
+  positive plus ``e`` spread evenly over the valid candidates (positive
+  included): ``loss_t = lse - (1 - e) s_pos - e * mean_valid(s)``.
 
   Args:
     hidden: ``float[B, L, D]`` or ``float[B, D]`` (window models).
@@ -164,6 +167,10 @@ def sampled_softmax(hidden: Array, item_table: Array, targets: Array, negatives:
   valid = jnp.concatenate([jnp.ones_like(valid[..., :1]), valid], axis=-1)
   logits = jnp.where(valid, logits, -jnp.inf)
   per_target = jax.nn.logsumexp(logits, axis=-1) - logits[..., 0]
+  if label_smoothing:
+    mean = (jnp.sum(jnp.where(valid, logits, 0.0), -1)
+            / jnp.sum(valid, -1, dtype=jnp.float32))
+    per_target = per_target + label_smoothing * (logits[..., 0] - mean)
   return _masked_mean(per_target, targets, return_count)
 
 
@@ -336,11 +343,14 @@ def catalogue_logsumexp(hidden: Array, table: Array, active: Array | None = None
 
 
 def softmax_ce(hidden: Array, item_table: Array, targets: Array, negatives: Array | None = None,
-               *, return_count: bool = False,
+               *, label_smoothing: float = 0.0, return_count: bool = False,
                row_chunk: int = CATALOGUE_ROW_CHUNK) -> Array | tuple[Array, Array]:
   """Full softmax cross-entropy over items ``1..N``.
 
   ``loss_t = logsumexp_{j=1..N}(s_j) - s_target``, averaged over real targets.
+  With ``label_smoothing`` e the target distribution is ``1 - e`` on the
+  target plus ``e / N`` on every item: ``loss_t = lse - (1 - e) s_target - e
+  mean_j(s_j)``, where ``mean_j(s_j) = h . mean_j(E_j)`` costs one dot product.
   The normaliser is ``catalogue_logsumexp`` of ``hidden`` against the table
   (padding column excluded), streamed over ``row_chunk`` rows of logits at a
   time and only at positions with a target; the target logit is a gathered
@@ -352,6 +362,7 @@ def softmax_ce(hidden: Array, item_table: Array, targets: Array, negatives: Arra
     item_table: ``float[N + 1, D]``, row 0 = padding.
     targets: ``int[B, L]`` or ``int[B, T]``; 0 = no target.
     negatives: ignored; accepted so that every loss has the same signature.
+    label_smoothing: e in [0, 1).
     return_count: also return the number of real targets.
     row_chunk: rows of logits per streamed step (memory ``[row_chunk, N + 1]``).
 
@@ -365,7 +376,11 @@ def softmax_ce(hidden: Array, item_table: Array, targets: Array, negatives: Arra
   active = jnp.any(targets > 0, axis=-1, keepdims=True) if h.shape[-2] == 1 else targets > 0
   log_normaliser = catalogue_logsumexp(h, table, active, row_chunk)  # [B, L or 1]
   pos = _item_logits(h, table, targets[..., None])[..., 0]  # [B, L or T]
-  return _masked_mean(log_normaliser - pos, targets, return_count)
+  per_target = log_normaliser - pos
+  if label_smoothing:
+    mean_logit = jnp.sum(h * jnp.mean(table[1:], axis=0), axis=-1)  # [B, L or 1]
+    per_target = per_target + label_smoothing * (pos - mean_logit)
+  return _masked_mean(per_target, targets, return_count)
 
 
 LOSSES: dict[str, LossFn] = {
@@ -377,7 +392,7 @@ LOSSES: dict[str, LossFn] = {
 
 
 def loss_fn(name: str, *, temperature: float = 1.0, gbce_t: float = 0.75,
-            num_items: int | None = None) -> LossFn:
+            num_items: int | None = None, label_smoothing: float = 0.0) -> LossFn:
   """Returns the loss named by ``config.train.loss``.
 
   Args:
@@ -386,6 +401,8 @@ def loss_fn(name: str, *, temperature: float = 1.0, gbce_t: float = 0.75,
       1 = none). Rankings do not change, only the loss's sharpness.
     gbce_t: gBCE's calibration parameter (``config.train.gbce_t``).
     num_items: N, for gBCE's calibration (None: from the table's rows).
+    label_smoothing: the softmax losses' smoothing e in [0, 1)
+      (``config.train.label_smoothing``; 0 = none).
 
   Returns:
     ``fn(hidden, item_table, targets, negatives, *, return_count=False)``.
@@ -398,7 +415,14 @@ def loss_fn(name: str, *, temperature: float = 1.0, gbce_t: float = 0.75,
                      f"{', '.join(LOSSES)}.")
   if not temperature > 0:
     raise ValueError(f"config key train.temperature={temperature}: expected a float > 0.")
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f"config key train.label_smoothing={label_smoothing}: expected a float in "
+                     "[0, 1).")
+  if label_smoothing and name not in ("softmax", "sampled_softmax"):
+    raise ValueError(f"config key train.label_smoothing={label_smoothing}: smoothing needs a "
+                     f"softmax loss (train.loss softmax or sampled_softmax), not {name!r}.")
   fn = (functools.partial(gbce, t=gbce_t, num_items=num_items) if name == "gbce"
+        else functools.partial(LOSSES[name], label_smoothing=label_smoothing) if label_smoothing
         else LOSSES[name])
   if temperature == 1.0:
     return fn

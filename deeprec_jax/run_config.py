@@ -21,6 +21,7 @@ _ADDED = {
     ("train", "temperature"): 1.0,
     ("train", "gbce_t"): 0.75,
     ("train", "shared_negatives"): False,
+    ("train", "label_smoothing"): 0.0,
     ("eval", "length_buckets"): 4,  # The metrics do not depend on it.
     # Runs before DP-SGD were not private; the other keys are read only when enabled.
     ("privacy", "enabled"): False,

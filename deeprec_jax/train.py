@@ -60,7 +60,7 @@ _SHARED_EVAL_KEYS = 4
 def make_train_step(model: nn.Module,
                     tx: optax.GradientTransformation | row_sparse.SparseOptimizer, *, loss: str,
                     num_items: int, temperature: float = 1.0, gbce_t: float = 0.75,
-                    images: Any = None,
+                    label_smoothing: float = 0.0, images: Any = None,
                     log_q: Any = None) -> Callable[[State, dict], tuple[State, dict]]:
   """Returns ``train_step(state, batch, images=None) -> (state, {'loss', 'grad_norm'})``.
 
@@ -79,7 +79,8 @@ def make_train_step(model: nn.Module,
   ``log_q`` (``float[N + 1]``, ``sampled_softmax`` only) is the negative
   sampler's log-probability per item, subtracted from every logit (logQ).
   """
-  loss_fn = losses.loss_fn(loss, temperature=temperature, gbce_t=gbce_t, num_items=num_items)
+  loss_fn = losses.loss_fn(loss, temperature=temperature, gbce_t=gbce_t, num_items=num_items,
+                           label_smoothing=label_smoothing)
   uses_images = models.item_encoder(model) != "id"
   default_images = jnp.asarray(images) if uses_images and images is not None else None
   sparse = isinstance(tx, row_sparse.SparseOptimizer)
@@ -178,6 +179,9 @@ class Trainer:
                                      total_steps=self.total_steps)
                     if config.privacy.enabled else None)
     self.pack = self.pack and not self.privacy
+    if self.privacy and config.train.get("label_smoothing", 0.0):
+      raise ValueError("config key train.label_smoothing must be 0 under privacy.enabled (the "
+                       "private step's per-user losses do not smooth).")
     # One negative set per sequence needs one sequence per row.
     self.shared_negatives = bool(config.train.get("shared_negatives", False))
     self.pack = self.pack and not self.shared_negatives
@@ -421,7 +425,8 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
              if trainer.privacy else
              make_train_step(trainer.model, trainer.tx, loss=config.loss,
                              num_items=trainer.dataset.num_items, temperature=config.temperature,
-                             gbce_t=config.gbce_t, log_q=trainer.log_q))
+                             gbce_t=config.gbce_t, log_q=trainer.log_q,
+                             label_smoothing=config.get("label_smoothing", 0.0)))
   step_inputs = ()  # the pictures, an argument rather than a constant of the program
   if trainer.images is not None and not trainer.privacy:
     step_inputs = (jax.device_put(jnp.asarray(trainer.images), sharding.replicated(trainer.mesh)),)

@@ -42,7 +42,7 @@ def _np_softplus(x):
   return np.logaddexp(0.0, x)
 
 
-def _np_loss(name, hidden, table, targets, negatives, log_q=None, gbce_t=0.75):
+def _np_loss(name, hidden, table, targets, negatives, log_q=None, gbce_t=0.75, smoothing=0.0):
   """Loops over targets in float64, the definitions written out."""
   hidden, table = np.float64(hidden), np.float64(table)
   if hidden.ndim == 2:  # Window models: the same state for every target.
@@ -69,9 +69,15 @@ def _np_loss(name, hidden, table, targets, negatives, log_q=None, gbce_t=0.75):
       logits = np.array([h @ table[i] for i in items])
       if log_q is not None:
         logits = logits - np.float64(log_q)[items]
-      total += _np_lse(logits) - logits[0]
+      # Cross-entropy against (1 - e) on the positive + e / (1 + k') on every candidate.
+      target = np.full(len(items), smoothing / len(items))
+      target[0] += 1 - smoothing
+      total += -np.sum(target * (logits - _np_lse(logits)))
     else:
-      total += _np_lse(table[1:] @ h) - pos
+      logits = table[1:] @ h
+      target = np.full(len(logits), smoothing / len(logits))
+      target[t - 1] += 1 - smoothing
+      total += -np.sum(target * (logits - _np_lse(logits)))
   return total / max(count, 1)
 
 
@@ -105,6 +111,22 @@ def test_shared_negatives_match_numpy_and_per_position_gradients(name):
   for shared_grad, repeated_grad in zip(grad(hidden, table, shared),
                                         grad(hidden, table, repeated), strict=True):
     np.testing.assert_allclose(shared_grad, repeated_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [False, True])
+@pytest.mark.parametrize("name", ["softmax", "sampled_softmax"])
+def test_label_smoothing_matches_the_smoothed_cross_entropy(name, window):
+  hidden, table, targets, negatives = _inputs(31, window)
+  fn = losses.loss_fn(name, label_smoothing=0.1)
+  np.testing.assert_allclose(fn(hidden, table, targets, negatives),
+                             _np_loss(name, hidden, table, targets, negatives, smoothing=0.1),
+                             rtol=1e-5)
+  grad = jax.grad(lambda h: fn(h, table, targets, negatives))(hidden)
+  assert np.isfinite(grad).all()
+  with pytest.raises(ValueError, match="train.label_smoothing=1.0"):
+    losses.loss_fn(name, label_smoothing=1.0)
+  with pytest.raises(ValueError, match="needs a softmax loss"):
+    losses.loss_fn("bce", label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("gbce_t", [0.0, 0.3, 1.0])

@@ -1,4 +1,4 @@
-"""Popularity-sampled training negatives and the logQ correction of sampled softmax."""
+"""Training negatives (popularity, logQ, shared per sequence) and label smoothing, in the step."""
 
 import jax
 import numpy as np
@@ -117,3 +117,26 @@ def test_window_models_and_unknown_samplers_are_refused():
     trainer.train_batches(0)
   with pytest.raises(ValueError, match="train.negative_sampling='hard'"):
     _trainer("hard")
+
+
+def test_the_step_smooths_labels_as_configured():
+  config = tiny.get_config("sasrec")
+  config.model.dropout_rate = 0.0
+  config.train.update(loss="softmax", label_smoothing=0.2)
+  trainer = train.Trainer(config, train.builders.load(config.data))
+  state = trainer.init_state()
+  local = trainer.train_batches(epoch=0)[0]
+  step = jax.jit(train.make_train_step(trainer.model, trainer.tx, loss="softmax",
+                                       num_items=trainer.dataset.num_items,
+                                       label_smoothing=config.train.label_smoothing))
+  _, metrics = step(state, sharding.to_global(local, trainer.mesh))
+  params = jax.device_get(state["params"])
+  hidden = trainer.model.apply({"params": params}, local["item_seq"], user=local["user"],
+                               **train.packing.packing_kwargs(local))
+  table = models.item_table(params, trainer.dataset.num_items)
+  smoothed = losses.softmax_ce(hidden, table, local["targets"], label_smoothing=0.2)
+  np.testing.assert_allclose(metrics["loss"], smoothed, rtol=1e-5)
+  assert abs(float(smoothed) - float(losses.softmax_ce(hidden, table, local["targets"]))) > 1e-3
+  config.privacy.enabled = True
+  with pytest.raises(ValueError, match="train.label_smoothing must be 0 under privacy"):
+    train.Trainer(config, train.builders.load(config.data))

@@ -136,6 +136,7 @@ def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config.train.negative_sampling = "uniform"
   config.train.temperature = 1.0  # logits are divided by it in the loss (1 = none)
   config.train.gbce_t = 0.75  # gbce: calibration t in [0, 1] (0 = plain bce)
+  config.train.label_smoothing = 0.0  # softmax losses: e of the target on the rest, in [0, 1)
   config.train.optimizer = "adam"  # adam | adamw
   config.train.learning_rate = 1e-3  # peak learning rate
   config.train.schedule = "constant"  # constant | cosine (after warmup)
