@@ -14,7 +14,7 @@ import sys
 import ml_collections
 import pytest
 
-from deeprec_jax import writers
+from deeprec_jax import models, writers
 from deeprec_jax.ablation import executors, plan, report, search
 from experiments.configs.ablations import search_tiny
 
@@ -70,6 +70,20 @@ def test_space_parses_ranges_ints_and_choices():
   assert isinstance(blocks, optuna.distributions.IntDistribution)
   assert (blocks.low, blocks.high) == (1, 2)
   assert attention.choices == ("dot_product", "additive")
+
+
+def test_the_ml1m_best_space_builds_a_model_at_each_end():
+  """search_ml1m_best: every parameter's ends (with the fixed overrides) make a valid SASRec."""
+  space = plan.load_config("experiments/configs/ablations/search_ml1m_best.py")
+  params = search.parse_space(space)
+  base = plan.load_config("experiments/configs/sasrec.py:ml-1m")
+  fixed = plan.flatten(space.overrides, skip_none=True)
+  for end in (0, -1):
+    values = {p.key: (p.choices[end] if p.choices else (p.low if end == 0 else p.high))
+              for p in params}
+    config = plan.apply_overrides(base, {**fixed, **values})
+    assert config.train.loss == "softmax" and config.model.init_std == 0.02
+    models.create_model(config.model, num_items=20, num_users=3, max_len=config.data.max_len)
 
 
 @pytest.mark.parametrize("space,message", [
