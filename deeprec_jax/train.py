@@ -174,14 +174,14 @@ class Trainer:
       self.total_steps = config.train.num_steps or self.steps_per_epoch * config.train.num_epochs
     else:
       self.steps_per_epoch, self.total_steps = 1, 0
+    if config.privacy.enabled and config.train.get("label_smoothing", 0.0):
+      raise ValueError("config key train.label_smoothing must be 0 under privacy.enabled (the "
+                       "private step's per-user losses do not smooth).")
     # DP-SGD (privacy.py): never packed, its own sampling, step and accounting.
     self.privacy = (privacy_lib.Plan(config, dataset, self.spec, self.mesh,
                                      total_steps=self.total_steps)
                     if config.privacy.enabled else None)
     self.pack = self.pack and not self.privacy
-    if self.privacy and config.train.get("label_smoothing", 0.0):
-      raise ValueError("config key train.label_smoothing must be 0 under privacy.enabled (the "
-                       "private step's per-user losses do not smooth).")
     # One negative set per sequence needs one sequence per row.
     self.shared_negatives = bool(config.train.get("shared_negatives", False))
     self.pack = self.pack and not self.shared_negatives

@@ -311,12 +311,9 @@ def test_resume_with_pictures_in_the_batch_is_exact(tmp_path):
   (resumed_dir / "final_metrics.json").unlink()
   resumed = train.train_and_evaluate(config, str(resumed_dir))
   assert resumed.keys() == straight.keys()
+  # Every metric of both splits, from the best checkpoint's parameters.
   for name, value in straight.items():
     np.testing.assert_allclose(resumed[name], value, rtol=1e-6, err_msg=name)
-  _, straight_params, _ = train.load_trained(str(tmp_path / "straight"))
-  _, resumed_params, _ = train.load_trained(str(resumed_dir))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0),
-               resumed_params, straight_params)
 
 
 @pytest.mark.parametrize("name", ["sasrec", "bert4rec", "rnn", "caser"])
@@ -344,6 +341,7 @@ def test_precomputed_features_are_projected_linearly(name):
       rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # ~25 s of CPU: a whole run (the projection's math is the test above)
 def test_a_run_trains_the_projection_of_precomputed_features(tmp_path):
   """A tiny run with features from an .npz: trains, evaluates, and moves the projection."""
   config = tiny.get_config("sasrec")
