@@ -42,6 +42,7 @@ ADDED_KEYS = {
     "model.init_std": 0.0,
     "model.ffn_dim": 0,
     "model.l2_norm": False,
+    "model.output_table": False,
     "model.block": "sasrec",
 }
 # Pipeline settings that were model fields: (old model key, task key, default).

@@ -88,6 +88,9 @@ def make_train_step(model: nn.Module,
   # Not for BERT4Rec: renumbering the batch would hide its [mask] token (N + 1).
   tower_on_batch = (uses_images and loss != "softmax"
                     and getattr(model, "mask_token", None) is None)
+  if sparse and getattr(model, "output_table", False):
+    raise ValueError("config key train.item_optimizer: row-sparse updates cover the input "
+                     "table only; model.output_table needs train.item_optimizer='dense'.")
   if sparse and uses_images:
     raise ValueError("config key train.item_optimizer: row-sparse updates need "
                      "model.item_encoder='id'; image encoders score every item through "

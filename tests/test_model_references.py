@@ -356,6 +356,28 @@ def test_l2_norm_states_and_item_vectors_are_unit(name):
                              rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(ATTENTION_MODELS))
+def test_output_table_scores_against_its_own_rows(name):
+  """model.output_table: the same states, scored against a second table (gSASRec)."""
+  module, reference = ATTENTION_MODELS[name]
+  model = module(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=9, dim=DIM, num_blocks=1,
+                 num_heads=2, output_table=True)
+  item_seq = left_padded([7, 4, 1], 7, seed=10)
+  if name == "bert4rec":
+    item_seq[:2, -1] = NUM_ITEMS + 1
+  params = random_params(model, item_seq, seed=11)
+  assert params["output_embed"]["embedding"].shape[1] == DIM
+  hidden = np.asarray(model.apply({"params": params}, item_seq))
+  assert_close(hidden, reference(params, item_seq, kind="dot_product", num_heads=2,
+                                 num_blocks=1, max_len=9), f"{name} output_table hidden")
+  vectors = np.asarray(models.item_vectors(model, params, NUM_ITEMS))
+  np.testing.assert_array_equal(vectors, params["output_embed"]["embedding"][:NUM_ITEMS + 1])
+  assert not np.allclose(vectors, models.item_table(params, NUM_ITEMS))
+  with pytest.raises(ValueError, match="model.output_table"):
+    module(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=9, output_table=True,
+           item_encoder="image")
+
+
 def test_sasrec_init_std_draws_normal_weights():
   """model.init_std > 0: kernels and embeddings ~ normal(0, init_std); 0 = Xavier uniform."""
   item_seq = left_padded([7, 4, 1], 7, seed=5)

@@ -140,3 +140,23 @@ def test_the_step_smooths_labels_as_configured():
   config.privacy.enabled = True
   with pytest.raises(ValueError, match="train.label_smoothing must be 0 under privacy"):
     train.Trainer(config, train.builders.load(config.data))
+
+
+def test_the_output_table_trains_and_refuses_row_sparse_steps():
+  config = tiny.get_config("sasrec")
+  config.model.output_table = True
+  config.train.update(loss="bce")
+  trainer = train.Trainer(config, train.builders.load(config.data))
+  state = trainer.init_state()
+  step = jax.jit(train.make_train_step(trainer.model, trainer.tx, loss="bce",
+                                       num_items=trainer.dataset.num_items))
+  new_state, metrics = step(state, sharding.to_global(trainer.train_batches(0)[0],
+                                                      trainer.mesh))
+  assert np.isfinite(float(metrics["loss"]))
+  before, after = (np.asarray(s["params"]["output_embed"]["embedding"])
+                   for s in (jax.device_get(state), jax.device_get(new_state)))
+  assert np.abs(after - before).max() > 0  # the scored rows learn
+  config.train.item_optimizer = "lazy_adam"
+  sparse = train.Trainer(config, train.builders.load(config.data))
+  with pytest.raises(ValueError, match="model.output_table needs train.item_optimizer='dense'"):
+    train.make_train_step(sparse.model, sparse.tx, loss="bce", num_items=40)

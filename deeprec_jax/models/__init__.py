@@ -138,7 +138,9 @@ def item_vectors(model: nn.Module, params: Any, num_items: int, images: Any = No
                  ids: jax.Array | None = None) -> jax.Array:
   """The scored item vectors ``[num_items + 1, dim]``; every score is ``hidden @ this.T``.
 
-  With ``model.l2_norm`` (SASRec, BERT4Rec, HSTU) every row is
+  With ``model.output_table`` (SASRec, BERT4Rec) the rows are those of a
+  separate output table (``item_embedding.OUTPUT_TABLE``) instead of the input
+  one. With ``model.l2_norm`` (SASRec, BERT4Rec, HSTU) every row is
   L2-normalized, so that scores are cosine similarities.
   'id': exactly ``item_table(params, num_items)``. 'image': the model's image
   tower (``encode_images``) over ``images``, row 0 (padding) zeroed. 'id+image':
@@ -170,6 +172,9 @@ def item_vectors(model: nn.Module, params: Any, num_items: int, images: Any = No
 def _item_vectors(model: nn.Module, params: Any, num_items: int, images: Any, *,
                   chunk_size: int, rng: jax.Array | None, ids: jax.Array | None) -> jax.Array:
   """``item_vectors`` before the optional L2 normalization."""
+  if getattr(model, "output_table", False):  # gSASRec's own output rows (id encoder only)
+    outer, inner = item_embedding.OUTPUT_TABLE
+    return params[outer][inner][: num_items + 1]
   table = item_table(params, num_items)
   encoder = item_encoder(model)
   if encoder == "id":

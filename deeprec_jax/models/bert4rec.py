@@ -99,6 +99,7 @@ class Model(image_cnn.ImageTower, encoder.AttentionEncoder):
     x = layer_norm("embed_ln")(x.astype(dtype))
     x = layers.Dropout(self.dropout_rate)(x, deterministic=deterministic) * valid_f
 
+    self.make_output_table(init)
     x = self.blocks(x, valid, causal=False, activation=nn.gelu, kernel_init=init, dtype=dtype,
                     deterministic=deterministic, last_only=last_only, segment_ids=segment_ids)
     if last_only:

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeprec_jax.models import image_cnn, layers, validation
+from deeprec_jax.models import image_cnn, item_embedding, layers, validation
 
 Array = jax.Array
 Dtype = Any
@@ -228,6 +228,9 @@ class AttentionEncoder(nn.Module):
     l2_norm: L2-normalize the output states and the item vectors
       (``models.item_vectors``): scores are cosines, as generative-recommenders
       scores SASRec and HSTU (with ``train.temperature`` 0.05).
+    output_table: score items against a separate output table
+      (``item_embedding.OUTPUT_TABLE``) instead of the input one, as gSASRec
+      does; 'id' item encoder and dense optimizers only.
     block: the blocks' arrangement, 'sasrec' (the original code's) or
       'pre_ln' (``SelfAttentionBlock``).
     attention: 'dot_product' or 'additive'.
@@ -255,6 +258,7 @@ class AttentionEncoder(nn.Module):
   init_std: float = 0.0
   ffn_dim: int = 0
   l2_norm: bool = False
+  output_table: bool = False
   block: str = "sasrec"
   attention: str = "dot_product"
   attention_impl: str = "xla"
@@ -291,6 +295,13 @@ class AttentionEncoder(nn.Module):
                              activation=activation, kernel_init=kernel_init, name=f"block_{i}")(
           x, valid, deterministic=deterministic, last_only=last, segment_ids=segment_ids)
     return x
+
+  def make_output_table(self, embedding_init: Initializer) -> None:
+    """Creates the ``output_table`` rows at init (called from ``__call__``; no-op when off)."""
+    if self.output_table:
+      item_embedding.ItemEmbedding(self.num_items + 1, self.dim, embedding_init=embedding_init,
+                                   name=item_embedding.OUTPUT_TABLE[0])(
+          jnp.zeros((0,), jnp.int32))
 
   def check_input(self, item_seq: Array) -> None:
     """Raises unless ``item_seq`` is ``[batch, seq_len]`` with ``seq_len <= max_len``."""

@@ -22,6 +22,9 @@ import numpy as np
 # Path of the item table inside params (and inside optimizer states that
 # mirror params, such as Adam's moments).
 ITEM_TABLE = ("item_embed", "embedding")
+# Path of a separate output table (``model.output_table``: the scored item
+# vectors are its rows, the inputs keep ITEM_TABLE's), as gSASRec has.
+OUTPUT_TABLE = ("output_embed", "embedding")
 # Rows are rounded up to a multiple of this: every power of two up to 128
 # divides it, so any sensible model axis splits the table evenly.
 ROW_MULTIPLE = 128

@@ -83,6 +83,7 @@ class Model(image_cnn.ImageTower, encoder.AttentionEncoder):
     x = layers.Dropout(self.dropout_rate)(x.astype(dtype), deterministic=deterministic)
     x = x * valid[..., None].astype(dtype)
 
+    self.make_output_table(init)
     x = self.blocks(x, valid, causal=True, activation=nn.relu, kernel_init=init, dtype=dtype,
                     deterministic=deterministic, last_only=last_only, segment_ids=segment_ids)
     if last_only:

@@ -96,6 +96,10 @@ def check_attention_encoder(model: Any) -> None:
   check_choice(model, "attention_impl", ATTENTION_IMPLEMENTATIONS)
   check_choice(model, "block", BLOCK_ARRANGEMENTS)
   check_bool(model, "l2_norm")
+  check_bool(model, "output_table")
+  check(not (model.output_table and getattr(model, "item_encoder", "id") != "id"),
+        "model.output_table", "False with model.item_encoder != 'id' (pictures give the "
+        "scored vectors)", model.output_table)
   check(is_real(model.init_std) and model.init_std >= 0, "model.init_std",
         "a float >= 0 (0 = the model's own initializer)", model.init_std)
   check_bool(model, "positional")

@@ -90,6 +90,7 @@ def model_config() -> ml_collections.ConfigDict:
   model.init_std = 0.0  # 0 = the model's initializer (SASRec: Xavier); > 0 = normal(0, init_std)
   model.ffn_dim = 0  # FFN inner width (0 = dim, as SASRec; BERT uses 4 * dim)
   model.l2_norm = False  # unit states and item vectors: cosine scores (generative-recommenders)
+  model.output_table = False  # score against a separate output item table (gSASRec)
   model.block = "sasrec"  # sasrec (LN on the query, normalized residuals) | pre_ln
   model.attention = "dot_product"  # dot_product | additive
   model.attention_impl = "xla"  # xla | pallas (models/pallas_attention.py; no attention dropout)
