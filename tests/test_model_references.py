@@ -336,17 +336,25 @@ def test_pre_ln_sasrec_matches_numpy():
   assert np.abs(original - expected).max() > 1e-2
 
 
-@pytest.mark.parametrize("name", sorted(ATTENTION_MODELS))
-def test_l2_norm_states_and_item_vectors_are_unit(name):
-  """model.l2_norm: the reference's states and the table rows, each divided by its norm."""
+def _one_block_states(name, seed, **fields):
+  """``(model, params, hidden, reference hidden)`` of a 1-block, 2-head model with ``fields``."""
   module, reference = ATTENTION_MODELS[name]
   model = module(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=9, dim=DIM, num_blocks=1,
-                 num_heads=2, l2_norm=True)
-  item_seq = left_padded([7, 4, 1], 7, seed=8)
-  params = random_params(model, item_seq, seed=9)
+                 num_heads=2, **fields)
+  item_seq = left_padded([7, 4, 1], 7, seed=seed)
+  if name == "bert4rec":
+    item_seq[:2, -1] = NUM_ITEMS + 1  # The mask token at the evaluated slot.
+  params = random_params(model, item_seq, seed=seed + 1)
   hidden = np.asarray(model.apply({"params": params}, item_seq))
   expected = reference(params, item_seq, kind="dot_product", num_heads=2, num_blocks=1,
                        max_len=9)
+  return model, params, hidden, expected
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_MODELS))
+def test_l2_norm_states_and_item_vectors_are_unit(name):
+  """model.l2_norm: the reference's states and the table rows, each divided by its norm."""
+  model, params, hidden, expected = _one_block_states(name, 8, l2_norm=True)
   norms = np.linalg.norm(expected, axis=-1, keepdims=True)
   expected = np.where(norms > 0, expected / np.maximum(norms, 1e-12), 0.0)
   assert_close(hidden, expected, f"{name} l2_norm hidden")
@@ -359,23 +367,15 @@ def test_l2_norm_states_and_item_vectors_are_unit(name):
 @pytest.mark.parametrize("name", sorted(ATTENTION_MODELS))
 def test_output_table_scores_against_its_own_rows(name):
   """model.output_table: the same states, scored against a second table (gSASRec)."""
-  module, reference = ATTENTION_MODELS[name]
-  model = module(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=9, dim=DIM, num_blocks=1,
-                 num_heads=2, output_table=True)
-  item_seq = left_padded([7, 4, 1], 7, seed=10)
-  if name == "bert4rec":
-    item_seq[:2, -1] = NUM_ITEMS + 1
-  params = random_params(model, item_seq, seed=11)
+  model, params, hidden, expected = _one_block_states(name, 10, output_table=True)
   assert params["output_embed"]["embedding"].shape[1] == DIM
-  hidden = np.asarray(model.apply({"params": params}, item_seq))
-  assert_close(hidden, reference(params, item_seq, kind="dot_product", num_heads=2,
-                                 num_blocks=1, max_len=9), f"{name} output_table hidden")
+  assert_close(hidden, expected, f"{name} output_table hidden")
   vectors = np.asarray(models.item_vectors(model, params, NUM_ITEMS))
   np.testing.assert_array_equal(vectors, params["output_embed"]["embedding"][:NUM_ITEMS + 1])
   assert not np.allclose(vectors, models.item_table(params, NUM_ITEMS))
   with pytest.raises(ValueError, match="model.output_table"):
-    module(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=9, output_table=True,
-           item_encoder="image")
+    ATTENTION_MODELS[name][0](num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=9,
+                              output_table=True, item_encoder="image")
 
 
 def test_sasrec_init_std_draws_normal_weights():
