@@ -295,6 +295,19 @@ def test_markdown_bolds_the_best_and_marks_missing_seeds():
   assert lines[-1] == "Caption."
 
 
+def test_points_not_run_yet_say_todo_not_failed():
+  rows = [{"label": "a", "seed": 0, "status": "ok", "hr@10": 0.5},
+          {"label": "b", "seed": 0, "status": "todo"},
+          {"label": "c", "seed": 0, "status": "failed", "error": "boom"}]
+  summaries = report.summarize(rows, ["hr@10"])
+  lines = report.render_markdown(summaries, ["hr@10"], "Caption.").splitlines()
+  assert lines[3:5] == ["| b | todo |", "| c | failed |"]
+  config = _points_config({"label": "a"})
+  caption = report.caption_text(config, summaries)
+  assert "'todo': not run yet" in caption and "'failed': no seed finished" in caption
+  assert "'failed'" not in report.caption_text(config, summaries[:2])
+
+
 def test_budget_columns_average_best_epoch_and_minutes_of_finished_seeds():
   rows = [{"label": "a", "seed": 0, "status": "ok", "hr@10": 0.2, "best_epoch": 40.0,
            "train_seconds": 600.0},

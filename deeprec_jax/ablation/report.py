@@ -31,6 +31,7 @@ class Summary:
     mean: metric -> mean over finished seeds (nan if none).
     std: metric -> sample std (ddof=1) over finished seeds (nan for < 2).
     count: metric -> number of finished seeds that report it.
+    num_todo: seeds not run yet (a sweep still under way).
   """
   label: str
   values: dict[str, Any]
@@ -39,6 +40,7 @@ class Summary:
   mean: dict[str, float]
   std: dict[str, float]
   count: dict[str, int]
+  num_todo: int = 0
 
 
 
@@ -167,7 +169,8 @@ def summarize(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str],
       std[metric] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
     summaries.append(Summary(label=label, values={k: group[0].get(k) for k in keys},
                              num_runs=len(group), num_ok=len(finished), mean=mean, std=std,
-                             count=count))
+                             count=count,
+                             num_todo=sum(row.get("status") == "todo" for row in group)))
   return summaries
 
 
@@ -201,8 +204,10 @@ def caption_text(ablation_config: ml_collections.ConfigDict, summaries: Sequence
   parts.append("Best per column in bold")
   if any(0 < min(s.count.values(), default=0) < s.num_runs for s in summaries):
     parts.append("†: fewer seeds finished (see results.csv)")
-  if any(s.num_ok == 0 for s in summaries):
+  if any(s.num_ok == 0 and s.num_todo < s.num_runs for s in summaries):
     parts.append("'failed': no seed finished")
+  if any(s.num_todo == s.num_runs for s in summaries):
+    parts.append("'todo': not run yet")
   return ". ".join(p.rstrip(".") for p in parts if p) + "."
 
 
@@ -218,7 +223,8 @@ def _cells(summaries: Sequence[Summary], metrics: Sequence[str], pm: str
     row = []
     for metric in metrics:
       if not s.count[metric]:
-        row.append(("failed" if s.num_ok == 0 else "n/a", False))
+        missing = ("todo" if s.num_todo == s.num_runs else "failed") if s.num_ok == 0 else "n/a"
+        row.append((missing, False))
         continue
       text = f"{s.mean[metric]:.4f}"
       if not math.isnan(s.std[metric]):
@@ -319,7 +325,7 @@ def render_latex(summaries: Sequence[Summary], metrics: Sequence[str], caption: 
   for head, row in zip(heads, cells, strict=True):
     shown = []
     for text, is_best in row:
-      if text in ("failed", "n/a"):
+      if text in ("failed", "n/a", "todo"):
         shown.append(text)
         continue
       dagger = r"^\dagger" if text.endswith(" †") else ""
