@@ -55,6 +55,8 @@ _CACHED_EVAL_USERS = 200_000
 # many (dataset, split, settings) keys, most recent first.
 _SHARED_EVAL_BATCHES: collections.OrderedDict[tuple, list] = collections.OrderedDict()
 _SHARED_EVAL_KEYS = 4
+# Beside final_metrics.json: the training loop's wall time over all resumes.
+TRAIN_TIME_FILE = "train_time.json"
 
 
 def make_train_step(model: nn.Module,
@@ -413,7 +415,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         valid = trainer.evaluate(state["params"], "valid")
         writer.write(0, "valid", valid)
         checkpoints.save(manager, 0, state, record, valid)
-      return _final_evaluation(trainer, manager, writer, workdir, is_writer)
+      return _final_evaluation(trainer, manager, writer, workdir, is_writer,
+                               train_seconds=record.get("train_seconds"))
     finally:
       writer.close()
       manager.close()
@@ -449,6 +452,9 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
                                  initial_step=step)
   patience = config.patience
   first_step, pending = True, {}
+  # Training time over every resume, saved in each checkpoint's record (the
+  # work after the last checkpoint of a killed run is redone, so not counted).
+  seconds_before, segment_start = record.get("train_seconds", 0.0), time.perf_counter()
   trainer.prefetch_eval("valid")  # built while the first steps compile and run
   logging.info("training %s: %d steps (%d per epoch) on %d devices", trainer.config.model.name,
                trainer.total_steps, spe, trainer.mesh.devices.size)
@@ -497,6 +503,7 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
       else:
         record["evals_without_improvement"] += 1
       record["epoch"] = epoch + 1 if epoch_done else epoch
+      record["train_seconds"] = seconds_before + time.perf_counter() - segment_start
       checkpoints.save(manager, step, state, record, valid)
   if step == total_steps < trainer.total_steps:
     trainer.privacy.stop(step)  # The budget's last step is saved: raises.
@@ -537,9 +544,14 @@ class DivergenceGuard:
                              "Lower train.learning_rate or set train.grad_clip_norm.")
 
 
-def _final_evaluation(trainer: Trainer, manager, writer, workdir: str,
-                      is_writer: bool) -> dict[str, float]:
-  """Evaluates the best checkpoint on valid and test; writes final_metrics.json."""
+def _final_evaluation(trainer: Trainer, manager, writer, workdir: str, is_writer: bool,
+                      train_seconds: float | None = None) -> dict[str, float]:
+  """Evaluates the best checkpoint on valid and test; writes final_metrics.json.
+
+  ``train_seconds`` (the training loop's wall time over all resumes, from the
+  checkpoint record), when known, goes to ``TRAIN_TIME_FILE`` beside it: a
+  machine-dependent figure, kept out of the metrics that reruns reproduce.
+  """
   best, state = restore_best(trainer, manager)
   results = {}
   for split in ("valid", "test"):
@@ -554,6 +566,9 @@ def _final_evaluation(trainer: Trainer, manager, writer, workdir: str,
     with open(os.path.join(workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
       # Strict JSON: an infinite epsilon (no noise) is written as null.
       json.dump(writers.strict_json(results), f, indent=2, sort_keys=True, allow_nan=False)
+    if train_seconds is not None:
+      with open(os.path.join(workdir, TRAIN_TIME_FILE), "w", encoding="utf-8") as f:
+        json.dump({"train_seconds": train_seconds}, f)
   logging.info("best checkpoint (step %d): test %s", best,
                _format({k[5:]: v for k, v in results.items() if k.startswith("test/")}))
   return results

@@ -295,6 +295,21 @@ def test_markdown_bolds_the_best_and_marks_missing_seeds():
   assert lines[-1] == "Caption."
 
 
+def test_rows_take_the_training_time_over_all_resumes(tmp_path):
+  """collect_results: train_time.json (every resume) wins over status.json (one invocation)."""
+  config = _points_config({"label": "p"})
+  (only,) = plan.plan_runs(config, str(tmp_path))
+  os.makedirs(only.workdir)
+  plan.write_json(os.path.join(only.workdir, plan.POINT_FILE), {"label": "p", "seed": 0})
+  plan.write_json(os.path.join(only.workdir, plan.STATUS_FILE),
+                  {"status": "ok", "train_seconds": 60.0})
+  (row,) = report.collect_results(str(tmp_path))
+  assert row["train_seconds"] == 60.0
+  plan.write_json(os.path.join(only.workdir, plan.TRAIN_TIME_FILE), {"train_seconds": 600.0})
+  (row,) = report.collect_results(str(tmp_path))
+  assert row["train_seconds"] == 600.0
+
+
 def test_points_not_run_yet_say_todo_not_failed():
   rows = [{"label": "a", "seed": 0, "status": "ok", "hr@10": 0.5},
           {"label": "b", "seed": 0, "status": "todo"},

@@ -28,8 +28,10 @@ def test_tiny_sasrec_writes_every_output(tmp_path):
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(tiny.get_config("sasrec"), workdir)
 
-  for name in ("config.json", "metrics.jsonl", "final_metrics.json"):
+  for name in ("config.json", "metrics.jsonl", "final_metrics.json", train.TRAIN_TIME_FILE):
     assert os.path.exists(os.path.join(workdir, name)), name
+  with open(os.path.join(workdir, train.TRAIN_TIME_FILE), encoding="utf-8") as f:
+    assert json.load(f)["train_seconds"] > 0
   events = os.listdir(os.path.join(workdir, "tensorboard"))
   assert any(name.startswith("events.out.tfevents") for name in events)
   train_records = [r for r in _records(workdir, "train") if "loss" in r]

@@ -30,6 +30,7 @@ from deeprec_jax import run_config
 # is not the repository root.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FINAL_METRICS = "final_metrics.json"  # written last by train.train_and_evaluate
+TRAIN_TIME_FILE = "train_time.json"  # train.py: the training loop's seconds over all resumes
 POINT_FILE = "point.json"  # what this run is: label, varied values, seed, full config
 STATUS_FILE = "status.json"  # ok | failed, train_seconds, one-line error
 ERROR_FILE = "error.txt"  # traceback of a failed run

@@ -78,7 +78,11 @@ def collect_results(workdir: str, split: str = "test",
     row.update(info.get("values", {}))
     row.update(seed=info.get("seed"), status=plan.run_status(run_dir), split=split)
     row.update({k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)})
-    row.update(train_seconds=status.get("train_seconds"), best_step=final.get("best_step"),
+    # The training loop's time over all resumes when the run recorded it,
+    # else this invocation's (status.json, written by the runner).
+    seconds = plan.read_json(os.path.join(run_dir, plan.TRAIN_TIME_FILE)).get(
+        "train_seconds", status.get("train_seconds"))
+    row.update(train_seconds=seconds, best_step=final.get("best_step"),
                best_epoch=final.get("best_epoch"), workdir=run_dir,
                error=status.get("error", ""))
     if row["status"] == "failed" and not row["error"]:
