@@ -30,6 +30,8 @@ cli.define_config_file("config", None, "Ablation config file[:dataset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: runs/, results, tables, plots.",
                                required=True)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and their workdirs; train nothing.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Train nothing; write the table of the "
+                                 "runs finished so far (the others are 'todo').")
 _CACHE = flags.DEFINE_bool("compilation_cache", True, "Persistent JAX compilation cache in "
                            "<workdir>/jax_cache, so the seeds of a point compile once.")
 flags.mark_flags_as_required(["config"])
@@ -48,10 +50,11 @@ def main(argv: list[str]) -> None:
     print(executor.sbatch_script(sum(run.plan.run_status(r.workdir) != "ok" for r in runs)))
     return
   outcome = run.run_ablation(config, workdir, parallel=flags.FLAGS.parallel,
-                             dry_run=_DRY_RUN.value, compilation_cache=_CACHE.value,
+                             dry_run=_DRY_RUN.value, report_only=_REPORT_ONLY.value,
+                             compilation_cache=_CACHE.value,
                              executor=None if flags.FLAGS.executor == "local" else executor)
   print(outcome.text)
-  failed = [row for row in outcome.rows if row["status"] != "ok"]
+  failed = [row for row in outcome.rows if row["status"] not in ("ok", "todo")]
   if failed:
     sys.exit(f"{len(failed)} of {len(outcome.rows)} runs failed, e.g. {failed[0]['label']!r}: "
              f"{failed[0]['error']}")

@@ -195,6 +195,21 @@ def test_unknown_axis_key_fails_before_training(tmp_path):
   assert not os.path.exists(tmp_path / "cli" / "runs")
 
 
+def test_report_only_tables_the_finished_runs_and_trains_nothing(tmp_path):
+  config = _points_config({"label": "a"}, {"label": "b"})
+  workdir = str(tmp_path / "sweep")
+  calls = []
+  run.run_ablation(config, workdir, train_fn=_counting(calls))  # both points, once
+  assert len(calls) == 2
+  config.points = ({"label": "a"}, {"label": "b"}, {"label": "c"})
+  outcome = run.run_ablation(config, workdir, report_only=True, train_fn=_counting(calls))
+  assert len(calls) == 2  # nothing new trained
+  assert [row["status"] for row in outcome.rows] == ["ok", "ok", "todo"]
+  with open(os.path.join(workdir, "table.md"), encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  assert lines[4] == "| c | todo | todo | todo |", lines
+
+
 def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path):
   calls = []
   outcome = run.run_ablation(_tiny(), str(tmp_path / "sweep"), dry_run=True,

@@ -234,8 +234,9 @@ def use_compilation_cache(path: str) -> str:
 
 
 def run_ablation(ablation_config: ml_collections.ConfigDict, workdir: str, *,
-                 parallel: int = 1, dry_run: bool = False, compilation_cache: bool = False,
-                 train_fn: TrainFn | None = None, executor: Any = None) -> Outcome:
+                 parallel: int = 1, dry_run: bool = False, report_only: bool = False,
+                 compilation_cache: bool = False, train_fn: TrainFn | None = None,
+                 executor: Any = None) -> Outcome:
   """Plans, trains what is missing, and writes the report.
 
   Args:
@@ -243,6 +244,8 @@ def run_ablation(ablation_config: ml_collections.ConfigDict, workdir: str, *,
     workdir: the sweep's directory (rerun with the same one to resume).
     parallel: runs trained at once (see ``execute``).
     dry_run: only list the runs and their workdirs.
+    report_only: train nothing; write the report of the runs finished so far
+      (the others are 'todo' rows), e.g. while the sweep runs elsewhere.
     compilation_cache: use ``workdir/jax_cache`` (see ``use_compilation_cache``).
     train_fn: see ``run_point``.
     executor: an ``executors.Executor`` (submitit, Ray); None trains here or
@@ -257,9 +260,14 @@ def run_ablation(ablation_config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   if compilation_cache:
     use_compilation_cache(os.path.join(workdir, "jax_cache"))
-  if executor is None:
+  if report_only:
+    pass
+  elif executor is None:
     execute(runs, parallel=parallel, train_fn=train_fn)
   else:
     executor.execute(runs, train_fn=train_fn)
   rows = report.collect_results(workdir, ablation_config.split, [run.workdir for run in runs])
+  for row, planned in zip(rows, runs, strict=True):
+    if row["status"] == "todo":  # no point.json yet: the plan names the point
+      row.update(label=planned.point.label, seed=planned.point.seed, **planned.point.values)
   return Outcome(report.write_report(ablation_config, workdir, rows), rows)
