@@ -180,6 +180,7 @@ def test_sharded_top_k_keeps_values_ids_and_tie_order(num_columns, k):
   np.testing.assert_array_equal(values, expected_values)
 
 
+@pytest.mark.slow  # ~17 s: two sharded runs and their restores (keeps the suite under 10 min)
 def test_checkpoints_move_between_model_axes(tmp_path):
   """A run saved with the table split 4 ways resumes split 2 ways and evaluates unsplit."""
   config = tiny.get_config("sasrec")
