@@ -65,36 +65,16 @@ def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return ml_collections.ConfigDict(tree)
 
 
-def config_changes(saved: dict, now: dict) -> list[str]:
+def config_changes(before: dict, now: dict) -> list[str]:
   """Dotted keys whose values differ between a saved and a current flat config.
 
-  ``saved`` is read in today's layout first (``upgrade_config``), and a key
-  absent from it counts as unchanged when ``now`` holds the value that
-  reproduces older runs (``ADDED_MODEL_FIELDS``). Both are ``{dotted key: leaf}``.
+  Both are ``{dotted key: leaf}``; ``before`` should be read in today's layout
+  (``upgrade_config``) first. A key absent from ``before`` counts as unchanged
+  when ``now`` holds the value that reproduces older runs (``ADDED_KEYS``).
   """
-  tree: dict = {}
-  for key, value in saved.items():
-    node = tree
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[leaf] = value
-  if "model" in tree:
-    tree = upgrade_config(ml_collections.ConfigDict(tree)).to_dict()
-  before = dict(_flat(tree))
-  return sorted(k for k in set(before) | set(now) if before.get(k, _MISSING) != now.get(k, _MISSING)
+  missing = object()
+  return sorted(k for k in set(before) | set(now) if before.get(k, missing) != now.get(k, missing)
                 and not (k not in before and k in ADDED_KEYS and now[k] == ADDED_KEYS[k]))
-
-
-_MISSING = object()
-
-
-def _flat(tree: dict, prefix: str = ""):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flat(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:

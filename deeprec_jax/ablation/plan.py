@@ -364,7 +364,10 @@ def _check_same_config(run: Run) -> None:
   path = os.path.join(run.workdir, POINT_FILE)
   if not os.path.exists(path):
     return
-  before = flatten(read_json(path).get("config", {}))
+  saved = read_json(path).get("config", {})
+  if "model" in saved:  # today's layout: moved and added keys in place
+    saved = run_config.upgrade_config(ml_collections.ConfigDict(saved)).to_dict()
+  before = flatten(saved)
   now = flatten(config_json(run.config))
   changed = run_config.config_changes(before, now)
   if changed:
