@@ -26,6 +26,10 @@ changes is how the step is generated or compiled:
   recomputing custom VJP) and once as the direct ``tanh`` of the
   ``[batch, q, k, d_att]`` sum under autodiff, the library before that change
   (same scores; the ``additive_direct`` row's speedup is against ``additive``);
+* gSASRec's loss, gBCE over 256 negatives per position, once with the
+  negatives scored through the catalogue (``catalogue_scores``, the
+  library's choice at that many) and once with their rows gathered (the
+  ``gbce_256_gathered`` row's speedup is against ``gbce_256``);
 * the compute dtype (bfloat16 matmuls, float32 statistics);
 * buffer donation of the train state;
 * the process set-up, each in a fresh process (``benchmarks.subproc``): XLA
@@ -34,8 +38,8 @@ changes is how the step is generated or compiled:
   are page-faulted in afresh.
 
 The library is not modified: ``layers.Dropout``, ``layers._MAX_QUERY_BLOCKS``,
-``layers.additive_scores``, ``train.DROPOUT_RNG_IMPL`` and ``losses.LOSSES``
-are patched only while a variant is traced.
+``layers.additive_scores``, ``train.DROPOUT_RNG_IMPL``, ``losses.LOSSES`` and
+``catalogue_scores.MIN_FRACTION_INVERSE`` are patched only while a variant is traced.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import harness, kernels, subproc
-from deeprec_jax import losses, train
+from deeprec_jax import catalogue_scores, losses, train
 from deeprec_jax.models import layers
 
 # Allocators that keep freed memory mapped (glibc returns large blocks to the
@@ -138,6 +142,8 @@ class Variant:
   dropout_rate: float | None = None
   donate: bool = True
   loss: str = "bce"  # train.loss
+  num_negatives: int | None = None  # train.num_negatives (None: the config's 1)
+  gather_negatives: bool = False  # negatives always gathered (no catalogue_scores)
   autodiff_ce: bool = False  # the 'softmax' loss as plain autodiff (no streaming)
   attention: str = "dot_product"  # model.attention
   direct_additive: bool = False  # additive scores as plain autodiff (no scan, no VJP)
@@ -154,6 +160,8 @@ class Variant:
       stack.enter_context(patched(train, "DROPOUT_RNG_IMPL", self.prng_impl))
     if self.direct_additive:
       stack.enter_context(patched(layers, "additive_scores", direct_additive_scores))
+    if self.gather_negatives:
+      stack.enter_context(patched(catalogue_scores, "MIN_FRACTION_INVERSE", 0))
     if self.autodiff_ce:
       table = {**losses.LOSSES, "softmax": autodiff_softmax_ce}
       stack.enter_context(patched(losses, "LOSSES", table))
@@ -189,10 +197,16 @@ def in_process_variants(quick: bool) -> list[Variant]:
       Variant("additive_direct", "the same additive scores as plain autodiff of the "
               "[b, q, k, d_att] tanh (speedup vs 'additive')", attention="additive",
               direct_additive=True, reference="additive"),
+      Variant("gbce_256", "train.loss='gbce', 256 negatives per position (gSASRec's "
+              "loss at d 50): negatives scored through the catalogue (catalogue_scores)",
+              loss="gbce", num_negatives=256, same_math=False),
+      Variant("gbce_256_gathered", "the same loss with the 256 x 50 rows per position "
+              "gathered (speedup vs 'gbce_256')", loss="gbce", num_negatives=256,
+              gather_negatives=True, reference="gbce_256"),
   ]
   if quick:
     keep = {"baseline", "previous_library", "softmax", "softmax_autodiff", "additive",
-            "additive_direct"}
+            "additive_direct", "gbce_256", "gbce_256_gathered"}
     variants = [v for v in variants if v.name in keep]
   return variants
 
@@ -202,6 +216,8 @@ def variant_kernel(variant: Variant) -> harness.Kernel:
   config.model.dtype = variant.dtype
   config.train.pack = variant.pack
   config.train.loss = variant.loss
+  if variant.num_negatives is not None:
+    config.train.num_negatives = variant.num_negatives
   config.model.attention = variant.attention
   if variant.dropout_rate is not None:
     config.model.dropout_rate = variant.dropout_rate

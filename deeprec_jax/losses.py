@@ -31,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from deeprec_jax import catalogue_scores
+
 Array = jax.Array
 LossFn = Callable[..., Array | tuple[Array, Array]]
 
@@ -53,8 +55,13 @@ def _align(hidden: Array, targets: Array) -> Array:
 def _item_logits(hidden: Array, item_table: Array, items: Array) -> Array:
   """Scores of a few items per position: ``hidden [..., D]``, ``items [..., m]`` -> ``[..., m]``.
 
-  Gathers the ``m`` rows instead of scoring the whole catalogue.
+  Gathers the ``m`` rows, or, when ``m`` is a sizable fraction of the
+  catalogue (gSASRec's 256 negatives), scores the whole catalogue block by
+  block and picks the ``m`` columns (``catalogue_scores``): same values.
   """
+  if (hidden.shape[:-1] == items.shape[:-1]
+      and catalogue_scores.prefers_catalogue(items.shape[-1], item_table.shape[0])):
+    return catalogue_scores.gathered_logits(hidden, item_table.astype(jnp.float32), items)
   embeddings = jnp.take(item_table, items, axis=0).astype(jnp.float32)  # [..., m, D]
   return jnp.sum(hidden[..., None, :] * embeddings, axis=-1)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import fast_eval, harness, kernels, opprofile, run, subproc, variants
-from deeprec_jax import losses
+from deeprec_jax import catalogue_scores, losses
 from deeprec_jax.models import layers
 
 ROW_NUMBERS = ("compile_s", "median_s", "p10_s", "p90_s", "min_s", "throughput", "flops",
@@ -74,11 +74,14 @@ def test_carry_kernel_feeds_donated_state_back():
 def test_variants_patch_only_while_traced():
   """A variant swaps the library's dropout / query blocks during its context only."""
   variant = variants.Variant("t", "", flax_dropout=True, one_query_block=True,
-                             prng_impl="threefry2x32", loss="softmax", autodiff_ce=True)
+                             prng_impl="threefry2x32", loss="softmax", autodiff_ce=True,
+                             gather_negatives=True)
   with variant.context():
     assert layers.Dropout is variants.FlaxDropout and layers._MAX_QUERY_BLOCKS == 1
     assert losses.loss_fn("softmax") is variants.autodiff_softmax_ce
+    assert not catalogue_scores.prefers_catalogue(256, 3417)
   assert layers.Dropout is not variants.FlaxDropout and layers._MAX_QUERY_BLOCKS > 1
+  assert catalogue_scores.prefers_catalogue(256, 3417)
   assert losses.loss_fn("softmax") is losses.softmax_ce
   assert kernels.dropout_rng_impl() == "rbg"
 
