@@ -556,3 +556,28 @@ def test_additive_scores_bfloat16_inputs_accumulate_in_float32():
   np.testing.assert_allclose(np.asarray(scores), ref_scores, atol=2e-2 * np.abs(ref_scores).max())
   for grad, ref in zip(grads, ref_grads, strict=True):
     np.testing.assert_allclose(np.asarray(grad, np.float64), ref, atol=2e-2 * np.abs(ref).max())
+
+
+def test_l2_normalize_values_and_gradient_at_a_zero_row():
+  """Unit rows and their float64 Jacobian; a zero row (padding) stays 0, its gradient finite.
+
+  Below ``epsilon`` the function is ``x / epsilon``, so that is the zero row's
+  gradient; dividing by ``norm(x)`` gave nan there, and nan everywhere after.
+  """
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(3, 5)).astype(np.float32)
+  x[1] = 0.0
+  weights = rng.normal(size=x.shape).astype(np.float32)
+  value, grad = jax.value_and_grad(
+      lambda v: jnp.sum(layers.l2_normalize(v) * weights))(jnp.asarray(x))
+  x64, w64 = np.float64(x), np.float64(weights)
+  want_grad = np.zeros_like(x64)
+  for row in (0, 2):
+    norm = np.linalg.norm(x64[row])
+    unit = x64[row] / norm
+    want_grad[row] = (w64[row] - unit * (unit @ w64[row])) / norm  # (I - u u^T) w / |x|
+  want_grad[1] = w64[1] / 1e-6
+  want_value = sum(w64[r] @ (x64[r] / np.linalg.norm(x64[r])) for r in (0, 2))
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(layers.l2_normalize(jnp.asarray(x))[1], 0.0)

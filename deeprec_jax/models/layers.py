@@ -480,4 +480,8 @@ def l2_normalize(x: Array, epsilon: float = 1e-6) -> Array:
   Scores of L2-normalized states and item vectors are cosines (``model.l2_norm``).
   """
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), epsilon)
+  # rsqrt of the clamped squared norm, not a division by norm(x): the norm's
+  # gradient at a zero row (padding) is 0/0, which would turn the whole
+  # gradient into nan.
+  squared = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(squared, epsilon * epsilon))
