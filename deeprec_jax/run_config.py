@@ -44,6 +44,8 @@ ADDED_KEYS = {
     "model.l2_norm": False,
     "model.output_table": False,
     "model.block": "sasrec",
+    "model.positions_from": "end",
+    "model.qkv_init": "same",
 }
 # Pipeline settings that were model fields: (old model key, task key, default).
 _MOVED_TO_TASK = (("mask_prob", "mask_prob", 0.2), ("num_targets", "num_targets", 1))

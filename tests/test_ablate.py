@@ -510,7 +510,8 @@ def test_a_run_dir_of_another_config_is_refused_but_older_layouts_are_not(tmp_pa
   # A run written before model.block / init_std / ffn_dim / l2_norm and
   # train.shared_negatives existed.
   for block, key in (("model", "block"), ("model", "init_std"), ("model", "ffn_dim"),
-                     ("model", "l2_norm"), ("train", "shared_negatives")):
+                     ("model", "l2_norm"), ("model", "positions_from"), ("model", "qkv_init"),
+                     ("train", "shared_negatives")):
     del saved[block][key]
   del saved["data"]["images"]["item_ids"]
   os.makedirs(first.workdir)

@@ -563,12 +563,14 @@ def test_dropout_module():
       np.asarray(layers.Dropout(0.0).apply({}, x, deterministic=False)), x)
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
-@pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
-def test_packed_rows_equal_separate_rows(name, attention):
+@pytest.mark.parametrize("name,attention,positions_from",
+                         [(n, a, "end") for n in ("sasrec", "bert4rec") for a in ATTENTIONS]
+                         + [("sasrec", "dot_product", "start"),
+                            ("bert4rec", "dot_product", "start")])
+def test_packed_rows_equal_separate_rows(name, attention, positions_from):
   """Sequences packed side by side (segment ids + positions) give their own outputs."""
   seq_len = 120  # two causal query blocks
-  model = _model(name, attention, max_len=seq_len)
+  model = _model(name, attention, max_len=seq_len, positions_from=positions_from)
   lengths = [70, 30, 20, 120, 5, 1]
   item_seq = _left_padded(lengths, seq_len, seed=9)
   batch = {"item_seq": item_seq, "targets": item_seq, "user": np.zeros(6, np.int32),

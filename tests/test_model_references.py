@@ -263,25 +263,38 @@ def np_block(x, valid, p, kind, num_heads, causal, activation, arrangement="sasr
   return out * valid[..., None]
 
 
-def np_sasrec(params, item_seq, *, kind, num_heads, num_blocks, max_len, arrangement="sasrec"):
+def np_positions(params, item_seq, max_len, positions_from):
+  """``P[-L:]`` ('end'), or row ``j`` at a sequence's ``j``-th real item ('start')."""
+  table = f64(params)["pos_embed"]["embedding"]
+  seq_len = item_seq.shape[1]
+  if positions_from == "end":
+    return table[max_len - seq_len:][None]
+  out = np.zeros(item_seq.shape + (table.shape[1],))
+  for b, row in enumerate(item_seq):
+    first = seq_len - np.count_nonzero(row)  # left-padded
+    out[b, first:] = table[:seq_len - first]
+  return out
+
+
+def np_sasrec(params, item_seq, *, kind, num_heads, num_blocks, max_len, arrangement="sasrec",
+              positions_from="end"):
   """x = (E[s] * sqrt(d) + P[-L:]) * valid; causal ReLU blocks; LN; * valid."""
   p = f64(params)
   valid = item_seq != 0
-  seq_len = item_seq.shape[1]
   x = p["item_embed"]["embedding"][item_seq] * np.sqrt(DIM)
-  x = (x + p["pos_embed"]["embedding"][max_len - seq_len:]) * valid[..., None]
+  x = (x + np_positions(params, item_seq, max_len, positions_from)) * valid[..., None]
   for i in range(num_blocks):
     x = np_block(x, valid, p[f"block_{i}"], kind, num_heads, causal=True, activation=np_relu,
                  arrangement=arrangement)
   return np_layer_norm(x, p["final_ln"]) * valid[..., None]
 
 
-def np_bert4rec(params, item_seq, *, kind, num_heads, num_blocks, max_len):
+def np_bert4rec(params, item_seq, *, kind, num_heads, num_blocks, max_len, positions_from="end"):
   """x = LN(E[s] + P[-L:]) * valid; bidirectional GELU blocks; LN; LN(GELU(W x + b)) * valid."""
   p = f64(params)
   valid = item_seq != 0
-  seq_len = item_seq.shape[1]
-  x = p["item_embed"]["embedding"][item_seq] + p["pos_embed"]["embedding"][max_len - seq_len:]
+  x = p["item_embed"]["embedding"][item_seq] + np_positions(params, item_seq, max_len,
+                                                            positions_from)
   x = np_layer_norm(x, p["embed_ln"]) * valid[..., None]
   for i in range(num_blocks):
     x = np_block(x, valid, p[f"block_{i}"], kind, num_heads, causal=False, activation=np_gelu)
@@ -472,3 +485,48 @@ def test_ctr_model_matches_numpy():
   all_items = np_ctr(params, history, candidate, images, max_len=7, use_id=True,
                      num_blocks=2, pool=2)
   assert np.abs(all_items - expected_id)[:2].min() > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_MODELS))
+def test_positions_from_start_match_numpy(name):
+  """model.positions_from='start': each sequence's oldest item gets positional row 0."""
+  max_len, seq_len = 9, 7
+  module, reference = ATTENTION_MODELS[name]
+  model = module(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=max_len, dim=DIM,
+                 num_blocks=1, num_heads=2, positions_from="start")
+  item_seq = left_padded([7, 4, 1], seq_len, seed=11)
+  if name == "bert4rec":
+    item_seq[:2, -1] = NUM_ITEMS + 1
+  params = random_params(model, item_seq, seed=12)
+  hidden, _, last, _ = forward_and_scores(model, params, item_seq, with_last_only=True)
+  expected = reference(params, item_seq, kind="dot_product", num_heads=2, num_blocks=1,
+                       max_len=max_len, positions_from="start")
+  assert_close(hidden, expected, f"{name} positions from start")
+  assert_close(last, expected[:, -1:], f"{name} positions from start, last_only")
+  right_aligned = reference(params, item_seq, kind="dot_product", num_heads=2, num_blocks=1,
+                            max_len=max_len)
+  assert not np.allclose(hidden, right_aligned, atol=1e-3)  # the option changes the rows
+
+
+def test_qkv_init_torch_mha_scale():
+  """model.qkv_init='torch_mha': Q/K/V uniform with variance 1 / (2d); the rest init_std."""
+  dim = 128
+  model = sasrec.Model(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=9, dim=dim,
+                       num_blocks=1, init_std=0.02, qkv_init="torch_mha")
+  params = model.init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]
+  attention = params["block_0"]["attention"]
+  bound = np.sqrt(6.0 / (4 * dim))  # torch's xavier_uniform_ on the [3d, d] in-projection
+  for name in ("query", "key", "value"):
+    kernel = np.asarray(attention[name]["kernel"])
+    assert np.abs(kernel).max() <= bound
+    np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3.0), rtol=0.03)
+  np.testing.assert_allclose(np.asarray(attention["out"]["kernel"]).std(), 0.02, rtol=0.03)
+  same = sasrec.Model(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=9, dim=dim,
+                      num_blocks=1, init_std=0.02)
+  query = same.init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]["block_0"][
+      "attention"]["query"]["kernel"]
+  np.testing.assert_allclose(np.asarray(query).std(), 0.02, rtol=0.03)
+  with pytest.raises(ValueError, match="model.qkv_init"):
+    sasrec.Model(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=9, qkv_init="xavier")
+  with pytest.raises(ValueError, match="model.positions_from"):
+    sasrec.Model(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=9, positions_from="left")

@@ -95,7 +95,8 @@ class Model(image_cnn.ImageTower, encoder.AttentionEncoder):
       x = jnp.where(is_mask, x.astype(jnp.float32), pictured)
     if self.positional:
       x = x + encoder.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
-                                         name="pos_embed")(item_seq.shape[1], positions)
+                                         name="pos_embed")(
+          item_seq.shape[1], self.position_rows(item_seq, positions, segment_ids))
     x = layer_norm("embed_ln")(x.astype(dtype))
     x = layers.Dropout(self.dropout_rate)(x, deterministic=deterministic) * valid_f
 

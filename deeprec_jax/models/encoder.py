@@ -134,6 +134,7 @@ class SelfAttentionBlock(nn.Module):
     attention_dim: additive attention-hidden size; None = dim.
     epsilon: layer-norm epsilon.
     kernel_init: initializer of all dense kernels.
+    qkv_init: initializer of the query/key/value kernels instead (None = kernel_init).
   """
 
   arrangement: str = "sasrec"
@@ -149,6 +150,7 @@ class SelfAttentionBlock(nn.Module):
   attention_dim: int | None = None
   epsilon: float = layers.LAYER_NORM_EPSILON
   kernel_init: Initializer = nn.initializers.xavier_uniform()
+  qkv_init: Initializer | None = None
 
   @nn.compact
   def __call__(self, x: Array, valid: Array, *, deterministic: bool = True,
@@ -181,7 +183,8 @@ class SelfAttentionBlock(nn.Module):
                                            use_fast_variance=False, name=name)
     common = dict(num_heads=self.num_heads, dropout_rate=self.dropout_rate, dtype=self.dtype,
                   param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                  causal=self.causal, implementation=self.attention_impl, name="attention")
+                  qkv_init=self.qkv_init, causal=self.causal,
+                  implementation=self.attention_impl, name="attention")
     if self.attention == "dot_product":
       attend = layers.DotProductAttention(**common)
     else:
@@ -233,6 +236,13 @@ class AttentionEncoder(nn.Module):
       does; 'id' item encoder and dense optimizers only.
     block: the blocks' arrangement, 'sasrec' (the original code's) or
       'pre_ln' (``SelfAttentionBlock``).
+    positions_from: 'end': the most recent item gets positional row
+      ``max_len - 1`` (the SASRec code's left padding); 'start': the oldest
+      input item gets row 0 (the right-padded SASRec+ and BERT codes).
+    qkv_init: 'same': the query/key/value kernels are initialized like the
+      other kernels; 'torch_mha': Xavier uniform over the stacked ``[3d, d]``
+      in-projection, as PyTorch's ``nn.MultiheadAttention``, which the
+      SASRec+ code leaves at that default under ``init_std``.
     attention: 'dot_product' or 'additive'.
     attention_impl: 'xla' or 'pallas' (kernels of ``pallas_attention``,
       interpret mode on CPU; attention dropout must be 0).
@@ -260,6 +270,8 @@ class AttentionEncoder(nn.Module):
   l2_norm: bool = False
   output_table: bool = False
   block: str = "sasrec"
+  positions_from: str = "end"
+  qkv_init: str = "same"
   attention: str = "dot_product"
   attention_impl: str = "xla"
   positional: bool = True
@@ -292,9 +304,36 @@ class AttentionEncoder(nn.Module):
                              attention_impl=self.attention_impl, num_heads=self.num_heads,
                              ffn_dim=self.ffn_dim or None,
                              dropout_rate=self.dropout_rate, dtype=dtype, causal=causal,
-                             activation=activation, kernel_init=kernel_init, name=f"block_{i}")(
+                             activation=activation, kernel_init=kernel_init,
+                             qkv_init=self.qkv_initializer(), name=f"block_{i}")(
           x, valid, deterministic=deterministic, last_only=last, segment_ids=segment_ids)
     return x
+
+  def qkv_initializer(self) -> Initializer | None:
+    """The Q/K/V kernels' initializer of ``qkv_init`` (None: the blocks' kernel_init)."""
+    if self.qkv_init == "torch_mha":
+      # torch's xavier_uniform_ on the stacked [3d, d] matrix: variance 1 / (2d),
+      # half of flax's Xavier on one [d, d] kernel.
+      return nn.initializers.variance_scaling(0.5, "fan_avg", "uniform")
+    return None
+
+  def position_rows(self, item_seq: Array, positions: Array | None,
+                    segment_ids: Array | None) -> Array | None:
+    """Positional rows for ``positions_from`` (None: ``PositionalEmbedding``'s own, right-aligned).
+
+    ``item_seq`` is left-padded ``[batch, seq_len]``; packed rows pass their
+    right-aligned ``positions`` and ``segment_ids``. With 'start' each
+    sequence's oldest input item gets row 0: ``positions`` minus the
+    smallest row of its segment, or, unpacked, the index past the padding.
+    """
+    if self.positions_from == "end":
+      return positions
+    if positions is None:
+      length = jnp.sum(item_seq != 0, axis=1, keepdims=True)
+      return jnp.maximum(jnp.arange(item_seq.shape[1]) - (item_seq.shape[1] - length), 0)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [batch, seq_len, seq_len]
+    first = jnp.min(jnp.where(same, positions[:, None, :], self.max_len), axis=-1)
+    return positions - first
 
   def make_output_table(self, embedding_init: Initializer) -> None:
     """Creates the ``output_table`` rows at init (called from ``__call__``; no-op when off)."""

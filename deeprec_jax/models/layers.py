@@ -244,6 +244,7 @@ class _Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = nn.initializers.xavier_uniform()
+  qkv_init: Initializer | None = None  # W_q, W_k, W_v; None = kernel_init
   causal: bool = False
   implementation: str = "xla"  # 'xla' | 'pallas'
 
@@ -303,7 +304,8 @@ class DotProductAttention(_Attention):
     head_dim = features // self.num_heads
     dense = lambda name, use_bias=True: nn.Dense(
         features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=self.kernel_init, name=name)
+        kernel_init=(self.qkv_init or self.kernel_init) if name != "out" else self.kernel_init,
+        name=name)
     split = lambda x: x.reshape(x.shape[:-1] + (self.num_heads, head_dim))
     query = split(dense("query")(inputs_q))  # [batch, q_len, heads, head_dim]
     # No key bias: it adds q_i . b_k to every logit of row i, which the softmax
@@ -429,6 +431,7 @@ class AdditiveAttention(_Attention):
     dtype: compute dtype.
     param_dtype: parameter dtype.
     kernel_init: initializer of ``W_q``, ``W_k``, ``W_v``.
+    qkv_init: overrides ``kernel_init`` for them when given.
     causal: ``mask`` is causal: queries run in blocks that skip the keys
       after them (``query_blocks``), as in ``DotProductAttention``.
   """
@@ -449,7 +452,7 @@ class AdditiveAttention(_Attention):
 
     def project(name: str, x: Array, size: int, use_bias: bool, head_size: int) -> Array:
       y = nn.Dense(size, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=self.kernel_init, name=name)(x)
+                   kernel_init=self.qkv_init or self.kernel_init, name=name)(x)
       return y.reshape(y.shape[:-1] + (self.num_heads, head_size))
 
     query = project("query", inputs_q, hidden_dim, False, head_hidden)  # [b, q, h, d_att/h]

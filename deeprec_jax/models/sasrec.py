@@ -79,7 +79,8 @@ class Model(image_cnn.ImageTower, encoder.AttentionEncoder):
     x = x * (self.dim**0.5)  # scaled as in the SASRec code
     if self.positional:
       x = x + encoder.PositionalEmbedding(self.max_len, self.dim, embedding_init=init,
-                                         name="pos_embed")(item_seq.shape[1], positions)
+                                         name="pos_embed")(
+          item_seq.shape[1], self.position_rows(item_seq, positions, segment_ids))
     x = layers.Dropout(self.dropout_rate)(x.astype(dtype), deterministic=deterministic)
     x = x * valid[..., None].astype(dtype)
 

@@ -16,6 +16,10 @@ import numpy as np
 ATTENTION_KINDS = ("dot_product", "additive")
 # SASRec's block (LN on the query, normalized residuals) or a textbook pre-LN one.
 BLOCK_ARRANGEMENTS = ("sasrec", "pre_ln")
+# model.positions_from: which end of a sequence gets positional row 0 / max_len - 1.
+POSITION_ORIGINS = ("end", "start")
+# model.qkv_init: Q/K/V kernels like the other kernels, or as nn.MultiheadAttention.
+QKV_INITS = ("same", "torch_mha")
 ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")  # layers (XLA) or pallas_attention kernels
 # Names accepted by ``config.model.dtype``; parameters always stay float32.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -95,6 +99,8 @@ def check_attention_encoder(model: Any) -> None:
   check_choice(model, "attention", ATTENTION_KINDS)
   check_choice(model, "attention_impl", ATTENTION_IMPLEMENTATIONS)
   check_choice(model, "block", BLOCK_ARRANGEMENTS)
+  check_choice(model, "positions_from", POSITION_ORIGINS)
+  check_choice(model, "qkv_init", QKV_INITS)
   check_bool(model, "l2_norm")
   check_bool(model, "output_table")
   check(not (model.output_table and getattr(model, "item_encoder", "id") != "id"),

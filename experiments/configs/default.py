@@ -92,6 +92,8 @@ def model_config() -> ml_collections.ConfigDict:
   model.l2_norm = False  # unit states and item vectors: cosine scores (generative-recommenders)
   model.output_table = False  # score against a separate output item table (gSASRec)
   model.block = "sasrec"  # sasrec (LN on the query, normalized residuals) | pre_ln
+  model.positions_from = "end"  # positional row 0 at: end (SASRec code) | start (SASRec+ code)
+  model.qkv_init = "same"  # Q/K/V kernels: same as the others | torch_mha (SASRec+ code)
   model.attention = "dot_product"  # dot_product | additive
   model.attention_impl = "xla"  # xla | pallas (models/pallas_attention.py; no attention dropout)
   model.positional = True  # learned positional embedding on/off
