@@ -10,7 +10,7 @@ r"""The published ML-1M rows, reproduced side by side (full ranking, seen items 
 Each label carries the published NDCG@10 of its row (../shared/anchors.md
 lists sources and settings). Every row validates every 2 epochs and stops
 after 5 evaluations without a better validation NDCG@10 (10 epochs, the
-SASRec+ code's patience; gSASRec 25), as the papers early-stop; the epoch budget is the
+SASRec+ code's patience), as the papers early-stop; the epoch budget is the
 row's ``train.num_epochs``. These
 are hours of CPU per row: --config.overrides.train.num_epochs=1 is a smoke
 test of the whole table. The HSTU rows need ``experiments/configs/hstu.py``.
@@ -29,7 +29,7 @@ _CONFIGS = "experiments/configs"
 _SASREC_PLUS = {"model.dim": 64, "model.dropout_rate": 0.1, "model.init_std": 0.02,
                 "train.num_epochs": 100}
 # Early stop after 5 evaluations (10 epochs) without a validation gain, the
-# SASRec+ code's patience; every row but gSASRec's.
+# SASRec+ code's patience.
 _PATIENCE = {"train.patience": 5}
 
 
@@ -49,16 +49,14 @@ def _rows_3416(dataset: str) -> tuple[dict, ...]:
       {"label": "SASRec+, full CE, d 64, its positions and Q/K/V init (0.1821)",
        "base": sasrec, "train.loss": "softmax", "model.positions_from": "start",
        "model.qkv_init": "torch_mha", **_SASREC_PLUS, **_PATIENCE},
-      # Petrov & Macdonald, RecSys 2023 (gSASRec-pytorch README): gBCE with 256
-      # negatives per position, t = 0.75, d 128, dropout 0.5, and an output
-      # item table of its own. Their budget (~86k steps) is far beyond this one.
+      # Petrov & Macdonald, RecSys 2023 (gSASRec-pytorch, config_ml1m.py): gBCE
+      # with 256 negatives per position, t = 0.75, d 128, 2 blocks, no dropout,
+      # and an output item table of its own. Their budget (~86k steps) is far
+      # beyond this one.
       {"label": "gSASRec, gBCE 256 negatives (0.1726)", "base": sasrec, "train.loss": "gbce",
        "train.num_negatives": 256, "train.gbce_t": 0.75, "model.dim": 128,
-       "model.dropout_rate": 0.5, "model.output_table": True, "train.num_epochs": 200,
-       # Their patience (200 epochs of 100 batches) exceeds this whole budget, and
-       # at 0.5 dropout validation stays at the popularity level for the first
-       # 10+ epochs: 25 evaluations (50 epochs) without a gain.
-       "train.patience": 25},
+       "model.dropout_rate": 0.0, "model.output_table": True, "train.num_epochs": 200,
+       **_PATIENCE},
       # Klenitskiy & Vasilev 2023 (BERT4Rec.yaml): d 64, 2 heads, FFN 256,
       # mask 0.2, at most 200 epochs.
       {"label": "BERT4Rec (0.1537)", "base": f"{_CONFIGS}/bert4rec.py:{dataset}",
