@@ -219,14 +219,19 @@ def attend_by_blocks(logits_fn: Callable[[int, int, int], Array], value: Array,
   Returns:
     ``[batch, q_len, heads, head_dim]`` in ``value``'s dtype.
   """
+  # Heads before positions, [batch, heads, k_len, head_dim]: XLA's CPU dot runs
+  # "bhqk,bhkd" as plain batched matmuls, but "bhqk,bkhd" ~4x slower
+  # (benchmarks/README.md, "Attention layouts").
+  value = jnp.swapaxes(value, 1, 2)
   outputs = []
-  for start, stop, num_keys in query_blocks(q_len, value.shape[1], causal=causal):
+  for start, stop, num_keys in query_blocks(q_len, value.shape[2], causal=causal):
     block_mask = None if mask is None else _mask_block(mask, start, stop, num_keys)
     weights = masked_softmax(logits_fn(start, stop, num_keys), block_mask)
     weights = Dropout(dropout_rate)(weights, deterministic=deterministic)
-    outputs.append(jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype),
-                              value[:, :num_keys]))
-  return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
+    outputs.append(jnp.einsum("bhqk,bhkd->bhqd", weights.astype(value.dtype),
+                              value[:, :, :num_keys]))
+  out = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=2)
+  return jnp.swapaxes(out, 1, 2)
 
 
 def _mask_block(mask: Array, start: int, stop: int, num_keys: int) -> Array:
@@ -319,9 +324,11 @@ class DotProductAttention(_Attention):
       out = self._pallas_attention("dot", (query, key), value, mask, deterministic)
       return dense("out")(out.reshape(out.shape[:-2] + (features,)))
 
-    # [batch, heads, block, num_keys] logits of query rows [start, stop).
+    # [batch, heads, block, num_keys] logits of query rows [start, stop), from
+    # heads-first copies (the layout note in attend_by_blocks).
+    query_heads, key_heads = jnp.swapaxes(query, 1, 2), jnp.swapaxes(key, 1, 2)
     logits_fn = lambda start, stop, num_keys: jnp.einsum(
-        "bqhd,bkhd->bhqk", query[:, start:stop], key[:, :num_keys])
+        "bhqd,bhkd->bhqk", query_heads[:, :, start:stop], key_heads[:, :, :num_keys])
     out = attend_by_blocks(logits_fn, value, mask, q_len=query.shape[1], causal=self.causal,
                            dropout_rate=self.dropout_rate, deterministic=deterministic)
     out = out.reshape(out.shape[:-2] + (features,))
