@@ -540,8 +540,14 @@ class DivergenceGuard:
     latest = self.manager.latest_step()
     kept = (f"the last good checkpoint (step {latest}) is kept in {self.manager.directory}"
             if latest is not None else "no checkpoint was saved before it")
+    # Non-finite at the very first step is no learning-rate problem: the
+    # initial model or the loss already produced it.
+    advice = ("The first step already failed, before any update: look for a non-finite "
+              "value in the model or loss at initialization (a model option, the data), "
+              "not the learning rate." if step <= 1 and not self.losses else
+              "Lower train.learning_rate or set train.grad_clip_norm.")
     raise FloatingPointError(f"training diverged at step {step}: {why}. Stopping; {kept}. "
-                             "Lower train.learning_rate or set train.grad_clip_norm.")
+                             f"{advice}")
 
 
 def _final_evaluation(trainer: Trainer, manager, writer, workdir: str, is_writer: bool,

@@ -148,6 +148,9 @@ def test_divergence_guard_names_the_last_good_checkpoint():
   with pytest.raises(FloatingPointError, match="non-finite"):
     guard.check({"loss": 0.7, "grad_norm": float("inf")}, 6)
   train.DivergenceGuard(0.0, Manager()).check({"loss": 1e9, "grad_norm": 1.0}, 7)  # Off.
+  # A nan at the very first step comes from the initial model or loss, not the rate.
+  with pytest.raises(FloatingPointError, match="first step already failed.*not the learning"):
+    train.DivergenceGuard(10.0, Manager()).check({"loss": 8.3, "grad_norm": float("nan")}, 1)
 
 
 def test_saved_paths_are_absolute_so_any_directory_reads_them(tmp_path, monkeypatch):
