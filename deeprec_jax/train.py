@@ -47,7 +47,7 @@ State = dict[str, Any]  # {'params', 'opt_state', 'step', 'rng'}
 # Threefry draws), which reads only two words from this key, so the choice
 # costs nothing; 'rbg' keeps the key shape of existing checkpoints.
 DROPOUT_RNG_IMPL = "rbg"
-NEGATIVE_SAMPLING = ("uniform", "popularity")
+NEGATIVE_SAMPLING = ("uniform", "popularity", "in_batch")
 # Evaluation batches are built once per split and kept (host memory) up to this
 # many users: ~2 s of host work per ML-1M pass, ~60 MB.
 _CACHED_EVAL_USERS = 200_000
@@ -191,6 +191,8 @@ class Trainer:
     self.shared_negatives = bool(config.train.get("shared_negatives", False))
     self.pack = self.pack and not self.shared_negatives
     self.negative_cdf, self.log_q = self._negative_sampler()
+    self.in_batch_negatives = (self.is_trainable and self.config.train.get(
+        "negative_sampling", "uniform") == "in_batch")
     sharding.check_batch_size(config.eval.batch_size, self.mesh, "eval.batch_size")
     self.tx = optimizers.create_optimizer(config.train, max(self.total_steps, 1), self.mesh)
     if self.privacy and isinstance(self.tx, row_sparse.SparseOptimizer):
@@ -218,6 +220,9 @@ class Trainer:
     """``(cdf, log_q)`` of ``train.negative_sampling='popularity'``; ``(None, None)`` if uniform.
 
     ``log_q`` is for the sampled softmax only (``negatives.popularity_log_q``).
+    'in_batch' has no cdf (the pipeline draws from each batch's items) and the
+    same ``log_q``: an item's share of the training items is its expected
+    share of a batch (Yi et al., RecSys 2019, estimate it from streaming counts).
     """
     sampling = self.config.train.get("negative_sampling", "uniform")
     if sampling not in NEGATIVE_SAMPLING:
@@ -231,7 +236,8 @@ class Trainer:
     counts = pipeline.train_item_counts(self.dataset)
     log_q = (negatives.popularity_log_q(counts)
              if self.config.train.loss == "sampled_softmax" else None)
-    return np.cumsum(counts, dtype=np.float64), log_q
+    cdf = None if sampling == "in_batch" else np.cumsum(counts, dtype=np.float64)
+    return cdf, log_q
 
   def _init_params(self, rng: jax.Array) -> Any:
     item_seq = jnp.zeros((1, self.config.data.max_len), jnp.int32)
@@ -269,7 +275,7 @@ class Trainer:
         seed=self.config.seed, epoch=epoch, num_targets=self.config.task.num_targets,
         mask_prob=self.config.task.mask_prob, pack_row_multiple=pack_row_multiple,
         process_index=block, process_count=num_blocks, negative_cdf=self.negative_cdf,
-        shared_negatives=self.shared_negatives)
+        shared_negatives=self.shared_negatives, in_batch_negatives=self.in_batch_negatives)
 
   def item_vectors(self, params: Any) -> jax.Array | None:
     """The catalogue's ``models.item_vectors`` for image encoders, once; None for 'id'."""

@@ -1,10 +1,11 @@
-"""Training negatives (popularity, logQ, shared per sequence) and label smoothing, in the step."""
+"""Training negatives (popularity, in-batch, logQ, shared per sequence) and label smoothing."""
 
 import jax
 import numpy as np
 import pytest
 
 from deeprec_jax import losses, models, sharding, train
+from deeprec_jax.data import preprocess
 from experiments.configs import tiny
 
 
@@ -67,9 +68,11 @@ def test_log_q_is_the_smoothed_log_share_of_the_training_counts():
   assert _trainer("uniform").log_q is None
 
 
-@pytest.mark.parametrize("item_optimizer", ["dense", "lazy_adam"])
-def test_the_step_subtracts_log_q_from_every_logit(item_optimizer):
-  trainer = _trainer("popularity", item_optimizer=item_optimizer)
+@pytest.mark.parametrize("sampling,item_optimizer", [("popularity", "dense"),
+                                                      ("popularity", "lazy_adam"),
+                                                      ("in_batch", "dense")])
+def test_the_step_subtracts_log_q_from_every_logit(sampling, item_optimizer):
+  trainer = _trainer(sampling, item_optimizer=item_optimizer)
   state = trainer.init_state()
   local = trainer.train_batches(epoch=0)[0]
   batch = sharding.to_global(local, trainer.mesh)
@@ -113,7 +116,8 @@ def test_window_models_and_unknown_samplers_are_refused():
   config = tiny.get_config("caser")
   config.train.negative_sampling = "popularity"
   trainer = train.Trainer(config, train.builders.load(config.data))
-  with pytest.raises(ValueError, match="train.negative_sampling='popularity' needs a sequence"):
+  with pytest.raises(ValueError, match="train.negative_sampling='popularity' or 'in_batch' "
+                     "needs a sequence"):
     trainer.train_batches(0)
   with pytest.raises(ValueError, match="train.negative_sampling='hard'"):
     _trainer("hard")
@@ -160,3 +164,41 @@ def test_the_output_table_trains_and_refuses_row_sparse_steps():
   sparse = train.Trainer(config, train.builders.load(config.data))
   with pytest.raises(ValueError, match="model.output_table needs train.item_optimizer='dense'"):
     train.make_train_step(sparse.model, sparse.tx, loss="bce", num_items=40)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_in_batch_negatives_come_from_the_batch_and_never_from_the_history(pack):
+  """train.negative_sampling='in_batch': draws are the batch's items, seen ones zeroed."""
+  trainer = _trainer("in_batch", pack=pack)
+  assert trainer.negative_cdf is None  # no popularity cdf; the same logQ as 'popularity'
+  np.testing.assert_array_equal(trainer.log_q, _trainer("popularity").log_q)
+  source, max_len = trainer.dataset.source, trainer.config.data.max_len
+  unpacked = trainer.train_batches(epoch=0) if not pack else _trainer(
+      "in_batch", pack=False).train_batches(epoch=0)
+  drawn_any = 0
+  for batch, raw in zip(trainer.train_batches(epoch=0), unpacked, strict=True):
+    users = raw["user"][raw["targets"].any(axis=1)]  # the global batch's users
+    pool = np.concatenate([preprocess.split_train(
+        np.asarray(source[int(u)]["item_seq"]))[-(max_len + 1):] for u in users])
+    drawn = batch["negatives"][batch["targets"] > 0]
+    assert np.isin(drawn[drawn > 0], pool).all()  # only the batch's own items
+    assert (batch["negatives"][batch["targets"] == 0] == 0).all()
+    drawn_any += int((drawn > 0).sum())
+    if not pack:
+      for row, user in enumerate(raw["user"]):
+        mine = raw["negatives"][row][raw["targets"][row] > 0]
+        seen = np.unique(source[int(user)]["item_seq"])
+        assert not np.isin(mine[mine > 0], seen).any()  # never the user's own items
+  assert drawn_any > 0
+
+
+def test_in_batch_negatives_do_not_depend_on_the_process_count():
+  trainer = _trainer("in_batch", pack=False)
+  kwargs = dict(task=trainer.task, max_len=trainer.config.data.max_len,
+                global_batch_size=trainer.config.train.batch_size, num_negatives=8, seed=0,
+                epoch=0, in_batch_negatives=True)
+  whole = train.pipeline.train_batches(trainer.dataset, **kwargs)[0]
+  halves = [train.pipeline.train_batches(trainer.dataset, process_index=p, process_count=2,
+                                         **kwargs)[0] for p in (0, 1)]
+  np.testing.assert_array_equal(np.concatenate([h["negatives"] for h in halves]),
+                                whole["negatives"])

@@ -66,7 +66,8 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
                   num_targets: int = 1, mask_prob: float = 0.2, pack_row_multiple: int = 0,
                   process_index: int = 0, process_count: int = 1,
                   negative_cdf: np.ndarray | None = None,
-                  shared_negatives: bool = False) -> grain.MapDataset:
+                  shared_negatives: bool = False,
+                  in_batch_negatives: bool = False) -> grain.MapDataset:
   """The training batches of one epoch, for this process.
 
   Examples per task (t = ``split_train(seq)``, left-padded with 0):
@@ -84,7 +85,11 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
   interacted with (the whole sequence, valid and test items included, as
   SASRec does), 0 where the target is 0; with ``shared_negatives``, one set
   of ``k`` per sequence, ``negatives[B, 1, k]``, that all its positions share
-  (as the SASRec+ code samples its 3,000 negatives).
+  (as the SASRec+ code samples its 3,000 negatives). With
+  ``in_batch_negatives`` they are drawn from the items of the whole global
+  batch instead (every position of every sequence, with repeats, so in
+  proportion to their frequency in the batch); a draw the user has seen
+  becomes 0 (ignored by the losses) rather than being redrawn.
 
   Args:
     dataset: the per-user sequences.
@@ -108,6 +113,8 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
       tasks only); None = uniform.
     shared_negatives: draw each sequence's ``k`` negatives once, shared by its
       positions (``config.train.shared_negatives``; sequence tasks, unpacked).
+    in_batch_negatives: draw from the global batch's items
+      (``config.train.negative_sampling='in_batch'``; sequence tasks).
 
   Returns:
     A MapDataset with ``len == steps_per_epoch(...)``; element ``step`` is
@@ -129,9 +136,10 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
     raise ValueError("config key train.shared_negatives: one negative set per sequence needs "
                      "one sequence per row: a sequence task ('autoregressive' or 'masked'), "
                      "unpacked.")
-  if negative_cdf is not None and task == "window":
-    raise ValueError("config key train.negative_sampling='popularity' needs a sequence task "
-                     "('autoregressive' or 'masked'); window models draw uniform negatives.")
+  if (negative_cdf is not None or in_batch_negatives) and task == "window":
+    raise ValueError("config key train.negative_sampling='popularity' or 'in_batch' needs a "
+                     "sequence task ('autoregressive' or 'masked'); window models draw "
+                     "uniform negatives.")
   if task == "window":
     build = functools.partial(
         _window_batch, table=_window_table(dataset), users=users, starts=starts,
@@ -141,7 +149,8 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
     build = functools.partial(
         _train_batch, dataset=dataset, users=users, task=task, max_len=max_len,
         num_negatives=num_negatives, mask_prob=mask_prob, seed=seed, epoch=epoch,
-        negative_cdf=negative_cdf, shared_negatives=shared_negatives)
+        negative_cdf=negative_cdf, shared_negatives=shared_negatives,
+        in_batch_negatives=in_batch_negatives)
   if pack_row_multiple:
     # Every example's input length: each process computes the global batch's
     # layout and loads the users of its own rows.
@@ -364,12 +373,16 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
                  users: np.ndarray, task: str, max_len: int, num_negatives: int,
                  mask_prob: float, seed: int, epoch: int,
                  negative_cdf: np.ndarray | None = None,
-                 shared_negatives: bool = False) -> dict[str, np.ndarray]:
+                 shared_negatives: bool = False,
+                 in_batch_negatives: bool = False) -> dict[str, np.ndarray]:
   """This process's rows of a global batch of sequence examples, one user at a time.
 
   For the 'autoregressive' and 'masked' tasks (one example per user); window
   examples are built by ``_window_batch``.
   """
+  # Every process reads the whole global batch's items: the same pool for all.
+  pool = (_batch_items(dataset, users[np.asarray(indices)], task, max_len)
+          if in_batch_negatives else None)
   indices = np.asarray(indices)[rows]
   size = len(indices)
   batch = {
@@ -398,13 +411,28 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
         seq, dataset.withheld_items)  # Cold-start items are never negatives either.
     drawn_rows = (int(has_target.any()) if shared_negatives else int(has_target.sum()))
     shape = (drawn_rows, num_negatives)
-    drawn = (negatives.sample_uniform(rng, dataset.num_items, seen, shape) if negative_cdf is None
-             else negatives.sample_popular(rng, negative_cdf, seen, shape))
+    if pool is not None:
+      drawn = pool[rng.integers(0, len(pool), size=shape)]
+      drawn = np.where(np.isin(drawn, seen), 0, drawn)  # seen: ignored, not redrawn
+    elif negative_cdf is None:
+      drawn = negatives.sample_uniform(rng, dataset.num_items, seen, shape)
+    else:
+      drawn = negatives.sample_popular(rng, negative_cdf, seen, shape)
     if shared_negatives:
       batch["negatives"][row, :drawn_rows] = drawn
     else:
       batch["negatives"][row, has_target] = drawn
   return batch
+
+
+def _batch_items(dataset: builders.Dataset, batch_users: np.ndarray, task: str,
+                 max_len: int) -> np.ndarray:
+  """int64: the items the batch's examples train on (their targets' windows), with repeats."""
+  keep = max_len + 1 if task == "autoregressive" else max_len
+  items = [preprocess.split_train(np.asarray(record["item_seq"]))[-keep:]
+           for record in _read(dataset.source, batch_users)]
+  pool = np.concatenate([np.zeros(0, np.int64)] + [np.asarray(i, np.int64) for i in items])
+  return pool if len(pool) else np.zeros(1, np.int64)  # no items: every draw is 0
 
 
 def _window_batch(indices: np.ndarray, *, rows: slice, table: negatives.WindowTable,

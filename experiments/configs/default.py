@@ -134,8 +134,9 @@ def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   # True: one set of num_negatives per sequence, shared by its positions (the
   # SASRec+ code's 3,000); rows are then never packed.
   config.train.shared_negatives = False
-  # uniform | popularity (in proportion to training counts; sampled_softmax
-  # then subtracts log q from every logit, the logQ correction).
+  # uniform | popularity (in proportion to training counts) | in_batch (from
+  # the batch's own items); with either of the last two, sampled_softmax
+  # subtracts log q (the item's training share) from every logit: logQ.
   config.train.negative_sampling = "uniform"
   config.train.temperature = 1.0  # logits are divided by it in the loss (1 = none)
   config.train.gbce_t = 0.75  # gbce: calibration t in [0, 1] (0 = plain bce)
