@@ -513,7 +513,7 @@ def test_qkv_init_torch_mha_scale():
   dim = 128
   model = sasrec.Model(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=9, dim=dim,
                        num_blocks=1, init_std=0.02, qkv_init="torch_mha")
-  params = model.init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), np.ones((1, 4), np.int32))["params"]
   attention = params["block_0"]["attention"]
   bound = np.sqrt(6.0 / (4 * dim))  # torch's xavier_uniform_ on the [3d, d] in-projection
   for name in ("query", "key", "value"):
@@ -523,7 +523,7 @@ def test_qkv_init_torch_mha_scale():
   np.testing.assert_allclose(np.asarray(attention["out"]["kernel"]).std(), 0.02, rtol=0.03)
   same = sasrec.Model(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=9, dim=dim,
                       num_blocks=1, init_std=0.02)
-  query = same.init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]["block_0"][
+  query = jax.jit(same.init)(jax.random.key(0), np.ones((1, 4), np.int32))["params"]["block_0"][
       "attention"]["query"]["kernel"]
   np.testing.assert_allclose(np.asarray(query).std(), 0.02, rtol=0.03)
   with pytest.raises(ValueError, match="model.qkv_init"):
