@@ -6,8 +6,8 @@ r"""'Our best' SASRec on ML-1M (3,416 items): a validation-only search around SA
 
 Every trial starts from the SASRec+ row of the leaderboard (full softmax
 cross-entropy, weights ~ normal(0, 0.02)) and varies what the issue allows to
-tune: width, depth, heads, dropout, learning rate, label smoothing and the
-block arrangement. Trials are ranked on validation NDCG@10 only; the best is
+tune: width, depth, heads, dropout, learning rate, label smoothing, the
+block arrangement, which end positions count from and the Q/K/V init. Trials are ranked on validation NDCG@10 only; the best is
 retrained with 3 seeds and its test number reported once. Each trial is up
 to 100 epochs (~40 min on 2 CPU cores), so the search spans sessions: a
 rerun of the command resumes the study.
@@ -27,6 +27,8 @@ def get_config(dataset: str = "ml-1m") -> ml_collections.ConfigDict:
       ("model.num_heads", {"choices": (1, 2)}),
       ("model.dropout_rate", {"low": 0.1, "high": 0.5}),
       ("model.block", {"choices": ("sasrec", "pre_ln")}),
+      ("model.positions_from", {"choices": ("end", "start")}),
+      ("model.qkv_init", {"choices": ("same", "torch_mha")}),
       ("train.learning_rate", {"low": 3e-4, "high": 3e-3, "log": True}),
       ("train.label_smoothing", {"low": 0.0, "high": 0.3}),
   )
