@@ -7,8 +7,9 @@ r"""'Our best' SASRec on ML-1M (3,416 items): a validation-only search around SA
 Every trial starts from the SASRec+ row of the leaderboard (full softmax
 cross-entropy, weights ~ normal(0, 0.02)) and varies what the issue allows to
 tune: width, depth, heads, dropout, learning rate, label smoothing, the
-block arrangement, which end positions count from and the Q/K/V init. Trials are ranked on validation NDCG@10 only; the best is
-retrained with 3 seeds and its test number reported once. Each trial is up
+block arrangement, which end positions count from and the Q/K/V init.
+Trials are ranked on validation NDCG@10 only; the best is retrained with 3
+seeds and its test number reported once. Each trial is up
 to 100 epochs (~40 min on 2 CPU cores), so the search spans sessions: a
 rerun of the command resumes the study.
 """
