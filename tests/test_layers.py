@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import random as jex_random
 
 from deeprec_jax.models import layers
 
@@ -581,3 +582,19 @@ def test_l2_normalize_values_and_gradient_at_a_zero_row():
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
   np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(layers.l2_normalize(jnp.asarray(x))[1], 0.0)
+
+
+def test_dropout_keep_mask_is_the_16_bit_draws_below_the_threshold():
+  """The mask is ``draw < round(keep * 2**16)`` for the four 16-bit draws of each hash, in order."""
+  key, shape, keep_prob = jax.random.key(3, impl="rbg"), (3, 2, 10), 0.7
+  keep, scale = layers.dropout_keep_mask(key, shape, keep_prob)
+  seed = np.asarray(jax.random.bits(key, (2,), jnp.uint32))
+  rows, words = 6, 3  # ceil(10 / 4) hashes per row
+  row, col = np.meshgrid(np.arange(rows, dtype=np.uint32), np.arange(words, dtype=np.uint32),
+                         indexing="ij")
+  high, low = (np.asarray(x, np.uint64) for x in jex_random.threefry2x32_p.bind(
+      jnp.uint32(seed[0]), jnp.uint32(seed[1]), jnp.asarray(row), jnp.asarray(col)))
+  draws = np.concatenate([high >> 16, high & 0xFFFF, low >> 16, low & 0xFFFF], axis=-1)
+  threshold = round(keep_prob * 2**16)
+  np.testing.assert_array_equal(np.asarray(keep), (draws[:, :10] < threshold).reshape(shape))
+  assert scale == 2**16 / threshold
