@@ -380,10 +380,15 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
   For the 'autoregressive' and 'masked' tasks (one example per user); window
   examples are built by ``_window_batch``.
   """
-  # Every process reads the whole global batch's items: the same pool for all.
-  pool = (_batch_items(dataset, users[np.asarray(indices)], task, max_len)
-          if in_batch_negatives else None)
-  indices = np.asarray(indices)[rows]
+  indices = np.asarray(indices)
+  pool, records = None, None
+  if in_batch_negatives:
+    # Every process reads the whole global batch: the same pool for all, and
+    # its own rows' records come from that one read.
+    every_record = _read(dataset.source, users[indices])
+    pool = _batch_items(every_record, task, max_len)
+    records = every_record[rows]
+  indices = indices[rows]
   size = len(indices)
   batch = {
       "item_seq": np.zeros((size, max_len), np.int32),
@@ -392,7 +397,8 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
                             np.int32),
       "user": np.zeros((size,), np.int32),
   }
-  records = _read(dataset.source, users[indices])
+  if records is None:
+    records = _read(dataset.source, users[indices])
   for row, (index, record) in enumerate(zip(indices, records, strict=True)):
     user = int(users[index])
     seq = np.asarray(record["item_seq"])
@@ -425,12 +431,11 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
   return batch
 
 
-def _batch_items(dataset: builders.Dataset, batch_users: np.ndarray, task: str,
-                 max_len: int) -> np.ndarray:
+def _batch_items(records: Sequence[Mapping[str, Any]], task: str, max_len: int) -> np.ndarray:
   """int64: the items the batch's examples train on (their targets' windows), with repeats."""
   keep = max_len + 1 if task == "autoregressive" else max_len
   items = [preprocess.split_train(np.asarray(record["item_seq"]))[-keep:]
-           for record in _read(dataset.source, batch_users)]
+           for record in records]
   pool = np.concatenate([np.zeros(0, np.int64)] + [np.asarray(i, np.int64) for i in items])
   return pool if len(pool) else np.zeros(1, np.int64)  # no items: every draw is 0
 
