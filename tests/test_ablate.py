@@ -414,6 +414,7 @@ def tiny_sweep(tmp_path_factory):
   return {"workdir": workdir, "cache": cache, "stdout": result.stdout}
 
 
+@pytest.mark.slow  # the tiny_sweep fixture: ~60 s of training through the binary
 def test_tiny_grid_writes_a_row_per_run(tiny_sweep):
   workdir = tiny_sweep["workdir"]
   rows = report.read_csv(os.path.join(workdir, "results.csv"))
@@ -434,6 +435,7 @@ def test_tiny_grid_writes_a_row_per_run(tiny_sweep):
   assert "| attention | num_blocks | HR@10 | NDCG@10 | MRR@10 |" in tiny_sweep["stdout"]
 
 
+@pytest.mark.slow  # the tiny_sweep fixture: ~60 s of training through the binary
 def test_table_mean_and_std_match_numpy_over_results_csv(tiny_sweep):
   workdir = tiny_sweep["workdir"]
   rows = report.read_csv(os.path.join(workdir, "results.csv"))
@@ -451,6 +453,7 @@ def test_table_mean_and_std_match_numpy_over_results_csv(tiny_sweep):
       assert std == pytest.approx(values.std(ddof=1), abs=5e-5), (attention, blocks, name)
 
 
+@pytest.mark.slow  # the tiny_sweep fixture: ~60 s of training through the binary
 def test_latex_table_is_structurally_sound(tiny_sweep):
   with open(os.path.join(tiny_sweep["workdir"], "table.tex"), encoding="utf-8") as f:
     tex = f.read()
@@ -463,6 +466,7 @@ def test_latex_table_is_structurally_sound(tiny_sweep):
   assert r"\caption{" in tex and "2 seeds" in tex and "test split" in tex
 
 
+@pytest.mark.slow  # the tiny_sweep fixture: ~60 s of training through the binary
 def test_rerun_skips_finished_runs(tiny_sweep):
   workdir = tiny_sweep["workdir"]
   finals = [os.path.join(workdir, "runs", name, "final_metrics.json")
@@ -475,6 +479,7 @@ def test_rerun_skips_finished_runs(tiny_sweep):
   assert [os.stat(path).st_mtime_ns for path in finals] == before
 
 
+@pytest.mark.slow  # the tiny_sweep fixture: ~60 s of training through the binary
 def test_failing_point_is_recorded_and_the_others_finish(tiny_sweep, tmp_path):
   config_file = tmp_path / "broken.py"
   config_file.write_text(
