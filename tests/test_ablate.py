@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from deeprec_jax import workdir as workdir_lib
 from deeprec_jax.ablation import plan, report, run
 from experiments.configs.ablations import tiny_grid
 
@@ -208,6 +209,20 @@ def test_report_only_tables_the_finished_runs_and_trains_nothing(tmp_path):
   with open(os.path.join(workdir, "table.md"), encoding="utf-8") as f:
     lines = f.read().splitlines()
   assert lines[4] == "| c | todo | todo | todo |", lines
+
+
+def test_second_sweep_on_a_busy_workdir_is_refused_and_trains_nothing(tmp_path):
+  workdir = str(tmp_path / "sweep")
+  calls = []
+  with workdir_lib.locked(workdir):  # stands in for a sweep already training there
+    with pytest.raises(workdir_lib.WorkdirLockedError, match="in use by another run"):
+      run.run_ablation(_tiny(), workdir, train_fn=_counting(calls))
+    assert not calls
+    # Reading the finished runs does not need the lock.
+    run.run_ablation(_tiny(), workdir, report_only=True, train_fn=_counting(calls))
+  assert not calls
+  run.run_ablation(_tiny(), workdir, train_fn=_counting(calls))  # released: trains
+  assert len(calls) == 8
 
 
 def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path):

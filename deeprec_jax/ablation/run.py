@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import ml_collections
 from absl import logging
 
+from deeprec_jax import workdir as workdir_lib
 from deeprec_jax.ablation import plan, report
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict[str, Any]]
@@ -253,6 +254,9 @@ def run_ablation(ablation_config: ml_collections.ConfigDict, workdir: str, *,
 
   Returns:
     The dry-run listing, or the markdown table and the rows of results.csv.
+
+  Raises:
+    workdir.WorkdirLockedError: another process is training this sweep.
   """
   runs = plan.plan_runs(ablation_config, workdir)
   if dry_run:
@@ -260,12 +264,14 @@ def run_ablation(ablation_config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   if compilation_cache:
     use_compilation_cache(os.path.join(workdir, "jax_cache"))
-  if report_only:
-    pass
-  elif executor is None:
-    execute(runs, parallel=parallel, train_fn=train_fn)
-  else:
-    executor.execute(runs, train_fn=train_fn)
+  if not report_only:
+    # One sweep process per workdir: a second one would start the next
+    # unfinished row beside the first's (each run only locks its own dir).
+    with workdir_lib.locked(workdir):
+      if executor is None:
+        execute(runs, parallel=parallel, train_fn=train_fn)
+      else:
+        executor.execute(runs, train_fn=train_fn)
   rows = report.collect_results(workdir, ablation_config.split, [run.workdir for run in runs])
   for row, planned in zip(rows, runs, strict=True):
     if row["status"] == "todo":  # no point.json yet: the plan names the point
