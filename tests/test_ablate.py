@@ -283,6 +283,22 @@ def test_changed_config_in_the_same_workdir_is_refused(tmp_path):
     run.run_ablation(_tiny(epochs=3), str(tmp_path), train_fn=fake_train)
 
 
+def test_unfinished_run_resumes_with_a_new_patience_and_a_finished_one_refuses(tmp_path):
+  def interrupted(config, workdir):
+    raise RuntimeError("killed")  # stands in for a run stopped part-way
+  config = _points_config({"label": "a"})
+  run.run_ablation(config, str(tmp_path), train_fn=interrupted)
+  config.overrides.train.patience = 10
+  calls = []
+  outcome = run.run_ablation(config, str(tmp_path), train_fn=_counting(calls))
+  assert len(calls) == 1 and outcome.rows[0]["status"] == "ok"
+  point = plan.read_json(os.path.join(calls[0], plan.POINT_FILE))
+  assert point["config"]["train"]["patience"] == 10  # the record names the new value
+  config.overrides.train.patience = 3
+  with pytest.raises(ValueError, match=r"train\.patience: 10 -> 3"):
+    run.run_ablation(config, str(tmp_path), train_fn=_counting(calls))
+
+
 # ----------------------------------------------------------------------------
 # Summaries, tables and plots on synthetic rows.
 

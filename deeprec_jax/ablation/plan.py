@@ -31,6 +31,9 @@ from deeprec_jax import run_config
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FINAL_METRICS = "final_metrics.json"  # written last by train.train_and_evaluate
 TRAIN_TIME_FILE = "train_time.json"  # train.py: the training loop's seconds over all resumes
+# Config keys an unfinished run may resume with another value: they decide
+# only when it stops, not what the steps so far computed.
+RESUMABLE_KEYS = ("train.patience",)
 POINT_FILE = "point.json"  # what this run is: label, varied values, seed, full config
 STATUS_FILE = "status.json"  # ok | failed, train_seconds, one-line error
 ERROR_FILE = "error.txt"  # traceback of a failed run
@@ -360,7 +363,11 @@ def plan_runs(ablation_config: ml_collections.ConfigDict, workdir: str) -> list[
 
 
 def _check_same_config(run: Run) -> None:
-  """Refuses to resume (or skip) a run directory trained with another config."""
+  """Refuses to resume (or skip) a run directory trained with another config.
+
+  An unfinished run may resume with a changed ``RESUMABLE_KEYS`` value; a
+  finished one may not, since its result belongs to the old value.
+  """
   path = os.path.join(run.workdir, POINT_FILE)
   if not os.path.exists(path):
     return
@@ -370,6 +377,8 @@ def _check_same_config(run: Run) -> None:
   before = flatten(saved)
   now = flatten(config_json(run.config))
   changed = run_config.config_changes(before, now)
+  if run_status(run.workdir) != "ok":
+    changed = [key for key in changed if key not in RESUMABLE_KEYS]
   if changed:
     diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
     raise ValueError(f"{run.workdir} holds a run of a different config ({diffs}"
