@@ -245,11 +245,19 @@ def np_block(x, valid, p, kind, num_heads, causal, activation, arrangement="sasr
 
   'sasrec': q = LN1(x); h = q + Att(q, x); f = LN2(h); (f + FFN(f)) * valid.
   'pre_ln': n = LN1(x); h = x + Att(n, n); (h + FFN(LN2(h))) * valid.
+  'post_ln': h = LN1(x + Att(x, x)); LN2(h + FFN(h)) * valid.
   """
   seq_len = x.shape[1]
   allowed = np.repeat(valid[:, None, :], seq_len, axis=1)
   if causal:
     allowed = allowed & np.tril(np.ones((seq_len, seq_len), bool))
+  ffn = p["ffn"]
+  np_ffn = lambda v: (activation(v @ ffn["dense_in"]["kernel"] + ffn["dense_in"]["bias"])
+                      @ ffn["dense_out"]["kernel"] + ffn["dense_out"]["bias"])
+  if arrangement == "post_ln":
+    h = np_layer_norm(x + np_attention(x, x, allowed, p["attention"], kind, num_heads),
+                      p["ln_attention"])
+    return np_layer_norm(h + np_ffn(h), p["ln_ffn"]) * valid[..., None]
   q = np_layer_norm(x, p["ln_attention"])
   if arrangement == "pre_ln":
     h = x + np_attention(q, q, allowed, p["attention"], kind, num_heads)
@@ -289,7 +297,8 @@ def np_sasrec(params, item_seq, *, kind, num_heads, num_blocks, max_len, arrange
   return np_layer_norm(x, p["final_ln"]) * valid[..., None]
 
 
-def np_bert4rec(params, item_seq, *, kind, num_heads, num_blocks, max_len, positions_from="end"):
+def np_bert4rec(params, item_seq, *, kind, num_heads, num_blocks, max_len, positions_from="end",
+                arrangement="sasrec"):
   """x = LN(E[s] + P[-L:]) * valid; bidirectional GELU blocks; LN; LN(GELU(W x + b)) * valid."""
   p = f64(params)
   valid = item_seq != 0
@@ -297,7 +306,8 @@ def np_bert4rec(params, item_seq, *, kind, num_heads, num_blocks, max_len, posit
                                                             positions_from)
   x = np_layer_norm(x, p["embed_ln"]) * valid[..., None]
   for i in range(num_blocks):
-    x = np_block(x, valid, p[f"block_{i}"], kind, num_heads, causal=False, activation=np_gelu)
+    x = np_block(x, valid, p[f"block_{i}"], kind, num_heads, causal=False, activation=np_gelu,
+                 arrangement=arrangement)
   x = np_layer_norm(x, p["final_ln"])
   x = x @ p["head"]["kernel"] + p["head"]["bias"]
   return np_layer_norm(np_gelu(x), p["head_ln"]) * valid[..., None]
@@ -347,6 +357,27 @@ def test_pre_ln_sasrec_matches_numpy():
   original = np_sasrec(params, item_seq, kind="dot_product", num_heads=2, num_blocks=2,
                        max_len=max_len)
   assert np.abs(original - expected).max() > 1e-2
+
+
+def test_post_ln_bert4rec_matches_numpy():
+  """model.block = 'post_ln' (BERT's block, 4 * dim FFN): layer-normed residual sums."""
+  max_len, seq_len = 9, 7
+  model = bert4rec.Model(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=max_len, dim=DIM,
+                         num_blocks=2, num_heads=2, dropout_rate=0.3, block="post_ln",
+                         ffn_dim=4 * DIM)
+  item_seq = left_padded([7, 4, 1], seq_len, seed=11)
+  item_seq[:2, -1] = NUM_ITEMS + 1  # The mask token at the evaluated slot.
+  params = random_params(model, item_seq, seed=12)
+  hidden, _, last, _ = forward_and_scores(model, params, item_seq, with_last_only=True)
+  expected = np_bert4rec(params, item_seq, kind="dot_product", num_heads=2, num_blocks=2,
+                         max_len=max_len, arrangement="post_ln")
+  assert_close(hidden, expected, "post_ln bert4rec hidden")
+  assert_close(last, expected[:, -1:], "post_ln bert4rec last_only")
+  np.testing.assert_array_equal(hidden[item_seq == 0], 0.0)
+  for arrangement in ("sasrec", "pre_ln"):  # the arrangement matters
+    other = np_bert4rec(params, item_seq, kind="dot_product", num_heads=2, num_blocks=2,
+                        max_len=max_len, arrangement=arrangement)
+    assert np.abs(other - expected).max() > 1e-2, arrangement
 
 
 def _one_block_states(name, seed, **fields):

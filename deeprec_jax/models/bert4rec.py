@@ -16,7 +16,8 @@ scores with the item table alone.
 Differences from the original (kept so that SASRec and BERT4Rec differ only in
 what the paper is about, direction and objective): the blocks are the SASRec
 pre-LN blocks of ``encoder.SelfAttentionBlock`` with a final LayerNorm, rather
-than BERT's post-LN blocks, and layer norms use epsilon 1e-8. As in BERT the
+than BERT's post-LN blocks (``model.block='post_ln'`` gives those), and layer
+norms use epsilon 1e-8. As in BERT the
 embeddings are not scaled, are layer-normed, and all weights start from a
 truncated normal with stddev 0.02.
 

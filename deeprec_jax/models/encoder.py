@@ -125,8 +125,15 @@ class SelfAttentionBlock(nn.Module):
       h = x + Attention(LN_1(x))
       y = (h + FFN(LN_2(h))) * valid
 
+  ``arrangement='post_ln'`` is BERT's (and the original Transformer's) block,
+  as the BERT4Rec reimplementations built on Hugging Face's ``BertModel`` run
+  it: each sublayer's residual sum is layer-normed:
+
+      h = LN_1(x + Attention(x))
+      y = LN_2(h + FFN(h)) * valid
+
   Attributes:
-    arrangement: 'sasrec' or 'pre_ln' (``validation.BLOCK_ARRANGEMENTS``).
+    arrangement: 'sasrec', 'pre_ln' or 'post_ln' (``validation.BLOCK_ARRANGEMENTS``).
     attention: 'dot_product' or 'additive'.
     attention_impl: 'xla' (``layers``) or 'pallas' (``pallas_attention``).
     num_heads: attention heads.
@@ -200,6 +207,15 @@ class SelfAttentionBlock(nn.Module):
     mask = layers.attention_mask(valid, causal=self.causal, segment_ids=segment_ids)
     if last_only:
       mask, valid = mask[:, :, -1:], valid[:, -1:]
+    ffn = PointwiseFeedForward(hidden_dim=self.ffn_dim, activation=self.activation,
+                               dropout_rate=self.dropout_rate, dtype=self.dtype,
+                               param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                               name="ffn")
+    if self.arrangement == "post_ln":
+      q = x[:, -1:] if last_only else x
+      h = layer_norm("ln_attention")(q + attend(q, x, mask, deterministic=deterministic))
+      y = layer_norm("ln_ffn")(h + ffn(h, deterministic=deterministic))
+      return y * valid[..., None].astype(y.dtype)
     pre_ln = self.arrangement == "pre_ln"
     if pre_ln:
       x = layer_norm("ln_attention")(x)  # keys and values see the normalized input too
@@ -209,10 +225,6 @@ class SelfAttentionBlock(nn.Module):
       q = residual = layer_norm("ln_attention")(x[:, -1:] if last_only else x)
     h = residual + attend(q, x, mask, deterministic=deterministic)
     f = layer_norm("ln_ffn")(h)
-    ffn = PointwiseFeedForward(hidden_dim=self.ffn_dim, activation=self.activation,
-                               dropout_rate=self.dropout_rate, dtype=self.dtype,
-                               param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                               name="ffn")
     y = (h if pre_ln else f) + ffn(f, deterministic=deterministic)
     return y * valid[..., None].astype(y.dtype)
 

@@ -15,7 +15,7 @@ import numpy as np
 # Attention forms of the self-attention models (encoder.SelfAttentionBlock).
 ATTENTION_KINDS = ("dot_product", "additive")
 # SASRec's block (LN on the query, normalized residuals) or a textbook pre-LN one.
-BLOCK_ARRANGEMENTS = ("sasrec", "pre_ln")
+BLOCK_ARRANGEMENTS = ("sasrec", "pre_ln", "post_ln")
 # model.positions_from: which end of a sequence gets positional row 0 / max_len - 1.
 POSITION_ORIGINS = ("end", "start")
 # model.qkv_init: Q/K/V kernels like the other kernels, or as nn.MultiheadAttention.

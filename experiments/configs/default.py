@@ -91,7 +91,7 @@ def model_config() -> ml_collections.ConfigDict:
   model.ffn_dim = 0  # FFN inner width (0 = dim, as SASRec; BERT uses 4 * dim)
   model.l2_norm = False  # unit states and item vectors: cosine scores (generative-recommenders)
   model.output_table = False  # score against a separate output item table (gSASRec)
-  model.block = "sasrec"  # sasrec (LN on the query, normalized residuals) | pre_ln
+  model.block = "sasrec"  # sasrec (LN on the query, normalized residuals) | pre_ln | post_ln
   model.positions_from = "end"  # positional row 0 at: end (SASRec code) | start (SASRec+ code)
   model.qkv_init = "same"  # Q/K/V kernels: same as the others | torch_mha (SASRec+ code)
   model.attention = "dot_product"  # dot_product | additive
