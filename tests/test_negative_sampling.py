@@ -26,7 +26,7 @@ def _counts(trainer: train.Trainer) -> np.ndarray:
 def _draws_and_expectation(trainer: train.Trainer) -> tuple[np.ndarray, np.ndarray]:
   """Observed negatives per item over 3 epochs, and their expected counts by popularity.
 
-  Each draw for user ``u`` picks item ``i`` outside ``u``'s sequence with
+  Each draw for user ``u`` picks item ``i`` outside ``u``'s training part with
   probability ``c_i / sum_{j not seen} c_j`` (``c`` = training counts).
   """
   counts = _counts(trainer).astype(np.float64)
@@ -37,8 +37,8 @@ def _draws_and_expectation(trainer: train.Trainer) -> tuple[np.ndarray, np.ndarr
         has_target = batch["targets"][row] > 0
         drawn = batch["negatives"][row][has_target]
         assert (batch["negatives"][row][~has_target] == 0).all()
-        seen = np.unique(trainer.dataset.source[int(user)]["item_seq"])
-        assert not np.isin(drawn, seen).any()  # never an item the user saw
+        seen = np.unique(preprocess.split_train(trainer.dataset.source[int(user)]["item_seq"]))
+        assert not np.isin(drawn, seen).any()  # never an item the user trains on
         allowed = counts.copy()
         allowed[seen] = 0.0
         observed += np.bincount(drawn.ravel(), minlength=len(counts))
@@ -187,8 +187,8 @@ def test_in_batch_negatives_come_from_the_batch_and_never_from_the_history(pack)
     if not pack:
       for row, user in enumerate(raw["user"]):
         mine = raw["negatives"][row][raw["targets"][row] > 0]
-        seen = np.unique(source[int(user)]["item_seq"])
-        assert not np.isin(mine[mine > 0], seen).any()  # never the user's own items
+        seen = preprocess.split_train(np.asarray(source[int(user)]["item_seq"]))
+        assert not np.isin(mine[mine > 0], seen).any()  # never the user's training items
   assert drawn_any > 0
 
 

@@ -167,10 +167,21 @@ def test_negatives_outside_the_users_sequence(task):
     batch = ds[step]
     for targets, negatives, user in zip(batch["targets"], batch["negatives"], batch["user"],
                                         strict=True):
-      seq = dataset.source[user]["item_seq"]
+      train_part = preprocess.split_train(dataset.source[user]["item_seq"])
       assert np.all((negatives == 0) == (targets == 0)[:, None])
-      assert not np.isin(negatives[negatives != 0], seq).any()
+      assert not np.isin(negatives[negatives != 0], train_part).any()
       assert np.all(negatives <= dataset.num_items)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_training_negatives_may_be_the_held_out_items(task):
+  """Only the training part is excluded: the validation and test items are unknown then."""
+  dataset = _dataset([np.arange(1, 9)], num_items=8)  # trains on 1..6; 7, 8 held out
+  drawn = np.concatenate([_train(dataset, task, epoch=epoch, global_batch_size=1, max_len=3,
+                                 num_targets=1)[step]["negatives"].ravel()
+                          for epoch in range(3) for step in range(2)])
+  drawn = drawn[drawn > 0]
+  assert drawn.size and set(drawn) == {7, 8}, np.unique(drawn)
 
 
 @pytest.mark.parametrize("task", ["autoregressive", "masked"])
@@ -184,7 +195,8 @@ def test_shared_negatives_one_set_per_sequence(task):
     for targets, negatives, user in zip(batch["targets"], batch["negatives"], batch["user"],
                                         strict=True):
       assert targets.any() and (negatives > 0).all()
-      assert not np.isin(negatives, dataset.source[user]["item_seq"]).any()
+      train_part = preprocess.split_train(dataset.source[user]["item_seq"])
+      assert not np.isin(negatives, train_part).any()
   _assert_batches_equal(ds[1], _train(dataset, task, shared_negatives=True, num_negatives=5)[1])
   with pytest.raises(ValueError, match="train.shared_negatives"):
     _train(dataset, task, shared_negatives=True, pack_row_multiple=8)
@@ -193,7 +205,8 @@ def test_shared_negatives_one_set_per_sequence(task):
 
 
 def test_negatives_when_the_user_has_every_item():
-  dataset = _dataset([np.arange(1, 6), np.arange(5, 0, -1)], num_items=5)
+  # Both users train on every item (their held-out items repeat training ones).
+  dataset = _dataset([[1, 2, 3, 4, 5, 1, 2], [5, 4, 3, 2, 1, 5, 4]], num_items=5)
   batch = _train(dataset, "autoregressive", global_batch_size=2)[0]
   assert np.all(batch["negatives"] == 0)
   evaluation = _eval(dataset, batch_size=2)[0]
@@ -202,9 +215,11 @@ def test_negatives_when_the_user_has_every_item():
 
 def test_window_negatives_uniform_outside_the_sequence():
   """Hashed window negatives: a chi-square test against uniform over unseen items."""
-  seen = np.arange(1, 11)  # Every user saw items 1..10 in some order.
+  seen = np.arange(1, 11)  # Every user trains on items 1..10 in some order.
   rng = np.random.default_rng(0)
-  dataset = _dataset([rng.permutation(seen) for _ in range(50)], num_items=NUM_ITEMS)
+  # Held out: 11 and 12, which stay among the 30 allowed negatives 11..40.
+  dataset = _dataset([np.concatenate([rng.permutation(seen), [11, 12]]) for _ in range(50)],
+                     num_items=NUM_ITEMS)
   ds = _train(dataset, "window", global_batch_size=50, num_negatives=20, num_targets=1,
               max_len=3)
   negatives = np.concatenate([ds[step]["negatives"].ravel() for step in range(len(ds))])
@@ -219,8 +234,10 @@ def test_window_negatives_uniform_outside_the_sequence():
 def test_window_negatives_for_nearly_and_fully_covered_users():
   """Users with < 25% of the catalogue left draw from the complement; none left gives 0."""
   num_items = 12
-  dense = np.concatenate([np.arange(1, 11), [11]])  # Only item 12 unseen.
-  full = np.arange(num_items, 0, -1)
+  # Held-out items repeat training ones: only item 12 is outside the
+  # first user's training part, none outside the second's.
+  dense = np.concatenate([np.arange(1, 12), [1, 2]])
+  full = np.concatenate([np.arange(num_items, 0, -1), [1, 2]])
   dataset = _dataset([dense, full], num_items=num_items)
   ds = _train(dataset, "window", global_batch_size=1, num_negatives=4, num_targets=1,
               max_len=3)
@@ -524,7 +541,7 @@ def test_long_sequences_keep_the_most_recent_items():
 
   Formerly a wall-time check; what matters is that long histories are cut to
   their most recent items, with next-item targets and negatives outside the
-  sequence.
+  training part.
   """
   dataset = _random_dataset(num_users=300, num_items=3000, max_length=400)
   ds = _train(dataset, "autoregressive", max_len=200, global_batch_size=128, num_negatives=1)
@@ -542,5 +559,5 @@ def test_long_sequences_keep_the_most_recent_items():
       np.testing.assert_array_equal(targets[200 - n:], train[-n:])
       assert not item_seq[:200 - n].any() and not targets[:200 - n].any()
       real = negatives[200 - n:, 0]
-      assert np.all(real > 0) and not np.isin(real, seq).any()
+      assert np.all(real > 0) and not np.isin(real, train).any()
   assert long_rows > 50  # Many histories are longer than the input.

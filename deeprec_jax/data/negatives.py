@@ -1,4 +1,4 @@
-"""Negative sampling: items a user never interacted with.
+"""Negative sampling: items outside a user's training part.
 
 ``sample_uniform`` and ``sample_popular`` draw from a ``numpy`` Generator
 (sequence and evaluation examples); ``WindowTable`` holds every user's training
@@ -93,7 +93,7 @@ class WindowTable:
       (``preprocess.split_train``) one after another.
     train_offsets: int64 ``[num_users]``, where each user's part starts.
     seen_keys: sorted int64 ``user * (num_items + 1) + item`` for every item in
-      a user's whole sequence (held-out items included: never negatives).
+      a user's training part (never negatives; held-out items may be).
     num_seen: int64 ``[num_users]``, distinct items per user.
     num_items: items ``1..num_items``.
   """
@@ -109,7 +109,7 @@ class WindowTable:
     """The table of every user's whole sequence (int64, user ``i`` at ``sequences[i]``)."""
     trains = [preprocess.split_train(seq) for seq in sequences]
     train_lengths = np.array([len(t) for t in trains], np.int64)
-    seen = [np.unique(seq) for seq in sequences]
+    seen = [np.unique(train) for train in trains]
     stride = num_items + 1
     seen_keys = np.concatenate(
         [np.zeros(0, np.int64)] + [user * stride + items for user, items in enumerate(seen)])
@@ -119,7 +119,7 @@ class WindowTable:
                num_items=num_items)
 
   def is_seen(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Elementwise ``items[i] in sequence of users[i]`` (broadcasting)."""
+    """Elementwise ``items[i] in the training part of users[i]`` (broadcasting)."""
     return _contains(self.seen_keys, users * (self.num_items + 1) + items)
 
 

@@ -81,9 +81,10 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
       If no item was drawn, the last one is masked: every sequence teaches
       something, and the last position is the one evaluation asks about.
   ``negatives[..., k]`` are drawn uniformly (or, with ``negative_cdf``, in
-  proportion to training popularity) from the items the user never
-  interacted with (the whole sequence, valid and test items included, as
-  SASRec does), 0 where the target is 0; with ``shared_negatives``, one set
+  proportion to training popularity) from the items outside the user's
+  training part, as the SASRec code's sampler does (its held-out validation
+  and test items can be drawn: excluding them would tell training what they
+  are), 0 where the target is 0; with ``shared_negatives``, one set
   of ``k`` per sequence, ``negatives[B, 1, k]``, that all its positions share
   (as the SASRec+ code samples its 3,000 negatives). With
   ``in_batch_negatives`` they are drawn from the items of the whole global
@@ -413,8 +414,10 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
     batch["item_seq"][row, max_len - len(inputs):] = inputs
     batch["targets"][row, max_len - len(targets):] = targets
     has_target = batch["targets"][row] != 0
-    seen = np.unique(seq) if dataset.withheld_items is None else np.union1d(
-        seq, dataset.withheld_items)  # Cold-start items are never negatives either.
+    # Only training items are known at training time; cold-start items are
+    # never negatives either.
+    seen = np.unique(train) if dataset.withheld_items is None else np.union1d(
+        train, dataset.withheld_items)
     drawn_rows = (int(has_target.any()) if shared_negatives else int(has_target.sum()))
     shape = (drawn_rows, num_negatives)
     if pool is not None:
