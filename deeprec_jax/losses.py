@@ -25,6 +25,7 @@ sigmoid tails lose too much in 8 mantissa bits.
 """
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -104,6 +105,7 @@ def _masked_mean(per_target: Array, targets: Array,
 
 
 def bce_sampled(hidden: Array, item_table: Array, targets: Array, negatives: Array, *,
+                log_k_offset: bool = False,
                 return_count: bool = False) -> Array | tuple[Array, Array]:
   """SASRec's binary cross-entropy with sampled negatives.
 
@@ -117,11 +119,21 @@ def bce_sampled(hidden: Array, item_table: Array, targets: Array, negatives: Arr
   SASRec's ``sum(-log σ(pos) - log σ(-neg)) / sum(is_target)``. Ignored
   negatives (0 or equal to the target) contribute 0.
 
+  With ``log_k_offset`` every logit (positive and negatives) is ``s - log k``
+  (a no-op at ``k = 1``). Against ``k`` negatives the best BCE logits sit
+  near ``log(p_item / (k q_item))``, about ``log k`` below zero; a bias-free
+  dot-product scorer starts at zero and must first build that shift out of a
+  component shared by every item vector, and until it has, it ranks by
+  popularity (docs/results.md, "Many-negative BCE"). The offset starts it
+  there; rankings and the set of reachable scores do not change.
+
   Args:
     hidden: ``float[B, L, D]`` or ``float[B, D]`` (window models).
     item_table: ``float[N + 1, D]``, row 0 = padding.
     targets: ``int[B, L]`` or ``int[B, T]``; 0 = no target.
     negatives: ``int[..., k]`` broadcastable to ``targets.shape + (k,)``.
+    log_k_offset: subtract ``log k`` from every logit
+      (``config.train.bce_log_k_offset``).
     return_count: also return the number of real targets.
 
   Returns:
@@ -131,6 +143,8 @@ def bce_sampled(hidden: Array, item_table: Array, targets: Array, negatives: Arr
   valid = _valid_negatives(targets, negatives)
   pos = _item_logits(h, item_table, targets[..., None])[..., 0]
   neg = _negative_logits(h, item_table, targets, negatives)
+  if log_k_offset:
+    pos, neg = pos - math.log(negatives.shape[-1]), neg - math.log(negatives.shape[-1])
   # -log σ(x) = softplus(-x) and -log σ(-x) = softplus(x), both stable.
   per_target = jax.nn.softplus(-pos) + jnp.sum(jnp.where(valid, jax.nn.softplus(neg), 0.0), -1)
   return _masked_mean(per_target, targets, return_count)
@@ -182,7 +196,7 @@ def sampled_softmax(hidden: Array, item_table: Array, targets: Array, negatives:
 
 
 def gbce(hidden: Array, item_table: Array, targets: Array, negatives: Array, *,
-         t: float = 0.75, num_items: int | None = None,
+         t: float = 0.75, num_items: int | None = None, log_k_offset: bool = False,
          return_count: bool = False) -> Array | tuple[Array, Array]:
   """gSASRec's generalised BCE (Petrov & Macdonald, RecSys 2023).
 
@@ -196,6 +210,7 @@ def gbce(hidden: Array, item_table: Array, targets: Array, negatives: Array, *,
   gives ``beta = 1``, plain ``bce_sampled``; ``t = 1`` gives ``beta =
   alpha``, fully calibrated). Negatives are summed per target as in ``bce_sampled``; the
   gSASRec code averages all ``1 + k`` terms instead, a constant factor.
+  ``log_k_offset`` shifts every logit by ``-log k`` first, as in ``bce_sampled``.
 
   Args:
     hidden: ``float[B, L, D]`` or ``float[B, D]`` (window models).
@@ -207,6 +222,7 @@ def gbce(hidden: Array, item_table: Array, targets: Array, negatives: Array, *,
     num_items: N, the catalogue negatives are drawn from; None =
       ``item_table.shape[0] - 1`` (a row-sparse step passes only the rows it
       touches, so it passes N).
+    log_k_offset: subtract ``log k`` from every logit (``bce_sampled``).
     return_count: also return the number of real targets.
 
   Returns:
@@ -222,6 +238,8 @@ def gbce(hidden: Array, item_table: Array, targets: Array, negatives: Array, *,
   beta = alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
   pos = _item_logits(h, item_table, targets[..., None])[..., 0]
   neg = _negative_logits(h, item_table, targets, negatives)
+  if log_k_offset:
+    pos, neg = pos - math.log(negatives.shape[-1]), neg - math.log(negatives.shape[-1])
   per_target = beta * jax.nn.softplus(-pos) + jnp.sum(
       jnp.where(valid, jax.nn.softplus(neg), 0.0), -1)
   return _masked_mean(per_target, targets, return_count)
@@ -399,7 +417,8 @@ LOSSES: dict[str, LossFn] = {
 
 
 def loss_fn(name: str, *, temperature: float = 1.0, gbce_t: float = 0.75,
-            num_items: int | None = None, label_smoothing: float = 0.0) -> LossFn:
+            num_items: int | None = None, label_smoothing: float = 0.0,
+            log_k_offset: bool = False) -> LossFn:
   """Returns the loss named by ``config.train.loss``.
 
   Args:
@@ -410,6 +429,8 @@ def loss_fn(name: str, *, temperature: float = 1.0, gbce_t: float = 0.75,
     num_items: N, for gBCE's calibration (None: from the table's rows).
     label_smoothing: the softmax losses' smoothing e in [0, 1)
       (``config.train.label_smoothing``; 0 = none).
+    log_k_offset: bce and gbce score ``s - log k`` (``bce_sampled``;
+      ``config.train.bce_log_k_offset``); the other losses ignore it.
 
   Returns:
     ``fn(hidden, item_table, targets, negatives, *, return_count=False)``.
@@ -428,7 +449,9 @@ def loss_fn(name: str, *, temperature: float = 1.0, gbce_t: float = 0.75,
   if label_smoothing and name not in ("softmax", "sampled_softmax"):
     raise ValueError(f"config key train.label_smoothing={label_smoothing}: smoothing needs a "
                      f"softmax loss (train.loss softmax or sampled_softmax), not {name!r}.")
-  fn = (functools.partial(gbce, t=gbce_t, num_items=num_items) if name == "gbce"
+  fn = (functools.partial(gbce, t=gbce_t, num_items=num_items, log_k_offset=log_k_offset)
+        if name == "gbce"
+        else functools.partial(bce_sampled, log_k_offset=log_k_offset) if name == "bce"
         else functools.partial(LOSSES[name], label_smoothing=label_smoothing) if label_smoothing
         else LOSSES[name])
   if temperature == 1.0:

@@ -209,14 +209,15 @@ def example_softmax_ce(hidden: jax.Array, item_table: jax.Array, targets: jax.Ar
 
 
 def make_example_loss(model: nn.Module, *, loss: str, num_items: int, temperature: float = 1.0,
-                      gbce_t: float = 0.75) -> ExampleLoss:
+                      gbce_t: float = 0.75, log_k_offset: bool = False) -> ExampleLoss:
   """``(params, example, dropout_key) -> scalar``: one user's loss, the mean over its targets.
 
   ``example`` holds ``item_seq int32[1, L]``, ``targets``, ``negatives`` and
   ``user int32[1]`` (batch dim 1); the model runs with dropout on. The full
   softmax is ``example_softmax_ce``, the others ``losses.loss_fn(loss)``.
   """
-  loss_fn = losses.loss_fn(loss, temperature=temperature, gbce_t=gbce_t)
+  loss_fn = losses.loss_fn(loss, temperature=temperature, gbce_t=gbce_t,
+                           log_k_offset=log_k_offset)
   if loss == "softmax":
     loss_fn = lambda h, *args: example_softmax_ce(h / temperature, *args)
 
@@ -314,17 +315,20 @@ def make_private_train_step(model: nn.Module, tx: optax.GradientTransformation, 
                             num_items: int, l2_clip_norm: float, noise_multiplier: float,
                             expected_batch_size: float, microbatch_size: int = 0,
                             rng_impl: str = "rbg", temperature: float = 1.0,
-                            gbce_t: float = 0.75) -> Callable[[State, Batch], tuple[State, dict]]:
+                            gbce_t: float = 0.75, log_k_offset: bool = False
+                            ) -> Callable[[State, Batch], tuple[State, dict]]:
   """``train_step(state, batch) -> (state, metrics)`` of DP-SGD (module docstring).
 
-  ``loss`` (and ``temperature``, ``gbce_t``) as in ``make_example_loss``; the
+  ``loss`` (and ``temperature``, ``gbce_t``, ``log_k_offset``) as in
+  ``make_example_loss``; the
   noise std is ``noise_multiplier * l2_clip_norm``; the noisy sum is divided
   by ``expected_batch_size`` (q * num_examples); ``rng_impl`` is that of
   ``state['rng']``. Metrics: ``loss`` (mean over real rows), ``grad_norm``
   (of the noisy mean gradient), ``batch_users``, ``clipped_fraction``.
   """
   example_loss = make_example_loss(model, loss=loss, num_items=num_items,
-                                   temperature=temperature, gbce_t=gbce_t)
+                                   temperature=temperature, gbce_t=gbce_t,
+                                   log_k_offset=log_k_offset)
 
   def train_step(state: State, batch: Batch) -> tuple[State, dict]:
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl=rng_impl),
@@ -506,7 +510,8 @@ class Plan:
         model, tx, loss=train.loss, num_items=self.dataset.num_items,
         l2_clip_norm=self.privacy.l2_clip_norm, noise_multiplier=self.noise_multiplier,
         expected_batch_size=self.rate * self.num_examples, microbatch_size=self.microbatch_size,
-        rng_impl=rng_impl, temperature=train.temperature, gbce_t=train.gbce_t)
+        rng_impl=rng_impl, temperature=train.temperature, gbce_t=train.gbce_t,
+        log_k_offset=train.get("bce_log_k_offset", False))
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

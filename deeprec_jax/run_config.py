@@ -46,6 +46,13 @@ ADDED_KEYS = {
     "model.block": "sasrec",
     "model.positions_from": "end",
     "model.qkv_init": "same",
+    "train.bce_log_k_offset": False,
+}
+# Added keys that change nothing unless ``predicate(flat config)`` holds: a
+# run saved without one resumes under any value when it does not.
+_INERT_UNLESS = {
+    "train.bce_log_k_offset": lambda flat: (flat.get("train.loss") in ("bce", "gbce")
+                                            and flat.get("train.num_negatives", 1) > 1),
 }
 # Pipeline settings that were model fields: (old model key, task key, default).
 _MOVED_TO_TASK = (("mask_prob", "mask_prob", 0.2), ("num_targets", "num_targets", 1))
@@ -72,11 +79,17 @@ def config_changes(before: dict, now: dict) -> list[str]:
 
   Both are ``{dotted key: leaf}``; ``before`` should be read in today's layout
   (``upgrade_config``) first. A key absent from ``before`` counts as unchanged
-  when ``now`` holds the value that reproduces older runs (``ADDED_KEYS``).
+  when ``now`` holds the value that reproduces older runs (``ADDED_KEYS``),
+  or any value that cannot change this run (``_INERT_UNLESS``).
   """
   missing = object()
-  return sorted(k for k in set(before) | set(now) if before.get(k, missing) != now.get(k, missing)
-                and not (k not in before and k in ADDED_KEYS and now[k] == ADDED_KEYS[k]))
+
+  def added_unchanged(key: str) -> bool:
+    inert = key in _INERT_UNLESS and not _INERT_UNLESS[key](now)
+    return key not in before and key in ADDED_KEYS and (now[key] == ADDED_KEYS[key] or inert)
+
+  return sorted(k for k in set(before) | set(now)
+                if before.get(k, missing) != now.get(k, missing) and not added_unchanged(k))
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:

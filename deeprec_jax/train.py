@@ -63,7 +63,8 @@ def make_train_step(model: nn.Module,
                     tx: optax.GradientTransformation | row_sparse.SparseOptimizer, *, loss: str,
                     num_items: int, temperature: float = 1.0, gbce_t: float = 0.75,
                     label_smoothing: float = 0.0, images: Any = None,
-                    log_q: Any = None) -> Callable[[State, dict], tuple[State, dict]]:
+                    log_q: Any = None, log_k_offset: bool = False
+                    ) -> Callable[[State, dict], tuple[State, dict]]:
   """Returns ``train_step(state, batch, images=None) -> (state, {'loss', 'grad_norm'})``.
 
   Dropout's RNG is ``fold_in(state['rng'], step)``, computed inside the step,
@@ -80,9 +81,10 @@ def make_train_step(model: nn.Module,
   of the item table only (``row_sparse.localize``), and only those rows change.
   ``log_q`` (``float[N + 1]``, ``sampled_softmax`` only) is the negative
   sampler's log-probability per item, subtracted from every logit (logQ).
+  ``log_k_offset``: bce/gbce score ``s - log k`` (``losses.bce_sampled``).
   """
   loss_fn = losses.loss_fn(loss, temperature=temperature, gbce_t=gbce_t, num_items=num_items,
-                           label_smoothing=label_smoothing)
+                           label_smoothing=label_smoothing, log_k_offset=log_k_offset)
   uses_images = models.item_encoder(model) != "id"
   default_images = jnp.asarray(images) if uses_images and images is not None else None
   sparse = isinstance(tx, row_sparse.SparseOptimizer)
@@ -438,7 +440,8 @@ def _train_loop(trainer: Trainer, state: State, record: dict[str, Any], manager,
              make_train_step(trainer.model, trainer.tx, loss=config.loss,
                              num_items=trainer.dataset.num_items, temperature=config.temperature,
                              gbce_t=config.gbce_t, log_q=trainer.log_q,
-                             label_smoothing=config.get("label_smoothing", 0.0)))
+                             label_smoothing=config.get("label_smoothing", 0.0),
+                             log_k_offset=config.get("bce_log_k_offset", False)))
   step_inputs = ()  # the pictures, an argument rather than a constant of the program
   if trainer.images is not None and not trainer.privacy:
     step_inputs = (jax.device_put(jnp.asarray(trainer.images), sharding.replicated(trainer.mesh)),)

@@ -547,7 +547,7 @@ def test_a_run_dir_of_another_config_is_refused_but_older_layouts_are_not(tmp_pa
   # train.shared_negatives existed.
   for block, key in (("model", "block"), ("model", "init_std"), ("model", "ffn_dim"),
                      ("model", "l2_norm"), ("model", "positions_from"), ("model", "qkv_init"),
-                     ("train", "shared_negatives")):
+                     ("train", "shared_negatives"), ("train", "bce_log_k_offset")):
     del saved[block][key]
   del saved["data"]["images"]["item_ids"]
   os.makedirs(first.workdir)
@@ -557,3 +557,23 @@ def test_a_run_dir_of_another_config_is_refused_but_older_layouts_are_not(tmp_pa
   plan.write_json(os.path.join(first.workdir, plan.POINT_FILE), {"config": saved})
   with pytest.raises(ValueError, match=r"holds a run of a different config \(model.dim"):
     plan.plan_runs(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("loss, num_negatives, refused", [
+    ("bce", 1, False), ("sampled_softmax", 8, False), ("bce", 8, True), ("gbce", 8, True)])
+def test_an_added_key_passes_where_it_cannot_change_the_run(tmp_path, loss, num_negatives,
+                                                              refused):
+  """train.bce_log_k_offset (new default True; older runs False) matters for bce/gbce, k > 1."""
+  config = _points_config({"label": "p", "train.loss": loss,
+                           "train.num_negatives": num_negatives})
+  (first,) = plan.plan_runs(config, str(tmp_path))
+  assert first.config.train.bce_log_k_offset
+  saved = plan.config_json(first.config)
+  del saved["train"]["bce_log_k_offset"]  # written before the key existed
+  os.makedirs(first.workdir)
+  plan.write_json(os.path.join(first.workdir, plan.POINT_FILE), {"config": saved})
+  if refused:
+    with pytest.raises(ValueError, match=r"train.bce_log_k_offset: None -> True"):
+      plan.plan_runs(config, str(tmp_path))
+  else:
+    assert [r.workdir for r in plan.plan_runs(config, str(tmp_path))] == [first.workdir]

@@ -42,8 +42,10 @@ def _np_softplus(x):
   return np.logaddexp(0.0, x)
 
 
-def _np_loss(name, hidden, table, targets, negatives, log_q=None, gbce_t=0.75, smoothing=0.0):
+def _np_loss(name, hidden, table, targets, negatives, log_q=None, gbce_t=0.75, smoothing=0.0,
+             log_k_offset=False):
   """Loops over targets in float64, the definitions written out."""
+  shift = np.log(negatives.shape[-1]) if log_k_offset else 0.0  # bce, gbce: s - log k
   hidden, table = np.float64(hidden), np.float64(table)
   if hidden.ndim == 2:  # Window models: the same state for every target.
     hidden = np.repeat(hidden[:, None], targets.shape[1], axis=1)
@@ -54,16 +56,16 @@ def _np_loss(name, hidden, table, targets, negatives, log_q=None, gbce_t=0.75, s
       continue
     count += 1
     h = hidden[b, i]
-    pos = h @ table[t]
+    pos = h @ table[t] - shift
     negs = [n for n in negatives[b, i] if n != 0 and n != t]
     if name == "bce":
-      total += _np_softplus(-pos) + sum(_np_softplus(h @ table[n]) for n in negs)
+      total += _np_softplus(-pos) + sum(_np_softplus(h @ table[n] - shift) for n in negs)
     elif name == "gbce":
       # gSASRec: sigmoid(s_pos) ** beta, alpha = k / (N - 1) sampled of N - 1 candidates.
       alpha = negatives.shape[-1] / (table.shape[0] - 2)
       beta = alpha * (gbce_t * (1 - 1 / alpha) + 1 / alpha)
       # -log(sigmoid(x) ** beta) and -log(1 - sigmoid(x)), in their overflow-free forms.
-      total += beta * _np_softplus(-pos) + sum(_np_softplus(h @ table[n]) for n in negs)
+      total += beta * _np_softplus(-pos) + sum(_np_softplus(h @ table[n] - shift) for n in negs)
     elif name == "sampled_softmax":
       items = [t] + negs
       logits = np.array([h @ table[i] for i in items])
@@ -90,6 +92,23 @@ def test_matches_numpy_reference(name, window):
     want = _np_loss(name, hidden, table, targets, negatives)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ("bce", "gbce"))
+def test_log_k_offset_shifts_every_logit_by_log_k(name):
+  """train.bce_log_k_offset: the reference with s - log k; a no-op at k = 1; others ignore it."""
+  hidden, table, targets, negatives = _inputs(41)
+  fn = losses.loss_fn(name, log_k_offset=True)
+  want = _np_loss(name, hidden, table, targets, negatives, log_k_offset=True)
+  np.testing.assert_allclose(fn(hidden, table, targets, negatives), want, rtol=1e-5)
+  assert abs(want - _np_loss(name, hidden, table, targets, negatives)) > 1e-2
+  one = negatives[..., :1]
+  np.testing.assert_allclose(fn(hidden, table, targets, one),
+                             losses.loss_fn(name)(hidden, table, targets, one), rtol=1e-6)
+  for other in ("sampled_softmax", "softmax"):
+    np.testing.assert_array_equal(
+        losses.loss_fn(other, log_k_offset=True)(hidden, table, targets, negatives),
+        losses.loss_fn(other)(hidden, table, targets, negatives))
 
 
 @pytest.mark.parametrize("name", ("bce", "gbce", "sampled_softmax"))

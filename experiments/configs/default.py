@@ -140,6 +140,10 @@ def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config.train.negative_sampling = "uniform"
   config.train.temperature = 1.0  # logits are divided by it in the loss (1 = none)
   config.train.gbce_t = 0.75  # gbce: calibration t in [0, 1] (0 = plain bce)
+  # bce/gbce: every logit minus log k, where k negatives put the best scores
+  # (no-op at k = 1); False = the published code's form, slow to leave
+  # popularity at large k (docs/results.md).
+  config.train.bce_log_k_offset = True
   config.train.label_smoothing = 0.0  # softmax losses: e of the target on the rest, in [0, 1)
   config.train.optimizer = "adam"  # adam | adamw
   config.train.learning_rate = 1e-3  # peak learning rate
