@@ -339,45 +339,31 @@ def test_attention_model_matches_numpy(name, attention):
   assert_close(last_scores, scores_of(expected[:, -1:], params), f"{name} last_only scores")
 
 
-def test_pre_ln_sasrec_matches_numpy():
-  """model.block = 'pre_ln' (with a 3 * dim FFN): normalized keys/values, raw residuals."""
+@pytest.mark.parametrize("name, arrangement, ffn_factor", [
+    ("sasrec", "pre_ln", 3), ("bert4rec", "post_ln", 4)])
+def test_block_arrangement_matches_numpy(name, arrangement, ffn_factor):
+  """model.block: 'pre_ln' (normalized keys/values, raw residuals) and 'post_ln'
+  (BERT's: layer-normed residual sums), with a wider FFN."""
   max_len, seq_len = 9, 7
-  model = sasrec.Model(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=max_len, dim=DIM,
-                       num_blocks=2, num_heads=2, dropout_rate=0.3, block="pre_ln",
-                       ffn_dim=3 * DIM)
+  module, reference = ATTENTION_MODELS[name]
+  model = module(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=max_len, dim=DIM,
+                 num_blocks=2, num_heads=2, dropout_rate=0.3, block=arrangement,
+                 ffn_dim=ffn_factor * DIM)
   item_seq = left_padded([7, 4, 1], seq_len, seed=5)
+  if name == "bert4rec":
+    item_seq[:2, -1] = NUM_ITEMS + 1  # The mask token at the evaluated slot.
   params = random_params(model, item_seq, seed=6)
-  assert params["block_1"]["ffn"]["dense_in"]["kernel"].shape == (DIM, 3 * DIM)
+  assert params["block_1"]["ffn"]["dense_in"]["kernel"].shape == (DIM, ffn_factor * DIM)
   hidden, _, last, _ = forward_and_scores(model, params, item_seq, with_last_only=True)
-  expected = np_sasrec(params, item_seq, kind="dot_product", num_heads=2, num_blocks=2,
-                       max_len=max_len, arrangement="pre_ln")
-  assert_close(hidden, expected, "pre_ln sasrec hidden")
-  assert_close(last, expected[:, -1:], "pre_ln sasrec last_only")
-  # The arrangement matters: the SASRec block gives other states from the same params.
-  original = np_sasrec(params, item_seq, kind="dot_product", num_heads=2, num_blocks=2,
-                       max_len=max_len)
-  assert np.abs(original - expected).max() > 1e-2
-
-
-def test_post_ln_bert4rec_matches_numpy():
-  """model.block = 'post_ln' (BERT's block, 4 * dim FFN): layer-normed residual sums."""
-  max_len, seq_len = 9, 7
-  model = bert4rec.Model(num_items=NUM_ITEMS, num_users=NUM_USERS, max_len=max_len, dim=DIM,
-                         num_blocks=2, num_heads=2, dropout_rate=0.3, block="post_ln",
-                         ffn_dim=4 * DIM)
-  item_seq = left_padded([7, 4, 1], seq_len, seed=11)
-  item_seq[:2, -1] = NUM_ITEMS + 1  # The mask token at the evaluated slot.
-  params = random_params(model, item_seq, seed=12)
-  hidden, _, last, _ = forward_and_scores(model, params, item_seq, with_last_only=True)
-  expected = np_bert4rec(params, item_seq, kind="dot_product", num_heads=2, num_blocks=2,
-                         max_len=max_len, arrangement="post_ln")
-  assert_close(hidden, expected, "post_ln bert4rec hidden")
-  assert_close(last, expected[:, -1:], "post_ln bert4rec last_only")
+  run = lambda block: reference(params, item_seq, kind="dot_product", num_heads=2,
+                                num_blocks=2, max_len=max_len, arrangement=block)
+  expected = run(arrangement)
+  assert_close(hidden, expected, f"{arrangement} {name} hidden")
+  assert_close(last, expected[:, -1:], f"{arrangement} {name} last_only")
   np.testing.assert_array_equal(hidden[item_seq == 0], 0.0)
-  for arrangement in ("sasrec", "pre_ln"):  # the arrangement matters
-    other = np_bert4rec(params, item_seq, kind="dot_product", num_heads=2, num_blocks=2,
-                        max_len=max_len, arrangement=arrangement)
-    assert np.abs(other - expected).max() > 1e-2, arrangement
+  # The arrangement matters: the others give other states from the same params.
+  for other in {"sasrec", "pre_ln", "post_ln"} - {arrangement}:
+    assert np.abs(run(other) - expected).max() > 1e-2, other
 
 
 def _one_block_states(name, seed, **fields):
