@@ -386,6 +386,23 @@ def test_budget_columns_average_best_epoch_and_minutes_of_finished_seeds():
   assert lines[2] == "| a | **0.3000 ± 0.1414 †** | 50.0 | 15 |"  # 2 of 3 seeds
 
 
+def test_published_text_is_a_table_column_and_never_config(tmp_path):
+  config = _points_config({"label": "a", "published": "0.18, Someone 2023"}, {"label": "b"})
+  runs = plan.plan_runs(config, str(tmp_path / "sweep"))
+  assert [r.point.published for r in runs] == ["0.18, Someone 2023", ""]
+  assert "published" not in runs[0].point.values and "published" not in runs[0].point.overrides
+  assert plan.varied_keys(config) == []
+  calls = []
+  outcome = run.run_ablation(config, str(tmp_path / "sweep"), train_fn=_counting(calls))
+  lines = outcome.text.splitlines()
+  assert lines[0] == "| point | HR@10 | NDCG@10 | MRR@10 | published |", lines[0]
+  assert lines[2].endswith("| 0.18, Someone 2023 |") and lines[3].endswith("| - |")
+  config.points = ({"label": "a"}, {"label": "b"})  # no published texts: no column
+  assert "published" not in run.run_ablation(config, str(tmp_path / "sweep"),
+                                             train_fn=_counting(calls)).text
+  assert len(calls) == 2  # the text is not config: the finished runs stand
+
+
 def test_latex_escapes_labels_and_bolds_ties():
   rows = [{"label": "x_1 & y", "seed": 0, "status": "ok", "hr@10": 0.5},
           {"label": "z%", "seed": 0, "status": "ok", "hr@10": 0.5},

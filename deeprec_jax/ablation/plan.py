@@ -38,6 +38,8 @@ POINT_FILE = "point.json"  # what this run is: label, varied values, seed, full 
 STATUS_FILE = "status.json"  # ok | failed, train_seconds, one-line error
 ERROR_FILE = "error.txt"  # traceback of a failed run
 SPECIAL_KEYS = ("label", "base")  # point keys that are not config keys
+# A point's text for the table only (e.g. the published value and its source).
+PUBLISHED_KEY = "published"
 DATASET_NAMES = {"synthetic": "synthetic (embedded)", "ml-100k": "MovieLens-100K",
                  "ml-1m": "MovieLens-1M (3,416 items)", "ml-1m-raw": "MovieLens-1M (raw)",
                  "ml-1m-chrono": "MovieLens-1M (3,706 items)"}
@@ -55,6 +57,8 @@ class Point(NamedTuple):
     base: the base config spec, ``path.py[:arg]``.
     values: the point's own varied keys -> values (columns of results.csv).
     index: position of the point in the ablation (shared by its seeds).
+    published: the point's ``published`` text ('' = none): a table column
+      beside the measured ones, never part of the run's config.
   """
   label: str
   overrides: dict[str, Any]
@@ -62,6 +66,7 @@ class Point(NamedTuple):
   base: str
   values: dict[str, Any]
   index: int
+  published: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +233,7 @@ def varied_keys(ablation_config: ml_collections.ConfigDict) -> list[str]:
     return [k for k, _ in axes]
   keys = []
   for point in ablation_config.get("points") or ():
-    keys.extend(k for k in point if k != "label" and k not in keys)
+    keys.extend(k for k in point if k not in ("label", PUBLISHED_KEY) and k not in keys)
   return keys
 
 
@@ -259,19 +264,19 @@ def expand_points(ablation_config: ml_collections.ConfigDict) -> list[Point]:
     specs = []
     for combo in itertools.product(*(values for _, values in axes)):
       values = {k: v for (k, _), v in zip(axes, combo, strict=True)}
-      specs.append((settings_text(values, short), values))
+      specs.append((settings_text(values, short), values, ""))
   else:
     specs = []
     for point in points:
-      values = {k: v for k, v in dict(point).items() if k != "label"}
+      values = {k: v for k, v in dict(point).items() if k not in ("label", PUBLISHED_KEY)}
       label = point.get("label") or settings_text(values, short_names(list(values))) or "base"
-      specs.append((label, values))
-  duplicates = _repeated([label for label, _ in specs])
+      specs.append((label, values, str(point.get(PUBLISHED_KEY, ""))))
+  duplicates = _repeated([label for label, _, _ in specs])
   if duplicates:
     raise ValueError(f"points: duplicate labels {duplicates}; give each point a unique 'label'.")
 
   expanded = []
-  for index, (label, values) in enumerate(specs):
+  for index, (label, values, published) in enumerate(specs):
     base = values.get("base", ablation_config.base)
     point_overrides = {k: v for k, v in values.items() if k not in SPECIAL_KEYS}
     shadowed = sorted(k for k in point_overrides if k in overrides)
@@ -280,7 +285,7 @@ def expand_points(ablation_config: ml_collections.ConfigDict) -> list[Point]:
     merged = {**point_overrides, **overrides}
     for seed in seeds:
       expanded.append(Point(label=label, overrides=merged, seed=int(seed), base=base,
-                            values=dict(values), index=index))
+                            values=dict(values), index=index, published=published))
   return expanded
 
 

@@ -240,6 +240,14 @@ def _cells(summaries: Sequence[Summary], metrics: Sequence[str], pm: str
   return table
 
 
+def published_column(rows: Sequence[Mapping[str, Any]],
+                     summaries: Sequence[Summary]) -> dict[str, list[str]]:
+  """``{'published': one text per summary}`` when any point has one, else {}."""
+  text = {str(r["label"]): r.get("published") or "" for r in rows}
+  cells = [text.get(s.label, "") or "-" for s in summaries]
+  return {"published": cells} if any(text.values()) else {}
+
+
 def budget_columns(rows: Sequence[Mapping[str, Any]],
                    summaries: Sequence[Summary]) -> dict[str, list[str]]:
   """The 'best epoch' and 'train min' columns: means over a point's finished seeds.
@@ -452,7 +460,9 @@ def write_report(ablation_config: ml_collections.ConfigDict, workdir: str,
   write_csv(rows, os.path.join(workdir, "results.csv"), keys, metrics)
   summaries = summarize(rows, metrics, keys)
   caption = caption_text(ablation_config, summaries)
-  extra = budget_columns(rows, summaries) if ablation_config.get("budget_columns") else None
+  extra = published_column(rows, summaries)
+  if ablation_config.get("budget_columns"):
+    extra.update(budget_columns(rows, summaries))
   markdown = render_markdown(summaries, metrics, caption, axis_keys, extra)
   with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
     f.write(markdown)

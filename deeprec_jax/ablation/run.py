@@ -274,6 +274,7 @@ def run_ablation(ablation_config: ml_collections.ConfigDict, workdir: str, *,
         executor.execute(runs, train_fn=train_fn)
   rows = report.collect_results(workdir, ablation_config.split, [run.workdir for run in runs])
   for row, planned in zip(rows, runs, strict=True):
+    row["published"] = planned.point.published
     if row["status"] == "todo":  # no point.json yet: the plan names the point
       row.update(label=planned.point.label, seed=planned.point.seed, **planned.point.values)
   return Outcome(report.write_report(ablation_config, workdir, rows), rows)

@@ -7,8 +7,9 @@ r"""The published ML-1M rows, reproduced side by side (full ranking, seen items 
       --config=experiments/configs/ablations/leaderboard.py:ml-1m-chrono \
       --workdir=runs/leaderboard_ml1m_chrono   # 3,706 items (HSTU layout)
 
-Each label carries the published NDCG@10 of its row (../shared/anchors.md
-lists sources and settings). Every row validates every 2 epochs and stops
+Each label carries the published NDCG@10 of its row, and its ``published``
+text the value and source (a table column; ../shared/anchors.md lists the
+settings). Every row validates every 2 epochs and stops
 after 5 evaluations without a better validation NDCG@10 (10 epochs, the
 SASRec+ code's patience; BERT4Rec: 10, its 20 epochs), as the papers
 early-stop; the epoch budget is the row's ``train.num_epochs``. These
@@ -31,6 +32,9 @@ _SASREC_PLUS = {"model.dim": 64, "model.dropout_rate": 0.1, "model.init_std": 0.
 # Early stop after 5 evaluations (10 epochs) without a validation gain, the
 # SASRec+ code's patience.
 _PATIENCE = {"train.patience": 5}
+# Sources of the published values (NDCG@10; ../shared/anchors.md).
+_KV = "Klenitskiy & Vasilev, RecSys 2023"
+_ZHAI = "Zhai et al., ICML 2024"
 
 
 def _rows_3416(dataset: str) -> tuple[dict, ...]:
@@ -38,15 +42,18 @@ def _rows_3416(dataset: str) -> tuple[dict, ...]:
   # Most informative rows first: a sweep interrupted part-way has them.
   return (
       # Klenitskiy & Vasilev, RecSys 2023: SASRec+ with full cross-entropy, d 64.
-      {"label": "SASRec+, full CE, d 64 (0.1821)", "base": sasrec, "train.loss": "softmax",
+      {"label": "SASRec+, full CE, d 64 (0.1821)", "published": f"0.1821, {_KV}",
+       "base": sasrec, "train.loss": "softmax",
        **_SASREC_PLUS, **_PATIENCE},
       # Same paper (and Kang & McAuley 2018's loss): BCE with 1 negative per position.
-      {"label": "SASRec, BCE, 1 negative, d 64 (0.1341)", "base": sasrec, "train.loss": "bce",
+      {"label": "SASRec, BCE, 1 negative, d 64 (0.1341)", "published": f"0.1341, {_KV}",
+       "base": sasrec, "train.loss": "bce",
        **_SASREC_PLUS, **_PATIENCE},
       # The same row as the SASRec+ code builds it: right padding, so positions
       # count from each sequence's oldest item, and nn.MultiheadAttention's
       # Xavier Q/K/V kernels, which its normal(0, 0.02) init leaves alone.
       {"label": "SASRec+, full CE, d 64, its positions and Q/K/V init (0.1821)",
+       "published": f"0.1821, {_KV}",
        "base": sasrec, "train.loss": "softmax", "model.positions_from": "start",
        "model.qkv_init": "torch_mha", **_SASREC_PLUS, **_PATIENCE},
       # Klenitskiy & Vasilev 2023 (RNN.yaml): one GRU layer, d 64, full CE. Its
@@ -59,23 +66,26 @@ def _rows_3416(dataset: str) -> tuple[dict, ...]:
        **_PATIENCE},
       # Same paper: CE over 3,000 uniformly sampled negatives, one set per
       # sequence shared by its positions, as their code draws them.
-      {"label": "SASRec+, CE over 3,000 negatives (0.1857)", "base": sasrec,
+      {"label": "SASRec+, CE over 3,000 negatives (0.1857)", "published": f"0.1857, {_KV}",
+       "base": sasrec,
        "train.loss": "sampled_softmax", "train.num_negatives": 3000,
        "train.shared_negatives": True, **_SASREC_PLUS, **_PATIENCE},
       # Klenitskiy & Vasilev 2023 (BERT4Rec.yaml): Hugging Face's BertModel
       # (post-LN blocks), d 64, 2 heads, FFN 256, mask 0.2, at most 200 epochs,
       # and a patience of 20 epochs, not 10: BERT4Rec stays at the popularity
       # level for its first ~12 epochs here.
-      {"label": "BERT4Rec (0.1537)", "base": f"{_CONFIGS}/bert4rec.py:{dataset}",
+      {"label": "BERT4Rec (0.1537)", "published": f"0.1537, {_KV}",
+       "base": f"{_CONFIGS}/bert4rec.py:{dataset}",
        "model.block": "post_ln", "model.ffn_dim": 256, "train.num_epochs": 200,
        "train.patience": 10},
-      # Last: on ML-1M this row has not left the popularity level in its first
-      # epochs (docs/results.md), so the others run first.
       # Petrov & Macdonald, RecSys 2023 (gSASRec-pytorch, config_ml1m.py): gBCE
       # with 256 negatives per position, t = 0.75, d 128, 2 blocks, no dropout,
       # and an output item table of its own. Their budget (~86k steps) is far
-      # beyond this one.
-      {"label": "gSASRec, gBCE 256 negatives (0.1726)", "base": sasrec, "train.loss": "gbce",
+      # beyond this one. With train.bce_log_k_offset (the default; their code
+      # has none): without it the row sat at the popularity level
+      # (docs/results.md, "Many-negative BCE").
+      {"label": "gSASRec, gBCE 256 negatives (0.1726)",
+       "published": "0.1726, Petrov & Macdonald, RecSys 2023", "base": sasrec, "train.loss": "gbce",
        "train.num_negatives": 256, "train.gbce_t": 0.75, "model.dim": 128,
        "model.dropout_rate": 0.0, "model.output_table": True, "train.num_epochs": 200,
        **_PATIENCE},
@@ -88,15 +98,17 @@ def _rows_3706(dataset: str) -> tuple[dict, ...]:
       # generative-recommenders: SASRec, 128 sampled-softmax negatives over
       # cosine scores, temperature 0.05.
       {"label": "SASRec, 128 negatives, tau 0.05 (0.1603)",
+       "published": "0.1603, generative-recommenders README",
        "base": f"{_CONFIGS}/sasrec.py:{dataset}", "train.loss": "sampled_softmax",
        "train.num_negatives": 128, "train.temperature": 0.05, "model.l2_norm": True,
        "train.num_epochs": 101, **_PATIENCE},
       # Zhai et al., ICML 2024: HSTU (2 blocks, 1 head, d_qk = d_v = 50).
-      {"label": "HSTU (0.1720)", "base": hstu, "train.num_epochs": 101, **_PATIENCE},
+      {"label": "HSTU (0.1720)", "published": f"0.1720, {_ZHAI}", "base": hstu,
+       "train.num_epochs": 101, **_PATIENCE},
       # HSTU-large: 8 blocks, 2 heads, d_qk = d_v = 25.
-      {"label": "HSTU-large (0.1893)", "base": hstu, "model.num_blocks": 8,
-       "model.num_heads": 2, "model.qk_dim": 25, "model.v_dim": 25, "train.num_epochs": 101,
-       **_PATIENCE},
+      {"label": "HSTU-large (0.1893)", "published": f"0.1893, {_ZHAI}", "base": hstu,
+       "model.num_blocks": 8, "model.num_heads": 2, "model.qk_dim": 25, "model.v_dim": 25,
+       "train.num_epochs": 101, **_PATIENCE},
   )
 
 
