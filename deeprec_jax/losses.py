@@ -451,7 +451,7 @@ def loss_fn(name: str, *, temperature: float = 1.0, gbce_t: float = 0.75,
                      f"softmax loss (train.loss softmax or sampled_softmax), not {name!r}.")
   fn = (functools.partial(gbce, t=gbce_t, num_items=num_items, log_k_offset=log_k_offset)
         if name == "gbce"
-        else functools.partial(bce_sampled, log_k_offset=log_k_offset) if name == "bce"
+        else functools.partial(bce_sampled, log_k_offset=True) if name == "bce" and log_k_offset
         else functools.partial(LOSSES[name], label_smoothing=label_smoothing) if label_smoothing
         else LOSSES[name])
   if temperature == 1.0:

@@ -293,6 +293,9 @@ def test_caser_image_encoder_train_step():
   assert all(jax.tree.leaves(moved))
 
 
+# ~22 s: resume exactness is a default test in test_train.py (SIGKILL), and the
+# pictures-in-the-batch step in the two tests above.
+@pytest.mark.slow
 def test_resume_with_pictures_in_the_batch_is_exact(tmp_path):
   """A run resumed from its mid-run checkpoint ends where the straight run ends."""
   config = tiny.get_config("sasrec")

@@ -246,6 +246,9 @@ def test_rowwise_adagrad_trains_only_the_touched_rows():
   assert np.isfinite(losses).all()
 
 
+# ~20 s: resume exactness is a default test in test_train.py (SIGKILL), and the
+# sparse steps' equality with dense Adam in the tests above.
+@pytest.mark.slow
 def test_resume_of_a_sparse_run_is_exact(tmp_path):
   config = tiny.get_config("sasrec")
   config.data.synthetic.update(num_items=1500, num_users=64)
