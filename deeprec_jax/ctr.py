@@ -65,11 +65,11 @@ def make_pairs(dataset: builders.Dataset, *, split: str, max_len: int, num_negat
   is_withheld[withheld] = True
   for user in range(dataset.num_users):
     seq = np.asarray(dataset.source[user]["item_seq"], np.int64)
+    train = preprocess.split_train(seq)
     # Training negatives avoid the training part only (held-out items are not
     # known then); evaluation negatives avoid every item the user has.
-    seen = np.union1d(preprocess.split_train(seq) if split == "train" else seq, withheld)
+    seen = np.union1d(train if split == "train" else seq, withheld)
     if split == "train":
-      train = preprocess.split_train(seq)
       steps = [(train[:t], int(train[t])) for t in range(1, len(train))]
     elif len(seq) >= preprocess.MIN_SEQUENCE_LENGTH:
       steps = [preprocess.split_eval(seq, split)]

@@ -104,6 +104,18 @@ def _masked_mean(per_target: Array, targets: Array,
   return (loss, count) if return_count else loss
 
 
+def _binary_logits(h: Array, item_table: Array, targets: Array, negatives: Array,
+                   log_k_offset: bool) -> tuple[Array, Array]:
+  """The BCE losses' positive ``[...]`` and negative ``[..., k]`` logits, less ``log k``
+  with ``log_k_offset``."""
+  pos = _item_logits(h, item_table, targets[..., None])[..., 0]
+  neg = _negative_logits(h, item_table, targets, negatives)
+  if not log_k_offset:
+    return pos, neg
+  shift = math.log(negatives.shape[-1])
+  return pos - shift, neg - shift
+
+
 def bce_sampled(hidden: Array, item_table: Array, targets: Array, negatives: Array, *,
                 log_k_offset: bool = False,
                 return_count: bool = False) -> Array | tuple[Array, Array]:
@@ -141,10 +153,7 @@ def bce_sampled(hidden: Array, item_table: Array, targets: Array, negatives: Arr
   """
   h = _align(hidden, targets)
   valid = _valid_negatives(targets, negatives)
-  pos = _item_logits(h, item_table, targets[..., None])[..., 0]
-  neg = _negative_logits(h, item_table, targets, negatives)
-  if log_k_offset:
-    pos, neg = pos - math.log(negatives.shape[-1]), neg - math.log(negatives.shape[-1])
+  pos, neg = _binary_logits(h, item_table, targets, negatives, log_k_offset)
   # -log σ(x) = softplus(-x) and -log σ(-x) = softplus(x), both stable.
   per_target = jax.nn.softplus(-pos) + jnp.sum(jnp.where(valid, jax.nn.softplus(neg), 0.0), -1)
   return _masked_mean(per_target, targets, return_count)
@@ -236,10 +245,7 @@ def gbce(hidden: Array, item_table: Array, targets: Array, negatives: Array, *,
     num_items = item_table.shape[0] - 1
   alpha = negatives.shape[-1] / max(num_items - 1, 1)  # k / (N - 1)
   beta = alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
-  pos = _item_logits(h, item_table, targets[..., None])[..., 0]
-  neg = _negative_logits(h, item_table, targets, negatives)
-  if log_k_offset:
-    pos, neg = pos - math.log(negatives.shape[-1]), neg - math.log(negatives.shape[-1])
+  pos, neg = _binary_logits(h, item_table, targets, negatives, log_k_offset)
   per_target = beta * jax.nn.softplus(-pos) + jnp.sum(
       jnp.where(valid, jax.nn.softplus(neg), 0.0), -1)
   return _masked_mean(per_target, targets, return_count)

@@ -40,6 +40,7 @@ ERROR_FILE = "error.txt"  # traceback of a failed run
 SPECIAL_KEYS = ("label", "base")  # point keys that are not config keys
 # A point's text for the table only (e.g. the published value and its source).
 PUBLISHED_KEY = "published"
+_NOT_VALUES = ("label", PUBLISHED_KEY)  # point keys that are neither config nor columns
 DATASET_NAMES = {"synthetic": "synthetic (embedded)", "ml-100k": "MovieLens-100K",
                  "ml-1m": "MovieLens-1M (3,416 items)", "ml-1m-raw": "MovieLens-1M (raw)",
                  "ml-1m-chrono": "MovieLens-1M (3,706 items)"}
@@ -233,7 +234,7 @@ def varied_keys(ablation_config: ml_collections.ConfigDict) -> list[str]:
     return [k for k, _ in axes]
   keys = []
   for point in ablation_config.get("points") or ():
-    keys.extend(k for k in point if k not in ("label", PUBLISHED_KEY) and k not in keys)
+    keys.extend(k for k in point if k not in _NOT_VALUES and k not in keys)
   return keys
 
 
@@ -268,7 +269,7 @@ def expand_points(ablation_config: ml_collections.ConfigDict) -> list[Point]:
   else:
     specs = []
     for point in points:
-      values = {k: v for k, v in dict(point).items() if k not in ("label", PUBLISHED_KEY)}
+      values = {k: v for k, v in dict(point).items() if k not in _NOT_VALUES}
       label = point.get("label") or settings_text(values, short_names(list(values))) or "base"
       specs.append((label, values, str(point.get(PUBLISHED_KEY, ""))))
   duplicates = _repeated([label for label, _, _ in specs])
