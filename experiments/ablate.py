@@ -7,7 +7,9 @@ r"""Runs a paper-style ablation: points x seeds, then tables and plots.
 Writes results.csv, table.md, table.tex and plots/*.png to --workdir and
 prints the markdown table; exits with status 1 if any run failed (its row and
 runs/<run>/error.txt say why). Rerunning with the same --workdir trains only
-the runs that have not finished. --dry_run lists the runs without training.
+the runs that have not finished. --results_dir=results/<sweep> then copies the
+tables, plots and each finished run's small files (config, metrics; no
+checkpoints) there, the folder a repository commits. --dry_run lists the runs without training.
 --config.overrides.train.num_epochs=1 (any key under overrides) applies to
 every point; --config.seeds='(0,)' narrows the seeds.
 
@@ -23,7 +25,7 @@ import sys
 
 from absl import app, flags
 
-from deeprec_jax.ablation import executors, run
+from deeprec_jax.ablation import executors, publish, run
 from experiments import cli
 
 cli.define_config_file("config", None, "Ablation config file[:dataset].")
@@ -32,6 +34,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: runs/, results
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and their workdirs; train nothing.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Train nothing; write the table of the "
                                  "runs finished so far (the others are 'todo').")
+_RESULTS_DIR = flags.DEFINE_string(
+    "results_dir", None, "Copy the report and the finished runs' config and metrics files "
+    "here (e.g. results/<sweep>; see deeprec_jax/ablation/publish.py).")
 _CACHE = flags.DEFINE_bool("compilation_cache", True, "Persistent JAX compilation cache in "
                            "<workdir>/jax_cache, so the seeds of a point compile once.")
 flags.mark_flags_as_required(["config"])
@@ -54,6 +59,10 @@ def main(argv: list[str]) -> None:
                              compilation_cache=_CACHE.value,
                              executor=None if flags.FLAGS.executor == "local" else executor)
   print(outcome.text)
+  if _RESULTS_DIR.value and not _DRY_RUN.value:
+    run_dirs = [r.workdir for r in run.plan.plan_runs(config, workdir)]
+    written = publish.publish(workdir, run_dirs, _RESULTS_DIR.value)
+    print(f"{len(written)} files copied to {_RESULTS_DIR.value}")
   failed = [row for row in outcome.rows if row["status"] not in ("ok", "todo")]
   if failed:
     sys.exit(f"{len(failed)} of {len(outcome.rows)} runs failed, e.g. {failed[0]['label']!r}: "

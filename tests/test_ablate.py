@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from deeprec_jax import workdir as workdir_lib
-from deeprec_jax.ablation import plan, report, run
+from deeprec_jax.ablation import plan, publish, report, run
 from experiments.configs.ablations import tiny_grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,6 +209,32 @@ def test_report_only_tables_the_finished_runs_and_trains_nothing(tmp_path):
   with open(os.path.join(workdir, "table.md"), encoding="utf-8") as f:
     lines = f.read().splitlines()
   assert lines[4] == "| c | todo | todo | todo |", lines
+
+
+def test_publish_copies_the_report_and_only_finished_runs_small_files(tmp_path):
+  config = _points_config({"label": "a"}, {"label": "b"})
+  workdir = str(tmp_path / "sweep")
+  run.run_ablation(config, workdir, train_fn=fake_train)
+  runs = plan.plan_runs(config, workdir)
+  finished, unfinished = (r.workdir for r in runs)
+  os.remove(os.path.join(unfinished, plan.FINAL_METRICS))  # now 'todo'
+  os.makedirs(os.path.join(finished, "checkpoints", "4"))
+  dest = tmp_path / "results"
+  os.makedirs(dest / "superseded")
+  (dest / "superseded" / "kept.json").write_text("{}")
+  written = publish.publish(workdir, [r.workdir for r in runs], str(dest))
+  name = os.path.basename(finished)
+  assert {"table.md", "results.csv", "table.tex", f"runs/{name}/final_metrics.json",
+          f"runs/{name}/point.json", f"runs/{name}/status.json"} <= set(written), written
+  assert not any(os.path.basename(unfinished) in path or "checkpoints" in path
+                 for path in written), written
+  with open(dest / "runs" / name / plan.FINAL_METRICS, encoding="utf-8") as f:
+    copied = json.load(f)
+  assert copied == plan.read_json(os.path.join(finished, plan.FINAL_METRICS))
+  assert "test/ndcg@10" in copied
+  assert (dest / "superseded" / "kept.json").exists()
+  with pytest.raises(FileNotFoundError, match="no report"):
+    publish.publish(str(tmp_path / "empty"), [], str(dest))
 
 
 def test_second_sweep_on_a_busy_workdir_is_refused_and_trains_nothing(tmp_path):
