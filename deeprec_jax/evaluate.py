@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from deeprec_jax import metrics, models
+from deeprec_jax.data import packing
 
 Array = jax.Array
 Batch = Mapping[str, Any]
@@ -33,7 +34,8 @@ ENCODE_CHUNK = 1024
 
 
 def score_items(model: nn.Module, params: Any, num_items: int, item_seq: Array, *,
-                user: Array | None = None, item_vectors: Array | None = None) -> Array:
+                user: Array | None = None, item_vectors: Array | None = None,
+                times: Mapping[str, Array] | None = None) -> Array:
   """Scores of every item after each history: ``float32[B, N + 1]``.
 
   ``hidden = model.apply(..., last_only=True)`` in inference mode; ``[B, 1, D]``
@@ -50,11 +52,14 @@ def score_items(model: nn.Module, params: Any, num_items: int, item_seq: Array, 
     user: ``int[B]`` user ids, or ``None``.
     item_vectors: ``float[N + 1, D]`` from ``models.item_vectors`` (required
       by image encoders, computed once per evaluation); None = the id table.
+    times: ``time_seq`` and ``query_time`` ``int[B, L]`` for models that read
+      timestamps (``models.uses_timestamps``); None otherwise.
 
   Returns:
     ``float32[B, N + 1]``.
   """
   inputs = {} if item_vectors is None else {"item_vectors": item_vectors}
+  inputs.update(times or {})
   hidden = model.apply({"params": params}, item_seq, user=user, last_only=True, **inputs)
   if hidden.ndim == 3:
     hidden = hidden[:, -1]
@@ -135,7 +140,7 @@ def make_eval_step(model: nn.Module, num_items: int, ks: Sequence[int],
   def eval_step(params: Any, batch: Batch, item_vectors: Array | None = None
                 ) -> dict[str, Array]:
     scores = (score_items(model, params, num_items, batch["item_seq"], user=batch.get("user"),
-                          item_vectors=item_vectors)
+                          item_vectors=item_vectors, times=packing.time_kwargs(batch))
               if scorer is None else scorer(params, batch, item_vectors))
     target = batch["target"]
     exclude = batch["exclude"] if exclude_history else None

@@ -47,6 +47,7 @@ ADDED_KEYS = {
     "model.positions_from": "end",
     "model.qkv_init": "same",
     "train.bce_log_k_offset": False,
+    "model.time_buckets": 0,
 }
 # Added keys that change nothing unless ``predicate(flat config)`` holds: a
 # run saved without one resumes under any value when it does not.

@@ -115,7 +115,8 @@ def make_train_step(model: nn.Module,
       inputs = {"item_vectors": vectors} if uses_images else {}
       hidden = model.apply({"params": params}, batch["item_seq"], user=batch["user"],
                            deterministic=False, rngs={"dropout": dropout_rng},
-                           **packing.packing_kwargs(batch), **inputs)
+                           **packing.packing_kwargs(batch), **packing.time_kwargs(batch),
+                           **inputs)
       extra = {}
       if log_q is not None:  # indexed like the (possibly renumbered) batch
         extra["log_q"] = (jnp.asarray(log_q) if ids is None else
@@ -195,6 +196,11 @@ class Trainer:
     self.negative_cdf, self.log_q = self._negative_sampler()
     self.in_batch_negatives = (self.is_trainable and self.config.train.get(
         "negative_sampling", "uniform") == "in_batch")
+    # Batches carry timestamps for models whose attention reads them (HSTU's time bias).
+    self.with_times = models.uses_timestamps(self.model)
+    if self.with_times and self.privacy:
+      raise ValueError("config key model.time_buckets must be 0 under privacy.enabled (the "
+                       "private step's batches carry no timestamps).")
     sharding.check_batch_size(config.eval.batch_size, self.mesh, "eval.batch_size")
     self.tx = optimizers.create_optimizer(config.train, max(self.total_steps, 1), self.mesh)
     if self.privacy and isinstance(self.tx, row_sparse.SparseOptimizer):
@@ -277,7 +283,8 @@ class Trainer:
         seed=self.config.seed, epoch=epoch, num_targets=self.config.task.num_targets,
         mask_prob=self.config.task.mask_prob, pack_row_multiple=pack_row_multiple,
         process_index=block, process_count=num_blocks, negative_cdf=self.negative_cdf,
-        shared_negatives=self.shared_negatives, in_batch_negatives=self.in_batch_negatives)
+        shared_negatives=self.shared_negatives, in_batch_negatives=self.in_batch_negatives,
+        with_times=self.with_times)
 
   def item_vectors(self, params: Any) -> jax.Array | None:
     """The catalogue's ``models.item_vectors`` for image encoders, once; None for 'id'."""
@@ -342,7 +349,7 @@ class Trainer:
     return (data.name, data.num_users, data.num_items, data.lengths.tobytes(), withheld, split,
             self.task, self.config.data.max_len, self.config.eval.batch_size,
             self.config.eval.num_sampled_negatives, self.config.eval.sampling, self.config.seed,
-            self.config.eval.length_buckets, sharding.batch_block(self.mesh))
+            self.config.eval.length_buckets, sharding.batch_block(self.mesh), self.with_times)
 
   def _eval_batches(self, split: str):
     block, num_blocks = sharding.batch_block(self.mesh)
@@ -352,7 +359,7 @@ class Trainer:
         num_sampled_negatives=self.config.eval.num_sampled_negatives,
         sampling=self.config.eval.sampling, seed=self.config.seed,
         length_buckets=self.config.eval.length_buckets,
-        process_index=block, process_count=num_blocks)
+        process_index=block, process_count=num_blocks, with_times=self.with_times)
 
 
 

@@ -80,11 +80,12 @@ def _assert_matches(dataset, seq_data):
     assert int(record["user_id"]) == seq_data.user_ids[i]
     assert record["item_seq"].dtype == np.int64
     np.testing.assert_array_equal(record["item_seq"], seq)
+    np.testing.assert_array_equal(record["time_seq"], seq_data.time_seqs[i])
 
 
 def _versions(data_dir):
   """The prepared version folders under a TFDS data_dir."""
-  return sorted(glob.glob(os.path.join(str(data_dir), "*", "*", "1.0.0")))
+  return sorted(glob.glob(os.path.join(str(data_dir), "*", "*", "1.1.0")))
 
 
 def _forbid_parsing(monkeypatch):
@@ -234,6 +235,8 @@ def test_csv_source_and_its_options(tmp_path):
   config.csv.user_column, config.csv.item_column, config.csv.time_column = "uid", "iid", "ts"
   by_time = builders.load(config)
   np.testing.assert_array_equal(by_time.source[0]["item_seq"], [2, 3, 1])  # sorted by ts
+  np.testing.assert_array_equal(by_time.source[0]["time_seq"], [1, 2, 3])  # their times
+  np.testing.assert_array_equal(by_time.source[1]["time_seq"], [5, 6, 7])
   config.csv.time_column = ""  # File order instead: a different dataset.
   by_file = builders.load(config)
   assert by_file.name != by_time.name

@@ -88,11 +88,18 @@ def np_layer_norm(x, p=None, eps=hstu.EPSILON):
   return y if p is None else y * p["scale"] + p["bias"]
 
 
-def np_hstu_layer(x, valid, p, heads, qk_dim, v_dim, max_len):
+def np_time_bucket(gap, num_buckets):
+  """min(floor(ln(max(|gap|, 1)) / 0.301), T), one gap at a time (float64)."""
+  return min(int(np.floor(np.log(max(abs(float(gap)), 1.0)) / 0.301)), num_buckets)
+
+
+def np_hstu_layer(x, valid, p, heads, qk_dim, v_dim, max_len, times=None):
   """One HSTU layer, loops over rows, heads, queries and keys (float64).
 
-  U, V, Q, K = split(SiLU(LN(x) W_1 + b_1)); a_ij = SiLU(q_i . k_j + rab[i - j]) / max_len
-  for real keys j <= i; y = x + (LN(sum_j a_ij v_j) * U) W_2 + b_2, zero at padding.
+  U, V, Q, K = split(SiLU(LN(x) W_1 + b_1)); a_ij = SiLU(q_i . k_j + rab[i - j]
+  [+ rab_t[bucket(query_time_i - time_j)]]) / max_len for real keys j <= i;
+  y = x + (LN(sum_j a_ij v_j) * U) W_2 + b_2, zero at padding. ``times``:
+  ``(time_seq, query_time)`` for the time bias ``p['time_bias']``.
   """
   batch, seq_len, _ = x.shape
   uvqk = np_silu(np_layer_norm(x) @ p["uvqk"]["kernel"] + p["uvqk"]["bias"])
@@ -109,6 +116,11 @@ def np_hstu_layer(x, valid, p, heads, qk_dim, v_dim, max_len):
         for j in range(i + 1):
           if valid[b, j]:
             bias = p["rel_bias"][h, min(i - j, max_len - 1)]
+            if times is not None:
+              time_seq, query_time = times
+              num_buckets = p["time_bias"].shape[1] - 1
+              bias += p["time_bias"][h, np_time_bucket(query_time[b, i] - time_seq[b, j],
+                                                       num_buckets)]
             weight = np_silu(q[b, i, h] @ k[b, j, h] + bias) / max_len
             out[b, i, h] += weight * v[b, j, h]
   out = out.reshape(batch, seq_len, heads * v_dim)
@@ -116,17 +128,18 @@ def np_hstu_layer(x, valid, p, heads, qk_dim, v_dim, max_len):
   return (x + y) * valid[..., None]
 
 
-def np_hstu(seq, p, num_blocks, heads, qk_dim, v_dim, max_len, l2_norm=False):
+def np_hstu(seq, p, num_blocks, heads, qk_dim, v_dim, max_len, l2_norm=False, times=None):
   """The whole model in eval mode: embeddings, layers, final layer norm (float64).
 
-  ``l2_norm``: the output is L2-normalized instead of layer-normed.
+  ``l2_norm``: the output is L2-normalized instead of layer-normed; ``times``
+  as in ``np_hstu_layer``.
   """
   valid = seq != 0
   dim = p["item_embed"]["embedding"].shape[1]
   x = p["item_embed"]["embedding"][seq] * np.sqrt(dim)
   x = (x + p["pos_embed"]["embedding"][max_len - seq.shape[1]:][None]) * valid[..., None]
   for i in range(num_blocks):
-    x = np_hstu_layer(x, valid, p[f"block_{i}"], heads, qk_dim, v_dim, max_len)
+    x = np_hstu_layer(x, valid, p[f"block_{i}"], heads, qk_dim, v_dim, max_len, times)
   if l2_norm:
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(norm, 1e-6) * valid[..., None]
@@ -172,6 +185,47 @@ def test_model_matches_numpy():
   ref_scores = ref @ p["item_embed"]["embedding"][:NUM_ITEMS + 1].T
   assert _rel_err(hidden @ table.T, ref_scores) < RTOL
   np.testing.assert_array_equal(np.asarray(hidden)[seq == 0], 0.0)
+
+
+def _timestamps(seq, seed=0):
+  """(time_seq, query_time) int32: increasing times at real items, gaps of 0-60 s.
+
+  The gaps straddle every bucket of T = 6 (bucket 6 holds gaps >= e^1.806 =
+  6.1 s), so the clamp is exercised; padding slots hold arbitrary times.
+  """
+  rng = np.random.default_rng(seed)
+  gaps = rng.choice([0, 1, 2, 3, 5, 9, 20, 60], size=(seq.shape[0], seq.shape[1] + 1))
+  times = 1_000_000 + np.cumsum(gaps, axis=1)
+  time_seq = np.where(seq != 0, times[:, :-1], rng.integers(0, 99, seq.shape))
+  return time_seq.astype(np.int32), times[:, 1:].astype(np.int32)
+
+
+def test_time_bias_matches_numpy():
+  """model.time_buckets: the bucketed time bias vs float64 NumPy; last_only; it matters."""
+  model = _model(time_buckets=6)
+  seq = _left_padded([6, 4, 1], 6, seed=3)
+  time_seq, query_time = _timestamps(seq, seed=3)
+  params = _random_params(model, seq, time_seq=time_seq, query_time=query_time, seed=3)
+  assert params["block_0"]["time_bias"].shape == (2, 7)
+  hidden = model.apply({"params": params}, seq, time_seq=time_seq, query_time=query_time)
+  ref = np_hstu(seq, _f64(params), 2, 2, 3, 5, MAX_LEN, times=(time_seq, query_time))
+  assert _rel_err(hidden, ref) < RTOL
+  last = model.apply({"params": params}, seq, time_seq=time_seq, query_time=query_time,
+                     last_only=True)
+  np.testing.assert_allclose(np.asarray(last), np.asarray(hidden)[:, -1:], rtol=0, atol=1e-6)
+  # Padding slots' times do not matter; a real item's time does.
+  time_seq2 = np.where(seq != 0, time_seq, 7)
+  np.testing.assert_allclose(
+      model.apply({"params": params}, seq, time_seq=time_seq2, query_time=query_time),
+      hidden, rtol=0, atol=1e-6)
+  earlier = query_time.copy()
+  earlier[0, -1] = time_seq[0, 0]  # the first key's gap 0 (bucket 0) instead of the last bucket
+  assert np_time_bucket(query_time[0, -1] - time_seq[0, 0], 6) == 6
+  moved = np.asarray(model.apply({"params": params}, seq, time_seq=time_seq,
+                                 query_time=earlier))
+  assert np.abs(moved[0, -1] - np.asarray(hidden)[0, -1]).max() > 1e-3
+  with pytest.raises(ValueError, match="time_seq and query_time"):
+    model.apply({"params": params}, seq)
 
 
 def test_l2_norm_gives_cosine_scores():
@@ -373,8 +427,13 @@ def test_configs():
 
 
 def test_tiny_training_run(tmp_path):
-  """tiny.py:hstu trains through train.train_and_evaluate (packed) to finite metrics."""
+  """tiny.py:hstu with the time bias trains (packed, timed batches) to finite metrics.
+
+  The model raises without timestamps, so this is also the timed batches'
+  path through the trainer and the evaluation.
+  """
   config = tiny.get_config("hstu")
+  config.model.time_buckets = 8
   assert config.model.name == "hstu" and models.spec("hstu").packs and config.train.pack
   results = train.train_and_evaluate(config, str(tmp_path / "run"))
   for split in ("valid", "test"):

@@ -377,6 +377,69 @@ def test_pack_layout_places_every_sequence_once(lengths):
     assert filled[-1] == 11 and np.all(np.diff(filled) == 1)
 
 
+def _timed_dataset(num_users=9, seed=0):
+  """Distinct items per user, each with its own increasing timestamp."""
+  rng = np.random.default_rng(seed)
+  sequences = [rng.permutation(np.arange(1, NUM_ITEMS + 1))[:rng.integers(4, 12)]
+               for _ in range(num_users)]
+  times = [1_000_000 * (u + 1) + np.cumsum(rng.integers(0, 500, len(s)))
+           for u, s in enumerate(sequences)]
+  seq_data = preprocess.SequenceData(
+      sequences=sequences, user_ids=np.arange(num_users, dtype=np.int64),
+      item_ids=np.arange(-1, NUM_ITEMS + 1).clip(-1).astype(np.int64), num_items=NUM_ITEMS,
+      time_seqs=times)
+  time_of = [dict(zip(s.tolist(), t.tolist(), strict=True)) for s, t in zip(sequences, times,
+                                                                            strict=True)]
+  return builders.from_sequences(seq_data), time_of
+
+
+@pytest.mark.parametrize("task", ["autoregressive", "masked"])
+def test_timed_train_batches_carry_each_input_and_query_time(task):
+  """with_times: time_seq is each input's timestamp; query_time the predicted item's
+  (autoregressive: the next item's; masked: the position's own); 0 at padding."""
+  dataset, time_of = _timed_dataset()
+  batch = _train(dataset, task, max_len=8, global_batch_size=8, with_times=True)[0]
+  plain = _train(dataset, task, max_len=8, global_batch_size=8)[0]
+  for key in plain:  # the same batch, plus the times
+    np.testing.assert_array_equal(batch[key], plain[key])
+  for row, user in enumerate(batch["user"]):
+    for col in range(8):
+      item, target = batch["item_seq"][row, col], batch["targets"][row, col]
+      if item == 0:
+        assert batch["time_seq"][row, col] == batch["query_time"][row, col] == 0
+        continue
+      own = time_of[user][int(target if item == NUM_ITEMS + 1 else item)]
+      assert batch["time_seq"][row, col] == own
+      expected_query = own if task == "masked" else time_of[user][int(target)]
+      assert batch["query_time"][row, col] == expected_query
+  packed = packing.pack_batch(batch, 8)
+  assert {"time_seq", "query_time"} <= set(packed)
+  tokens = lambda b: sorted(zip(*(b[k][b["item_seq"] != 0].tolist()
+                                  for k in ("item_seq", "targets", "time_seq", "query_time")),
+                                strict=True))
+  assert tokens(packed) == tokens(batch)
+  with pytest.raises(ValueError, match="window"):
+    _train(dataset, "window", with_times=True)
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+@pytest.mark.parametrize("task", ["autoregressive", "masked"])
+def test_timed_eval_batches_ask_at_the_target_time(split, task):
+  dataset, time_of = _timed_dataset()
+  for batch in _eval(dataset, split=split, task=task, max_len=6, with_times=True):
+    for row in np.flatnonzero(batch["weight"]):
+      user, items = batch["user"][row], batch["item_seq"][row]
+      real = items != 0
+      history, target = _eval_part(dataset.source[user]["item_seq"], split)
+      known = [time_of[user][int(i)] for i in items[real] if i != NUM_ITEMS + 1]
+      asked = known[1:] + [time_of[user][target]]  # each input's next item, then the target
+      if task == "masked":  # the mask slot is the target's; every slot asks at its own time
+        known = asked = known + [time_of[user][target]]
+      np.testing.assert_array_equal(batch["time_seq"][row][real], known)
+      np.testing.assert_array_equal(batch["query_time"][row][real], asked)
+      assert not batch["time_seq"][row][~real].any()
+
+
 def test_pack_batch_keeps_every_token():
   dataset = _random_dataset(num_users=20, max_length=12)
   plain = _train(dataset, "autoregressive", max_len=16, global_batch_size=10)[0]

@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -55,8 +55,9 @@ class Dataset:
   """Per-user sequences with random access, as the pipeline consumes them.
 
   Attributes:
-    source: ``source[i] = {'user': i, 'item_seq': int64[n], ...}``, the full
-      chronological sequence of user ``i`` in ids ``1..num_items``. A TFDS
+    source: ``source[i] = {'user': i, 'item_seq': int64[n], 'time_seq':
+      int64[n], ...}``, the full chronological sequence of user ``i`` in ids
+      ``1..num_items`` and its timestamps (``preprocess.SequenceData``). A TFDS
       ``ArrayRecordDataSource`` after ``load``, a list after
       ``from_sequences``.
     num_users: number of users (``len(source)``).
@@ -100,10 +101,7 @@ def from_sequences(seq_data: preprocess.SequenceData, name: str = "in_memory") -
   Returns:
     A `Dataset` whose ``source`` is a list of the same records ``load`` gives.
   """
-  source = [
-      {"user": i, "user_id": int(uid), "item_seq": np.asarray(seq, np.int64)}
-      for i, (uid, seq) in enumerate(zip(seq_data.user_ids, seq_data.sequences, strict=True))
-  ]
+  source = list(_records(seq_data))
   return Dataset(
       source=source,
       num_users=len(source),
@@ -280,7 +278,7 @@ def builder_config(data_config: ml_collections.ConfigDict) -> SequenceConfig:
 
 
 class SequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Writes one record per user: ``user``, ``user_id``, ``item_seq``.
+  """Writes one record per user: ``user``, ``user_id``, ``item_seq``, ``time_seq``.
 
   One split, ``train``, holds every user: the leave-one-out split is the
   pipeline's job. Subclasses only name the source. Records keep user order
@@ -289,8 +287,9 @@ class SequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   same folder, written and renamed together with the records.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Per-user chronological item sequences."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Per-user chronological item sequences.",
+                   "1.1.0": "Each record also holds its items' timestamps (time_seq)."}
 
   def __init__(self, *, data_config: ml_collections.ConfigDict, data_dir: str):
     self._data_config = data_config
@@ -304,6 +303,7 @@ class SequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "user": np.int64,
             "user_id": np.int64,
             "item_seq": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+            "time_seq": tfds.features.Tensor(shape=(None,), dtype=np.int64),
         }),
         metadata=tfds.core.MetadataDict(),
         disable_shuffling=True,
@@ -326,9 +326,19 @@ class SequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {"train": self._generate_examples(seq_data)}
 
   def _generate_examples(self, seq_data: preprocess.SequenceData):
-    for i, (uid, seq) in enumerate(zip(seq_data.user_ids, seq_data.sequences, strict=True)):
-      # Integer keys: with shuffling disabled TFDS writes in key order.
-      yield i, {"user": i, "user_id": int(uid), "item_seq": np.asarray(seq, np.int64)}
+    # Integer keys: with shuffling disabled TFDS writes in key order.
+    yield from enumerate(_records(seq_data))
+
+
+def _records(seq_data: preprocess.SequenceData) -> Iterator[dict[str, Any]]:
+  """One record per user: ``user``, ``user_id``, ``item_seq`` and ``time_seq``."""
+  times = seq_data.time_seqs
+  if times is None:  # no timestamps kept: each sequence's own order
+    times = [np.arange(len(seq), dtype=np.int64) for seq in seq_data.sequences]
+  for i, (uid, seq, time_seq) in enumerate(zip(seq_data.user_ids, seq_data.sequences, times,
+                                               strict=True)):
+    yield {"user": i, "user_id": int(uid), "item_seq": np.asarray(seq, np.int64),
+           "time_seq": np.asarray(time_seq, np.int64)}
 
 
 class SyntheticSequences(SequenceBuilder, skip_registration=True):

@@ -2,7 +2,7 @@
 
 ``pack_layout`` places sequences into rows, ``pack_batch`` and
 ``packed_train_batch`` copy batches into that layout with ``segment_ids`` and
-``positions``, and ``packing_kwargs`` gives a packed batch's model kwargs.
+``positions``; ``packing_kwargs`` and ``time_kwargs`` give a batch's model kwargs.
 """
 
 import math
@@ -10,6 +10,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+
+# Per-position timestamps a timed batch carries (``times.timed_rows``);
+# packed like the items.
+TIME_KEYS = ("time_seq", "query_time")
 
 
 def pack_layout(lengths: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -48,6 +52,11 @@ def packing_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
   return {key: batch[key] for key in ("segment_ids", "positions") if key in batch}
 
 
+def time_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """The model kwargs of a timed batch (``time_seq``, ``query_time``); {} if it has none."""
+  return {key: batch[key] for key in TIME_KEYS if key in batch}
+
+
 def pack_batch(batch: Mapping[str, np.ndarray], num_rows: int) -> dict[str, np.ndarray]:
   """Packs a sequence batch's left-padded rows side by side into fewer rows.
 
@@ -65,7 +74,8 @@ def pack_batch(batch: Mapping[str, np.ndarray], num_rows: int) -> dict[str, np.n
     num_rows: R, at least ``pack_layout``'s row count (extra rows are empty).
 
   Returns:
-    ``item_seq``, ``targets``, ``negatives`` with R rows, ``segment_ids
+    ``item_seq``, ``targets``, ``negatives`` (and ``time_seq``,
+    ``query_time`` where the batch has them) with R rows, ``segment_ids
     int32[R, L]`` (0 at padding, 1.. within a row), ``positions int32[R, L]``
     (the positional row: ``L - n + j`` for item j of a length-n sequence; 0 at
     padding) and ``user int32[R]`` (zeros: a packed row has several users).
@@ -102,6 +112,10 @@ def _place(batch: Mapping[str, np.ndarray], row: np.ndarray, end: np.ndarray,
     packed["negatives"][r, cols] = negatives[i, row_len - n:]
     packed["segment_ids"][r, cols] = segments_in_row[r]
     packed["positions"][r, cols] = np.arange(row_len - n, row_len)
+    for key in TIME_KEYS:
+      if key in batch:
+        packed.setdefault(key, np.zeros((num_rows, row_len), np.int32))[r, cols] = (
+            batch[key][i, row_len - n:])
   return packed
 
 

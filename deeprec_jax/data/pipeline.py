@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 from deeprec_jax.data import builders, negatives, packing, preprocess
+from deeprec_jax.data import times as times_lib
 from deeprec_jax.inputs import eval_input  # Public here too: the batches' input rule.
 
 TASKS = ("autoregressive", "window", "masked")
@@ -67,7 +68,8 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
                   process_index: int = 0, process_count: int = 1,
                   negative_cdf: np.ndarray | None = None,
                   shared_negatives: bool = False,
-                  in_batch_negatives: bool = False) -> grain.MapDataset:
+                  in_batch_negatives: bool = False,
+                  with_times: bool = False) -> grain.MapDataset:
   """The training batches of one epoch, for this process.
 
   Examples per task (t = ``split_train(seq)``, left-padded with 0):
@@ -116,6 +118,8 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
       positions (``config.train.shared_negatives``; sequence tasks, unpacked).
     in_batch_negatives: draw from the global batch's items
       (``config.train.negative_sampling='in_batch'``; sequence tasks).
+    with_times: also yield ``time_seq`` and ``query_time`` (sequence tasks;
+      see ``times.timed_rows``), for models whose attention reads timestamps.
 
   Returns:
     A MapDataset with ``len == steps_per_epoch(...)``; element ``step`` is
@@ -123,7 +127,8 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
     global batch ``step``: ``item_seq int32[B, L]``, ``targets int32[B, L]``
     (``[B, T]`` for 'window'), ``negatives int32[B, L or T, k]``,
     ``user int32[B]``; packed, ``R <= B`` rows of each plus ``segment_ids``
-    and ``positions`` (see ``packing.pack_batch``).
+    and ``positions`` (see ``packing.pack_batch``); ``with_times``, also
+    ``time_seq`` and ``query_time``, ``int32[B, L]``.
   """
   _check_choice("task", task, TASKS)
   local_batch = _local_batch_size(global_batch_size, process_index, process_count)
@@ -141,6 +146,8 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
     raise ValueError("config key train.negative_sampling='popularity' or 'in_batch' needs a "
                      "sequence task ('autoregressive' or 'masked'); window models draw "
                      "uniform negatives.")
+  if with_times:
+    times_lib.check_task(task)
   if task == "window":
     build = functools.partial(
         _window_batch, table=_window_table(dataset), users=users, starts=starts,
@@ -151,7 +158,7 @@ def train_batches(dataset: builders.Dataset, *, task: str, max_len: int,
         _train_batch, dataset=dataset, users=users, task=task, max_len=max_len,
         num_negatives=num_negatives, mask_prob=mask_prob, seed=seed, epoch=epoch,
         negative_cdf=negative_cdf, shared_negatives=shared_negatives,
-        in_batch_negatives=in_batch_negatives)
+        in_batch_negatives=in_batch_negatives, with_times=with_times)
   if pack_row_multiple:
     # Every example's input length: each process computes the global batch's
     # layout and loads the users of its own rows.
@@ -237,7 +244,8 @@ def eval_lengths(max_len: int, num_buckets: int) -> tuple[int, ...]:
 def eval_batches(dataset: builders.Dataset, *, split: str, task: str, max_len: int,
                  batch_size: int, num_sampled_negatives: int = 100, sampling: str = "uniform",
                  seed: int = 0, length_buckets: int = 1, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                 process_count: int = 1,
+                 with_times: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Evaluation batches over every user once.
 
   Users are grouped by the length their model input needs: each group is cut
@@ -274,6 +282,8 @@ def eval_batches(dataset: builders.Dataset, *, split: str, task: str, max_len: i
     length_buckets: number of input lengths (``eval_lengths``); 1 = all at L.
     process_index: this process, in ``[0, process_count)``.
     process_count: processes sharing each global batch.
+    with_times: also yield ``time_seq`` and ``query_time`` ``int32[B, L']``
+      (``times.timed_rows``; the last input's query is at the target's time).
 
   Yields:
     ``item_seq int32[B, L']`` (``L' <= L``, one of the bucket lengths),
@@ -285,6 +295,8 @@ def eval_batches(dataset: builders.Dataset, *, split: str, task: str, max_len: i
   _check_choice("split", split, SPLITS)
   _check_choice("task", task, TASKS)
   _check_choice("sampling", sampling, SAMPLINGS)
+  if with_times:
+    times_lib.check_task(task)
   _local_batch_size(batch_size * process_count, process_index, process_count)
   lengths = _lengths(dataset)
   # Leave-one-out needs a training part besides the two held-out items.
@@ -314,13 +326,14 @@ def eval_batches(dataset: builders.Dataset, *, split: str, task: str, max_len: i
       yield _eval_batch(dataset, local_users, split=split, task=task, seq_len=int(seq_len),
                         batch_size=batch_size, exclude_width=width, has_split=has_split,
                         num_sampled_negatives=num_sampled_negatives, seed=seed,
-                        popularity_cdf=popularity_cdf)
+                        popularity_cdf=popularity_cdf, with_times=with_times)
 
 
 def _eval_batch(dataset: builders.Dataset, users: np.ndarray, *, split: str, task: str,
                 seq_len: int, batch_size: int, exclude_width: int, has_split: np.ndarray,
                 num_sampled_negatives: int, seed: int,
-                popularity_cdf: np.ndarray | None) -> dict[str, np.ndarray]:
+                popularity_cdf: np.ndarray | None,
+                with_times: bool = False) -> dict[str, np.ndarray]:
   """One process's evaluation rows for ``users`` (padded to ``batch_size``)."""
   batch = {
       "item_seq": np.zeros((batch_size, seq_len), np.int32),
@@ -330,6 +343,9 @@ def _eval_batch(dataset: builders.Dataset, users: np.ndarray, *, split: str, tas
       "user": np.zeros((batch_size,), np.int32),
       "weight": np.zeros((batch_size,), np.float32),
   }
+  if with_times:
+    batch.update(time_seq=np.zeros((batch_size, seq_len), np.int32),
+                 query_time=np.zeros((batch_size, seq_len), np.int32))
   batch["user"][:len(users)] = users
   for row, (user, record) in enumerate(zip(users, _read(dataset.source, users), strict=True)):
     if not has_split[user]:
@@ -338,6 +354,13 @@ def _eval_batch(dataset: builders.Dataset, users: np.ndarray, *, split: str, tas
     history, target = preprocess.split_eval(seq, split)
     batch["item_seq"][row] = eval_input(history, task=task, max_len=seq_len,
                                         num_items=dataset.num_items)
+    if with_times:
+      times = times_lib.record_times(record, len(seq))
+      num_inputs = int(np.count_nonzero(batch["item_seq"][row]))
+      # Through the target's: the request (the last input's query) happens then.
+      inputs_time, query_time = times_lib.timed_rows(times[:len(history) + 1], num_inputs, task)
+      batch["time_seq"][row, seq_len - num_inputs:] = inputs_time
+      batch["query_time"][row, seq_len - num_inputs:] = query_time
     batch["target"][row] = target
     exclude = np.unique(history)
     exclude = exclude[exclude != target]
@@ -375,7 +398,8 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
                  mask_prob: float, seed: int, epoch: int,
                  negative_cdf: np.ndarray | None = None,
                  shared_negatives: bool = False,
-                 in_batch_negatives: bool = False) -> dict[str, np.ndarray]:
+                 in_batch_negatives: bool = False,
+                 with_times: bool = False) -> dict[str, np.ndarray]:
   """This process's rows of a global batch of sequence examples, one user at a time.
 
   For the 'autoregressive' and 'masked' tasks (one example per user); window
@@ -398,6 +422,9 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
                             np.int32),
       "user": np.zeros((size,), np.int32),
   }
+  if with_times:
+    batch.update(time_seq=np.zeros((size, max_len), np.int32),
+                 query_time=np.zeros((size, max_len), np.int32))
   if records is None:
     records = _read(dataset.source, users[indices])
   for row, (index, record) in enumerate(zip(indices, records, strict=True)):
@@ -413,6 +440,11 @@ def _train_batch(indices: np.ndarray, *, rows: slice, dataset: builders.Dataset,
     batch["user"][row] = user
     batch["item_seq"][row, max_len - len(inputs):] = inputs
     batch["targets"][row, max_len - len(targets):] = targets
+    if with_times:
+      times = preprocess.split_train(times_lib.record_times(record, len(seq)))
+      inputs_time, query_time = times_lib.timed_rows(times, len(inputs), task)
+      batch["time_seq"][row, max_len - len(inputs):] = inputs_time
+      batch["query_time"][row, max_len - len(inputs):] = query_time
     has_target = batch["targets"][row] != 0
     # Only training items are known at training time; cold-start items are
     # never negatives either.

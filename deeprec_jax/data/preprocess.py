@@ -51,6 +51,9 @@ class SequenceData:
       are all False), or None when the source has no genres.
     genre_names: the genre of each column of `item_genres`, sorted; () when
       there are none.
+    time_seqs: one int64 array per user, aligned with `sequences`: each
+      interaction's timestamp (the source's; file order where it has none),
+      non-decreasing; None when not kept.
   """
 
   sequences: list[np.ndarray]
@@ -59,6 +62,7 @@ class SequenceData:
   num_items: int
   item_genres: np.ndarray | None = None
   genre_names: tuple[str, ...] = ()
+  time_seqs: list[np.ndarray] | None = None
 
   @property
   def num_users(self) -> int:
@@ -217,6 +221,7 @@ def preprocess(
   remapped = remapped.astype(np.int64) + 1
   # Rows are grouped by user in ascending id, so each user is one slice.
   sequences = np.split(remapped, user_rows[1:])
+  time_seqs = np.split(timestamp.astype(np.int64), user_rows[1:])
   item_ids = np.concatenate([[-1], original_items]).astype(np.int64)
 
   item_genres, genre_names = None, ()
@@ -235,6 +240,7 @@ def preprocess(
       num_items=len(original_items),
       item_genres=item_genres,
       genre_names=genre_names,
+      time_seqs=time_seqs,
   )
   stats = data.stats()
   log(f"remapped ids: {stats['users']} users, items 1..{stats['items']}, "

@@ -60,6 +60,10 @@ class SequenceModel(Protocol):
         models only; others raise): segments never see each other.
       positions: ``int32[batch, seq_len]`` positional rows of packed rows.
 
+    Models that read timestamps (``uses_timestamps``: HSTU with
+    ``time_buckets > 0``) also take ``time_seq`` and ``query_time``,
+    ``int32[batch, seq_len]`` (``times.timed_rows``).
+
     Returns:
       ``float32[batch, seq_len, dim]`` (``[batch, dim]`` for window models),
       zero at padding positions.
@@ -116,6 +120,11 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_items: int, num
   model_spec = spec(kwargs.pop("name"))
   return model_spec.module(num_items=num_items, num_users=num_users, max_len=max_len,
                            **kwargs)
+
+
+def uses_timestamps(model: nn.Module) -> bool:
+  """Whether ``model`` reads ``time_seq`` and ``query_time`` (HSTU with a time bias)."""
+  return bool(getattr(model, "time_buckets", 0))
 
 
 def item_table(params: Any, num_items: int) -> jax.Array:
@@ -213,8 +222,12 @@ def init_params(model: nn.Module, rng: jax.Array, item_seq: jax.Array, *,
   ~4 s). Values can differ from an eager init by float32 rounding (the
   initializers' float ops are fused differently).
   """
+  # Timestamps only shape the attention, not the parameters: zeros will do.
+  times = ({key: jnp.zeros(item_seq.shape, jnp.int32) for key in ("time_seq", "query_time")}
+           if uses_timestamps(model) else {})
   if item_encoder(model) == "id":
-    return _jit_once(lambda rng, item_seq, user: model.init(rng, item_seq, user=user)["params"])(
+    return _jit_once(lambda rng, item_seq, user: model.init(rng, item_seq, user=user,
+                                                            **times)["params"])(
         rng, item_seq, user)
   if images is None:
     raise ValueError(f"model.item_encoder={item_encoder(model)!r} needs the item pictures "

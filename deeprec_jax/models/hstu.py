@@ -31,9 +31,13 @@ and one layer (pre-norm, residual; h heads, widths d_qk and d_v per head):
   max_len - 1)]`` for query position i and key position j <= i, so buckets
   ``0..max_len - 1``. The official bias is one table for all heads over every
   signed distance (``2 max_len - 1`` entries, of which causal attention reads
-  the ``max_len`` non-negative ones), plus a bucketed *time* bias over
-  timestamp gaps. The pipeline carries no timestamps, so the time bias is
-  left out.
+  the ``max_len`` non-negative ones).
+* With ``time_buckets = T > 0`` it adds the official *time* bias,
+  ``rab_t[h, b_ij]`` with ``b_ij = min(floor(log(max(|q_i - t_j|, 1)) /
+  0.301), T)``: ``q_i`` is the time of query i's request (the next item's
+  timestamp; at evaluation, the target's), ``t_j`` key j's timestamp
+  (``times.timed_rows``), in the source's units (seconds for MovieLens).
+  The official code uses T = 128 and one table for all heads.
 * The layer norms inside a layer have no learned scale or offset, as in the
   official code (``F.layer_norm`` without weights, epsilon 1e-6); the final
   layer norm (not in the official code, which L2-normalizes the output
@@ -54,7 +58,7 @@ standard deviation 0.02, positions truncated-normal with ``dim**-0.5``,
 Parameters (N items, d = dim, L = max_len, B = num_blocks, h heads, widths
 d_qk and d_v, w = 2 h (d_qk + d_v)):
 
-    table_rows(N + 1) d + L d + B [d w + w + h d_v d + d + h L] + 2d
+    table_rows(N + 1) d + L d + B [d w + w + h d_v d + d + h L (+ h (T + 1))] + 2d
 """
 
 import flax.linen as nn
@@ -86,6 +90,9 @@ def check_fields(model: "Model") -> None:
                      "and model.v_dim)", model.num_heads)
   validation.check_fraction(model, "dropout_rate")
   validation.check_bool(model, "l2_norm")
+  validation.check(validation.is_int(model.time_buckets) and model.time_buckets >= 0,
+                   "model.time_buckets", "an int >= 0 (0 = no time bias; the official 128)",
+                   model.time_buckets)
   validation.compute_dtype(model.dtype)
 
 
@@ -101,9 +108,29 @@ def relative_distances(q_start: int, q_stop: int, num_keys: int, num_buckets: in
   return np.clip(rows - cols, 0, num_buckets - 1).astype(np.int32)
 
 
+# Width of a time bucket in log-seconds (the official bucketization).
+TIME_BUCKET_LOG_WIDTH = 0.301
+
+
+def time_buckets(query_time: Array, time_seq: Array, num_buckets: int) -> Array:
+  """``int32[batch, q_len, k_len]``: ``min(floor(log(max(|q_i - t_j|, 1)) / 0.301), T)``.
+
+  Args:
+    query_time: ``int[batch, q_len]``, each query's request time.
+    time_seq: ``int[batch, k_len]``, each key's timestamp.
+    num_buckets: T, the last bucket (gaps of ``e^(0.301 T)`` and more).
+  """
+  # The difference in int32 (exact for int32 times), then float32 for the log.
+  gap = jnp.abs(query_time[:, :, None].astype(jnp.int32)
+                - time_seq[:, None, :].astype(jnp.int32)).astype(jnp.float32)
+  bucket = jnp.floor(jnp.log(jnp.maximum(gap, 1.0)) / TIME_BUCKET_LOG_WIDTH)
+  return jnp.minimum(bucket, num_buckets).astype(jnp.int32)
+
+
 def pointwise_attention(query: Array, key: Array, value: Array, mask: Array, rel_bias: Array,
-                        *, normalizer: float) -> Array:
-  """``sum_j [mask] SiLU(q_i . k_j + rab[i - j]) / normalizer * v_j``, per head.
+                        *, normalizer: float, time_bias: Array | None = None,
+                        time_bucket: Array | None = None) -> Array:
+  """``sum_j [mask] SiLU(q_i . k_j + rab[i - j] + rab_t[b_ij]) / normalizer * v_j``, per head.
 
   Causal: queries run in blocks that skip the keys after them
   (``layers.query_blocks``); each row is its own sum, so the split changes no
@@ -117,6 +144,9 @@ def pointwise_attention(query: Array, key: Array, value: Array, mask: Array, rel
       (causal: j <= i).
     rel_bias: ``[heads, num_buckets]``, the relative-position bias.
     normalizer: the constant the weights are divided by (``max_len``).
+    time_bias: ``[heads, T + 1]``, the time bias rab_t, or None.
+    time_bucket: ``int32[batch, q_len, k_len]`` (``time_buckets``), with
+      ``time_bias``.
 
   Returns:
     ``[batch, q_len, heads, v_dim]`` in ``value``'s dtype.
@@ -132,6 +162,9 @@ def pointwise_attention(query: Array, key: Array, value: Array, mask: Array, rel
     bias = jnp.take(rel_bias, jnp.asarray(distances), axis=1)  # [heads, block, num_keys]
     logits = jnp.einsum("bhqd,bhkd->bhqk", query[:, :, start:stop],
                         key[:, :, :num_keys]) + bias
+    if time_bias is not None:
+      buckets = time_bucket[:, start:stop, :num_keys]  # [batch, block, num_keys]
+      logits = logits + jnp.moveaxis(jnp.take(time_bias, buckets, axis=1), 0, 1)
     # SiLU in float32 (pointwise; the sum over keys runs in value's dtype).
     weights = nn.silu(logits.astype(jnp.float32)) * (1.0 / normalizer)
     weights = jnp.where(mask[:, :, start:stop, :num_keys], weights, 0.0)
@@ -149,6 +182,7 @@ class HSTULayer(nn.Module):
     qk_dim: query/key width per head d_qk.
     v_dim: value (and U) width per head d_v.
     max_len: the attention normalizer n and the number of rab buckets.
+    time_buckets: T of the time bias (0 = none).
     dropout_rate: dropout on the layer's output before the residual.
     dtype: compute dtype (layer-norm statistics and SiLU weights in float32).
     param_dtype: parameter dtype.
@@ -158,13 +192,15 @@ class HSTULayer(nn.Module):
   qk_dim: int
   v_dim: int
   max_len: int
+  time_buckets: int = 0
   dropout_rate: float = 0.0
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, valid: Array, *, deterministic: bool = True,
-               last_only: bool = False, segment_ids: Array | None = None) -> Array:
+               last_only: bool = False, segment_ids: Array | None = None,
+               time_bucket: Array | None = None) -> Array:
     """Applies the layer.
 
     Args:
@@ -177,6 +213,8 @@ class HSTULayer(nn.Module):
         within each segment. Relative distances are column differences, which
         within a segment (contiguous, ``packing.pack_layout``) equal those of
         the sequence on its own row.
+      time_bucket: ``int32[batch, seq_len, seq_len]`` (``time_buckets``;
+        ``[batch, 1, seq_len]`` with ``last_only``), when ``time_buckets > 0``.
 
     Returns:
       ``[batch, seq_len, dim]`` in ``dtype`` (``[batch, 1, dim]`` with
@@ -204,9 +242,15 @@ class HSTULayer(nn.Module):
       x, u, q, mask, valid = x[:, -1:], u[:, -1:], q[:, -1:], mask[:, :, -1:], valid[:, -1:]
     rel_bias = self.param("rel_bias", nn.initializers.normal(stddev=0.02),
                           (heads, self.max_len), self.param_dtype)
+    time_bias = None
+    if self.time_buckets:
+      time_bias = self.param("time_bias", nn.initializers.normal(stddev=0.02),
+                             (heads, self.time_buckets + 1), self.param_dtype
+                             ).astype(self.dtype)
     out = pointwise_attention(split_heads(q, qk_dim), split_heads(k, qk_dim),
                               split_heads(v, v_dim), mask, rel_bias.astype(self.dtype),
-                              normalizer=float(self.max_len))
+                              normalizer=float(self.max_len), time_bias=time_bias,
+                              time_bucket=time_bucket)
     out = out.reshape(out.shape[:-2] + (heads * v_dim,))  # [batch, q_len, h d_v]
     y = nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=nn.initializers.xavier_uniform(), name="out")(
@@ -233,6 +277,8 @@ class Model(nn.Module):
     dropout_rate: dropout on the input embeddings and each layer's output.
     l2_norm: L2-normalize the output (instead of the final layer norm) and
       the item vectors: cosine scores, as the official code.
+    time_buckets: T of the relative time bias (0 = none; the official code
+      128): the model then needs ``time_seq`` and ``query_time``.
     dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
   """
 
@@ -246,6 +292,7 @@ class Model(nn.Module):
   v_dim: int | None = None
   dropout_rate: float = 0.2
   l2_norm: bool = False
+  time_buckets: int = 0
   dtype: str = "float32"
 
   def __post_init__(self) -> None:
@@ -262,7 +309,8 @@ class Model(nn.Module):
   @nn.compact
   def __call__(self, item_seq: Array, *, deterministic: bool = True,
                user: Array | None = None, last_only: bool = False,
-               segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+               segment_ids: Array | None = None, positions: Array | None = None,
+               time_seq: Array | None = None, query_time: Array | None = None) -> Array:
     """Encodes left-padded item sequences.
 
     Args:
@@ -278,6 +326,9 @@ class Model(nn.Module):
       positions: ``int32[batch, seq_len]`` positional-embedding rows of packed
         rows. Given together with ``segment_ids``, every segment's outputs
         equal those of the sequence on its own row.
+      time_seq: ``int[batch, seq_len]`` each item's timestamp (needed, with
+        ``query_time``, when ``time_buckets > 0``; ignored otherwise).
+      query_time: ``int[batch, seq_len]`` each position's request time.
 
     Returns:
       ``float32[batch, seq_len, dim]`` (``[batch, 1, dim]`` with
@@ -291,6 +342,15 @@ class Model(nn.Module):
     dtype = validation.compute_dtype(self.dtype)
     qk_dim, v_dim = self.head_dims
     valid = item_seq != 0  # [batch, seq_len]: the timeline mask
+    time_bucket = None
+    if self.time_buckets:
+      if time_seq is None or query_time is None:
+        raise ValueError("model.time_buckets > 0: the model needs time_seq and query_time "
+                         "(batches built with timestamps; set model.time_buckets=0 without).")
+      if time_seq.shape != item_seq.shape or query_time.shape != item_seq.shape:
+        raise ValueError(f"time_seq {time_seq.shape} and query_time {query_time.shape} must "
+                         f"have item_seq's shape {item_seq.shape}.")
+      time_bucket = time_buckets(query_time, time_seq, self.time_buckets)  # [b, L, L]
 
     # Embeddings are summed in float32 (param dtype), then cast for compute.
     x = item_embedding.ItemEmbedding(
@@ -306,8 +366,10 @@ class Model(nn.Module):
     for i in range(self.num_blocks):
       last = last_only and i == self.num_blocks - 1
       x = HSTULayer(num_heads=self.num_heads, qk_dim=qk_dim, v_dim=v_dim, max_len=self.max_len,
-                    dropout_rate=self.dropout_rate, dtype=dtype, name=f"block_{i}")(
-          x, valid, deterministic=deterministic, last_only=last, segment_ids=segment_ids)
+                    time_buckets=self.time_buckets, dropout_rate=self.dropout_rate,
+                    dtype=dtype, name=f"block_{i}")(
+          x, valid, deterministic=deterministic, last_only=last, segment_ids=segment_ids,
+          time_bucket=time_bucket[:, -1:] if last and time_bucket is not None else time_bucket)
     if last_only:
       x, valid = x[:, -1:], valid[:, -1:]
 

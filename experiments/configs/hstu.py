@@ -15,7 +15,9 @@ softmax with 128 negatives over cosine scores (L2-normalized states and item
 vectors) at temperature 0.05; the paper trains 101 epochs (add
 ``--config.train.num_epochs=101``). The paper's ML-1M has all 3,706 movies
 (``ml-1m-chrono`` here, or ``ml-1m-raw`` with GroupLens' ``ratings.dat``);
-``ml-1m`` is the 3,416-item SASRec-layout file.
+``ml-1m`` is the 3,416-item SASRec-layout file. Neither text file holds
+timestamps, so the time bias (``--config.model.time_buckets=128``, the
+official value) needs a source that has them (``ml-1m-raw``, ``ml-100k``).
 The argument after ``:`` is ``<dataset>[,<variant>]``; other keys are
 documented in default.py.
 """
@@ -46,6 +48,9 @@ def model_config(variant: str = "base") -> ml_collections.ConfigDict:
   model.v_dim = config_dict.placeholder(int)  # value/U width per head (None = dim // heads)
   model.dropout_rate = 0.2  # dropout on input embeddings and each layer's output
   model.l2_norm = False  # unit output and item vectors, cosine scores (the official code)
+  # Relative time bias over log-bucketed timestamp gaps (0 = none; the official
+  # code 128, on data with real timestamps: ml-100k, ml-1m-raw, csv).
+  model.time_buckets = 0
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
   return model
 
