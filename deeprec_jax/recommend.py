@@ -69,9 +69,14 @@ def recommend(trainer: Any, params: Any, histories: Sequence[np.ndarray], *, top
     One list of ``top_k`` pairs per history, best first.
 
   Raises:
-    ValueError: for no history, or ``top_k`` outside ``[1, num_items]``.
+    ValueError: for no history, ``top_k`` outside ``[1, num_items]``, or a
+      model that reads timestamps.
   """
   dataset, config = trainer.dataset, trainer.config
+  if trainer.with_times:
+    raise ValueError("config key model.time_buckets: recommendations take item histories "
+                     "only, without timestamps; a model with a time bias (time_buckets > 0) "
+                     "needs them.")
   if not histories:
     raise ValueError("no history to recommend for.")
   if not 1 <= top_k <= dataset.num_items:

@@ -22,6 +22,7 @@ import pytest
 from deeprec_jax import models, train
 from deeprec_jax.data import packing
 from deeprec_jax.models import hstu, item_embedding, layers
+from deeprec_jax.serving import exporter
 from experiments.configs import hstu as hstu_config
 from experiments.configs import tiny
 
@@ -226,6 +227,13 @@ def test_time_bias_matches_numpy():
   assert np.abs(moved[0, -1] - np.asarray(hidden)[0, -1]).max() > 1e-3
   with pytest.raises(ValueError, match="time_seq and query_time"):
     model.apply({"params": params}, seq)
+
+
+def test_time_bias_model_is_not_exported():
+  """The serving signature has no timestamps: export refuses such a model, naming the key."""
+  with pytest.raises(ValueError, match="model.time_buckets"):
+    exporter.export_function(_model(time_buckets=4), {}, num_items=NUM_ITEMS, max_len=MAX_LEN,
+                             top_k=3)
 
 
 def test_l2_norm_gives_cosine_scores():

@@ -120,7 +120,15 @@ def export_function(model: nn.Module, flat: Mapping[str, np.ndarray], *, num_ite
   Returns:
     ``(exported, note)``: the note says why the platforms fell back ('' if
     they did not).
+
+  Raises:
+    ValueError: the model reads timestamps (the signature has none).
   """
+  if models.uses_timestamps(model):
+    raise ValueError("config key model.time_buckets: the serving signature takes item ids "
+                     "only, so a model with a time bias (time_buckets > 0) cannot be "
+                     "exported; train with model.time_buckets=0 to serve it.")
+
   def recommend(params, item_seq, exclude, user, *vectors):
     return evaluate.top_k(model, unflatten_params(params), num_items, item_seq, exclude, top_k,
                           user=user, item_vectors=vectors[0] if vectors else None)
