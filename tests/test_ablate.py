@@ -397,19 +397,30 @@ def test_points_not_run_yet_say_todo_not_failed():
 
 def test_budget_columns_average_best_epoch_and_minutes_of_finished_seeds():
   rows = [{"label": "a", "seed": 0, "status": "ok", "hr@10": 0.2, "best_epoch": 40.0,
-           "train_seconds": 600.0},
+           "train_seconds": 600.0, "epochs_run": 50.0, "epoch_budget": 100},
           {"label": "a", "seed": 1, "status": "ok", "hr@10": 0.4, "best_epoch": 60.0,
-           "train_seconds": 1200.0},
+           "train_seconds": 1200.0, "epochs_run": 70.0, "epoch_budget": 100},
           {"label": "a", "seed": 2, "status": "failed", "best_epoch": 99.0},
           {"label": "b", "seed": 0, "status": "todo"}]
   summaries = report.summarize(rows, ["hr@10"])
   columns = report.budget_columns(rows, summaries)
-  assert columns == {"best epoch": ["50.0", "n/a"], "train min": ["15", "n/a"]}
+  assert columns == {"epochs": ["60 of 100", "n/a"], "best epoch": ["50.0", "n/a"],
+                     "train min": ["15", "n/a"]}
   lines = report.render_markdown(summaries, ["hr@10"], "Caption.",
                                  extra_columns=columns).splitlines()
-  assert lines[0] == "| point | HR@10 | best epoch | train min |"
-  assert lines[1] == "|---|---:|---:|---:|"
-  assert lines[2] == "| a | **0.3000 ± 0.1414 †** | 50.0 | 15 |"  # 2 of 3 seeds
+  assert lines[0] == "| point | HR@10 | epochs | best epoch | train min |"
+  assert lines[1] == "|---|---:|---:|---:|---:|"
+  assert lines[2] == "| a | **0.3000 ± 0.1414 †** | 60 of 100 | 50.0 | 15 |"  # 2 of 3 seeds
+
+
+def test_epochs_run_come_from_the_last_validation_step(tmp_path):
+  """8 steps per epoch (best step 24 at epoch 3); the last validation at step 40: 5 epochs."""
+  lines = [{"step": 8, "split": "valid"}, {"step": 40, "split": "valid"},
+           {"step": 40, "split": "final_test"}, {"step": 48, "split": "train"}]
+  (tmp_path / "metrics.jsonl").write_text(
+      "".join(json.dumps(line) + "\n" for line in lines) + '{"step": 9')  # a cut last line
+  assert report._epochs_run(str(tmp_path), {"best_step": 24, "best_epoch": 3.0}) == 5.0
+  assert report._epochs_run(str(tmp_path), {}) is None
 
 
 def test_published_text_is_a_table_column_and_never_config(tmp_path):

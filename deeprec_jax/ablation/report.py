@@ -8,6 +8,7 @@ aggregates the seeds of each point (mean and sample std), and
 """
 import csv
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -84,7 +85,9 @@ def collect_results(workdir: str, split: str = "test",
         "train_seconds", status.get("train_seconds"))
     row.update(train_seconds=seconds, best_step=final.get("best_step"),
                best_epoch=final.get("best_epoch"), workdir=run_dir,
-               error=status.get("error", ""))
+               error=status.get("error", ""),
+               epochs_run=_epochs_run(run_dir, final) if final else None,
+               epoch_budget=info.get("config", {}).get("train", {}).get("num_epochs"))
     if row["status"] == "failed" and not row["error"]:
       with open(os.path.join(run_dir, plan.ERROR_FILE), encoding="utf-8") as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
@@ -109,7 +112,8 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str, keys: Sequence[str] 
     metrics: the reported metrics, put first among the metric columns.
   """
   head = ["label", *keys, "seed", "status", "split"]
-  tail = ["train_seconds", "best_step", "best_epoch", "workdir", "error"]
+  tail = ["train_seconds", "epochs_run", "epoch_budget", "best_step", "best_epoch", "workdir",
+          "error"]
   others = sorted({k for row in rows for k in row if k not in head and k not in tail
                    and k not in metrics}, key=_metric_order)
   columns = [*head, *metrics, *others, *tail]
@@ -248,17 +252,47 @@ def published_column(rows: Sequence[Mapping[str, Any]],
   return {"published": cells} if any(text.values()) else {}
 
 
+def _epochs_run(run_dir: str, final: Mapping[str, Any]) -> float | None:
+  """Epochs trained: the last validation step of metrics.jsonl, in epochs (None if unknown).
+
+  The steps per epoch come from ``final_metrics.json`` (``best_step /
+  best_epoch``).
+  """
+  best_step, best_epoch = _as_float(final.get("best_step")), _as_float(final.get("best_epoch"))
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not best_step or not best_epoch or not os.path.exists(path):
+    return None
+  last = 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # a line cut by a crash: the others still count
+        continue
+      if record.get("split") == "valid":
+        last = max(last, int(record.get("step", 0)))
+  return last * best_epoch / best_step if last else None
+
+
 def budget_columns(rows: Sequence[Mapping[str, Any]],
                    summaries: Sequence[Summary]) -> dict[str, list[str]]:
-  """The 'best epoch' and 'train min' columns: means over a point's finished seeds.
+  """The 'epochs', 'best epoch' and 'train min' columns: means over a point's finished seeds.
 
-  Best epoch is the epoch of the checkpoint that was evaluated (early
-  stopping on the validation metric); train minutes are wall time of the
-  training loop, evaluations included, on whatever machine ran it.
+  Epochs are those trained (until early stopping or the budget) of the
+  budget (``train.num_epochs``); best epoch is the epoch of the checkpoint
+  that was evaluated (early stopping on the validation metric); train minutes
+  are wall time of the training loop, evaluations included, on whatever
+  machine ran it.
   """
-  columns = {"best epoch": [], "train min": []}
+  columns = {"epochs": [], "best epoch": [], "train min": []}
   for summary in summaries:
     finished = [r for r in rows if str(r["label"]) == summary.label and r.get("status") == "ok"]
+    run = [v for v in (_as_float(r.get("epochs_run")) for r in finished) if v is not None]
+    budgets = {r.get("epoch_budget") for r in finished} - {None}
+    text = f"{np.mean(run):.0f}" if run else "n/a"
+    if run and len(budgets) == 1:
+      text += f" of {int(budgets.pop())}"
+    columns["epochs"].append(text)
     for title, key, scale, digits in (("best epoch", "best_epoch", 1.0, 1),
                                       ("train min", "train_seconds", 1 / 60, 0)):
       values = [v * scale for v in (_as_float(r.get(key)) for r in finished) if v is not None]
