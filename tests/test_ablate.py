@@ -120,7 +120,7 @@ def test_explicit_points_switch_base_and_overrides_win():
 
 @pytest.mark.parametrize("name,count", [("families", 6), ("attention", 36), ("rnn_cell", 18),
                                         ("caser", 9), ("loss", 9), ("tiny_grid", 8),
-                                        ("leaderboard", 8), ("leaderboard.py:ml-1m-chrono", 3),
+                                        ("leaderboard", 10), ("leaderboard.py:ml-1m-chrono", 3),
                                         ("hstu_time", 6)])
 def test_every_shipped_ablation_builds_every_run(tmp_path, name, count):
   path = f"{ABLATIONS}/{name}" if ".py" in name else f"{ABLATIONS}/{name}.py"
@@ -439,6 +439,21 @@ def test_published_text_is_a_table_column_and_never_config(tmp_path):
   assert "published" not in run.run_ablation(config, str(tmp_path / "sweep"),
                                              train_fn=_counting(calls)).text
   assert len(calls) == 2  # the text is not config: the finished runs stand
+
+
+def test_a_point_may_name_its_own_seeds(tmp_path):
+  config = _points_config({"label": "a", "seeds": (0, 1, 2)}, {"label": "b"}, seeds=(0,))
+  runs = plan.plan_runs(config, str(tmp_path / "sweep"))
+  assert [(r.point.label, r.point.seed) for r in runs] == [("a", 0), ("a", 1), ("a", 2),
+                                                           ("b", 0)]
+  assert "seeds" not in runs[0].point.values and "seeds" not in runs[0].point.overrides
+  outcome = run.run_ablation(config, str(tmp_path / "sweep"), train_fn=fake_train)
+  assert "over each row's seeds (1 to 3" in outcome.text
+  a = [line for line in outcome.text.splitlines() if line.startswith("| a |")][0]
+  assert "±" in a  # three seeds: mean ± std
+  config.points = ({"label": "a", "seeds": (1, 1)},)
+  with pytest.raises(ValueError, match="point 'a': seeds"):
+    plan.plan_runs(config, str(tmp_path / "other"))
 
 
 def test_latex_escapes_labels_and_bolds_ties():

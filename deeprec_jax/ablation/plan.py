@@ -9,6 +9,8 @@ Order of precedence for a run's config: the base file (the point's own
 ``base`` if it has one), then the point's values, then the ablation's
 ``overrides``, which therefore hold for every point: that is what lets
 ``--config.overrides.train.num_epochs=1`` shrink any sweep to a smoke test.
+An explicit point's keys are config values, plus ``label``, ``base``,
+``published`` (a table column) and ``seeds`` (its own, instead of the sweep's).
 """
 import copy
 import dataclasses
@@ -40,7 +42,9 @@ ERROR_FILE = "error.txt"  # traceback of a failed run
 SPECIAL_KEYS = ("label", "base")  # point keys that are not config keys
 # A point's text for the table only (e.g. the published value and its source).
 PUBLISHED_KEY = "published"
-_NOT_VALUES = ("label", PUBLISHED_KEY)  # point keys that are neither config nor columns
+# A point's own seeds, instead of the sweep's (e.g. 3 seeds for its cheap rows).
+SEEDS_KEY = "seeds"
+_NOT_VALUES = ("label", PUBLISHED_KEY, SEEDS_KEY)  # point keys that are neither config nor columns
 DATASET_NAMES = {"synthetic": "synthetic (embedded)", "ml-100k": "MovieLens-100K",
                  "ml-1m": "MovieLens-1M (3,416 items)", "ml-1m-raw": "MovieLens-1M (raw)",
                  "ml-1m-chrono": "MovieLens-1M (3,706 items)"}
@@ -252,9 +256,7 @@ def expand_points(ablation_config: ml_collections.ConfigDict) -> list[Point]:
   points = list(ablation_config.get("points") or ())
   if bool(axes) == bool(points):
     raise ValueError("an ablation config needs exactly one of `axes` (a grid) or `points`.")
-  seeds = list(ablation_config.seeds)
-  if not seeds or len(set(seeds)) != len(seeds):
-    raise ValueError(f"seeds must be a non-empty list of distinct ints, got {seeds!r}.")
+  seeds = _check_seeds(ablation_config.seeds, "seeds")
   overrides = flatten(ablation_config.get("overrides") or {}, skip_none=True)
   collapsed = [k for k, _ in axes if k in overrides]
   if collapsed:
@@ -265,29 +267,39 @@ def expand_points(ablation_config: ml_collections.ConfigDict) -> list[Point]:
     specs = []
     for combo in itertools.product(*(values for _, values in axes)):
       values = {k: v for (k, _), v in zip(axes, combo, strict=True)}
-      specs.append((settings_text(values, short), values, ""))
+      specs.append((settings_text(values, short), values, "", seeds))
   else:
     specs = []
     for point in points:
       values = {k: v for k, v in dict(point).items() if k not in _NOT_VALUES}
       label = point.get("label") or settings_text(values, short_names(list(values))) or "base"
-      specs.append((label, values, str(point.get(PUBLISHED_KEY, ""))))
-  duplicates = _repeated([label for label, _, _ in specs])
+      point_seeds = (_check_seeds(point[SEEDS_KEY], f"point {label!r}: seeds")
+                     if point.get(SEEDS_KEY) is not None else seeds)
+      specs.append((label, values, str(point.get(PUBLISHED_KEY, "")), point_seeds))
+  duplicates = _repeated([label for label, *_ in specs])
   if duplicates:
     raise ValueError(f"points: duplicate labels {duplicates}; give each point a unique 'label'.")
 
   expanded = []
-  for index, (label, values, published) in enumerate(specs):
+  for index, (label, values, published, point_seeds) in enumerate(specs):
     base = values.get("base", ablation_config.base)
     point_overrides = {k: v for k, v in values.items() if k not in SPECIAL_KEYS}
     shadowed = sorted(k for k in point_overrides if k in overrides)
     if shadowed:
       logging.warning("point %r: overrides %s replace its own values.", label, shadowed)
     merged = {**point_overrides, **overrides}
-    for seed in seeds:
+    for seed in point_seeds:
       expanded.append(Point(label=label, overrides=merged, seed=int(seed), base=base,
                             values=dict(values), index=index, published=published))
   return expanded
+
+
+def _check_seeds(seeds: Any, what: str) -> list[int]:
+  """``seeds`` as a list of distinct ints, else a ValueError naming ``what``."""
+  seeds = list(seeds)
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"{what} must be a non-empty list of distinct ints, got {seeds!r}.")
+  return seeds
 
 
 def slug(label: str) -> str:

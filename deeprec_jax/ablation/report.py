@@ -204,7 +204,11 @@ def caption_text(ablation_config: ml_collections.ConfigDict, summaries: Sequence
   parts = [caption.get("title", "")]
   parts.append(f"Dataset: {caption.get('dataset', 'unknown')}; {ablation_config.split} split; "
                f"protocol: {caption.get('protocol', 'full ranking, leave-one-out')}")
-  if len(seeds) > 1:
+  per_row = sorted({s.num_runs for s in summaries})
+  if per_row and per_row != [len(seeds)]:  # some points name their own seeds
+    parts.append(f"Mean ± sample std (ddof=1) over each row's seeds ({per_row[0]} to "
+                 f"{per_row[-1]}; results.csv has every run), no std for one seed")
+  elif len(seeds) > 1:
     parts.append(f"Mean ± sample std (ddof=1) over {len(seeds)} seeds "
                  f"({', '.join(map(str, seeds))})")
   else:
