@@ -204,8 +204,10 @@ def caption_text(ablation_config: ml_collections.ConfigDict, summaries: Sequence
   parts = [caption.get("title", "")]
   parts.append(f"Dataset: {caption.get('dataset', 'unknown')}; {ablation_config.split} split; "
                f"protocol: {caption.get('protocol', 'full ranking, leave-one-out')}")
-  per_row = sorted({s.num_runs for s in summaries})
-  if per_row and per_row != [len(seeds)]:  # some points name their own seeds
+  # Seeds per point: the sweep's, or a point's own (plan.SEEDS_KEY).
+  per_row = sorted({len(point.get(plan.SEEDS_KEY) or seeds)
+                    for point in (ablation_config.get("points") or ())})
+  if len(per_row) > 1:
     parts.append(f"Mean ± sample std (ddof=1) over each row's seeds ({per_row[0]} to "
                  f"{per_row[-1]}; results.csv has every run), no std for one seed")
   elif len(seeds) > 1:
