@@ -221,7 +221,9 @@ def test_failures_are_recorded_and_finished_runs_skipped(kind, tmp_path, by_valu
 # the full 2 x 2 grid x 2 seeds runs under -m slow.
 GRIDS = {"small": {"attentions": ("dot_product",)},
          "full": {"attentions": ("dot_product", "additive"), "blocks": (1, 2)}}
-SIZES = ["small", pytest.param("full", marks=pytest.mark.slow)]
+# Both slow (28 s and more): by default the submission is checked through its
+# sbatch script (test_sbatch_script_of_a_slurm_array_submission); -m slow trains.
+SIZES = [pytest.param(size, marks=pytest.mark.slow) for size in ("small", "full")]
 
 
 def _sized_grid(size: str) -> ml_collections.ConfigDict:

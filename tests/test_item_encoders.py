@@ -142,6 +142,7 @@ def _conv_batch_sizes(jaxpr) -> list[int]:
   return sizes
 
 
+@pytest.mark.slow  # 21 s; the image encoder's train step and evaluation are tested by default
 def test_a_train_step_encodes_only_the_pictures_its_batch_needs():
   num_items = 80  # more pictures than the batch names (at most 37 ids)
   config = tiny.get_config("sasrec").model

@@ -212,6 +212,7 @@ def test_lazy_adam_steps_equal_dense_adam_except_on_rows_left_untouched(loss):
                rest, dense_rest)
 
 
+@pytest.mark.slow  # 23 s: four forced devices; the unsharded sparse steps are tested by default
 def test_row_sharded_sparse_steps_equal_the_unsharded_ones_and_never_gather_the_table():
   results = []
   for model_parallel in (1, 2, 4):
