@@ -60,8 +60,9 @@ def main(argv: list[str]) -> None:
                              executor=None if flags.FLAGS.executor == "local" else executor)
   print(outcome.text)
   if _RESULTS_DIR.value and not _DRY_RUN.value:
-    run_dirs = [r.workdir for r in run.plan.plan_runs(config, workdir)]
-    written = publish.publish(workdir, run_dirs, _RESULTS_DIR.value)
+    # The rows name every planned run's directory: no second planning pass.
+    written = publish.publish(workdir, [row["workdir"] for row in outcome.rows],
+                              _RESULTS_DIR.value)
     print(f"{len(written)} files copied to {_RESULTS_DIR.value}")
   failed = [row for row in outcome.rows if row["status"] not in ("ok", "todo")]
   if failed:
