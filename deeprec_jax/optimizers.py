@@ -64,23 +64,27 @@ def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int,
     raise ValueError(f"config key train.item_optimizer={item_optimizer!r}; expected one of "
                      f"{', '.join(row_sparse.ITEM_OPTIMIZERS)}.")
   schedule = learning_rate_schedule(train_config, total_steps)
+  b2 = train_config.get("adam_b2", 0.999)
+  if not 0.0 <= b2 < 1.0:
+    raise ValueError(f"config key train.adam_b2={b2!r}; expected a decay in [0, 1).")
   mask = lambda params: decay_mask(params, train_config.decay_embeddings)
   chain = []
   if train_config.grad_clip_norm > 0 and item_optimizer == "dense":
     chain.append(optax.clip_by_global_norm(train_config.grad_clip_norm))
   if train_config.optimizer == "adamw":
-    chain.append(optax.adamw(schedule, weight_decay=train_config.weight_decay, mask=mask))
+    chain.append(optax.adamw(schedule, b2=b2, weight_decay=train_config.weight_decay,
+                             mask=mask))
   else:
     if train_config.weight_decay > 0:  # Adam's coupled L2 penalty, added to the gradient.
       chain.append(optax.add_decayed_weights(train_config.weight_decay, mask=mask))
-    chain.append(optax.adam(schedule))
+    chain.append(optax.adam(schedule, b2=b2))
   if item_optimizer == "dense":
     return optax.chain(*chain)
   item_lr = train_config.get("item_learning_rate", 0.0) or train_config.learning_rate
   item_schedule = lambda count: schedule(count) * (item_lr / train_config.learning_rate)
   decay = train_config.weight_decay if train_config.decay_embeddings else 0.0
   if item_optimizer == "lazy_adam":
-    rows = row_sparse.lazy_adam(item_schedule, weight_decay=decay,
+    rows = row_sparse.lazy_adam(item_schedule, b2=b2, weight_decay=decay,
                                 decoupled=train_config.optimizer == "adamw")
   else:
     rows = row_sparse.rowwise_adagrad(item_schedule, weight_decay=decay)

@@ -48,6 +48,7 @@ ADDED_KEYS = {
     "model.qkv_init": "same",
     "train.bce_log_k_offset": False,
     "model.time_buckets": 0,
+    "train.adam_b2": 0.999,
 }
 # Added keys that change nothing unless ``predicate(flat config)`` holds: a
 # run saved without one resumes under any value when it does not.

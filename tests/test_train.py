@@ -206,6 +206,25 @@ def test_adamw_decays_only_masked_weights():
   np.testing.assert_allclose(new["dense"]["bias"], 1.0)
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_b2_sets_the_second_moment_decay(name):
+  """Three steps against a float64 NumPy Adam with b2 = 0.98 (rtol 1e-5)."""
+  config = tiny.get_config("sasrec").train
+  config.optimizer, config.learning_rate, config.adam_b2 = name, 0.1, 0.98
+  tx = optimizers.create_optimizer(config, total_steps=10)
+  rng = np.random.default_rng(0)
+  grads = [rng.normal(size=(3,)) for _ in range(3)]
+  params = {"w": np.zeros(3, np.float32)}
+  state = tx.init(params)
+  mu, nu, expected = np.zeros(3), np.zeros(3), np.zeros(3)
+  for step, grad in enumerate(grads, start=1):
+    updates, state = tx.update({"w": grad.astype(np.float32)}, state, params)
+    params = optax.apply_updates(params, updates)
+    mu, nu = 0.9 * mu + 0.1 * grad, 0.98 * nu + 0.02 * grad**2
+    expected -= 0.1 * (mu / (1 - 0.9**step)) / (np.sqrt(nu / (1 - 0.98**step)) + 1e-8)
+  np.testing.assert_allclose(params["w"], expected, rtol=1e-5)
+
+
 def test_mistyped_override_names_the_key(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}",

@@ -147,6 +147,7 @@ def get_config(dataset: str = "synthetic") -> ml_collections.ConfigDict:
   config.train.label_smoothing = 0.0  # softmax losses: e of the target on the rest, in [0, 1)
   config.train.optimizer = "adam"  # adam | adamw
   config.train.learning_rate = 1e-3  # peak learning rate
+  config.train.adam_b2 = 0.999  # Adam's second-moment decay (generative-recommenders: 0.98)
   config.train.schedule = "constant"  # constant | cosine (after warmup)
   config.train.warmup_steps = 0  # linear warmup from 0
   config.train.grad_clip_norm = 0.0  # global-norm clipping (0 = off)
